@@ -1,0 +1,293 @@
+"""``python -m remoterun.agent``: serve remoterun's protocol on stdin/stdout.
+
+The agent moves the protocol to private file descriptors first, then points fd 0 at
+/dev/null and fds 1 and 2 at pipes that it drains into STDOUT/STDERR frames. Nothing a
+function prints, down to a subprocess writing to fd 1, can corrupt the frame stream.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import socket
+import struct
+import sys
+import termios
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+
+from . import layout, protocol, worker
+
+AGENT_VERSION = "1"
+_FN_CACHE_SIZE = 256
+
+
+class OutputCapture:
+    """Forward whatever is written to fd 1 or fd 2 as output frames of the current request."""
+
+    def __init__(self, send: protocol.FrameWriter):
+        self._send = send
+        self._lock = threading.Lock()
+        self.req_id = 0
+        self._pipes: list[tuple[int, int]] = []
+        for fd, kind in ((1, protocol.STDOUT), (2, protocol.STDERR)):
+            r, w = os.pipe()
+            os.dup2(w, fd)
+            os.close(w)
+            self._pipes.append((r, kind))
+        for r, kind in self._pipes:
+            threading.Thread(target=self._drain_forever, args=(r, kind), daemon=True).start()
+
+    def _drain(self, r: int, kind: int) -> None:
+        # Caller holds the lock: reading and sending as one step keeps frames in order.
+        pending = struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if pending:
+            self._send.send(kind, self.req_id, os.read(r, pending))
+
+    def _drain_forever(self, r: int, kind: int) -> None:
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        while True:
+            poller.poll()
+            with self._lock:
+                self._drain(r, kind)
+
+    def flush(self) -> None:
+        """Forward everything written so far; call before replying to a request."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        with self._lock:
+            for r, kind in self._pipes:
+                self._drain(r, kind)
+
+
+class Agent:
+    def __init__(self, read_fd: int, write_fd: int):
+        reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
+        self.read_exact = protocol.exact_reader(reader.read)
+        out = os.fdopen(write_fd, "wb", buffering=0)
+        self.send = protocol.FrameWriter(out.write)
+        self.output = OutputCapture(self.send)
+        self._functions: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self) -> None:
+        while True:
+            try:
+                kind, req_id, payload = protocol.read_frame(self.read_exact)
+            except EOFError:
+                return
+            if kind == protocol.HELLO:
+                self.send.send(protocol.REPLY, req_id, protocol.dumps(self.hello()))
+                continue
+            if kind != protocol.REQUEST:
+                raise protocol.ProtocolError(f"unexpected frame kind {kind}")
+            self.output.req_id = req_id
+            request = protocol.loads(payload)
+            try:
+                handler = getattr(self, "op_" + request["op"])
+                reply = handler(request, req_id)
+            except BaseException as exc:  # an op never takes the agent down
+                self.output.flush()
+                self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))
+                continue
+            self.output.flush()
+            self.send.send(protocol.REPLY, req_id, protocol.dumps(reply))
+
+    def hello(self) -> dict:
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "agent": AGENT_VERSION,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "executable": sys.executable,
+            "cloudpickle": getattr(cloudpickle, "__version__", "?"),
+            "cpus": os.cpu_count() or 1,
+            "home": os.path.expanduser("~"),
+        }
+
+    # ------------------------------------------------------------------ ops
+
+    def _function(self, request: dict) -> Any:
+        key = request.get("fn_key")
+        fn = self._functions.get(key) if key else None
+        if fn is None:
+            if request.get("fn") is None:
+                raise _Failure("unknown_function", f"function {key} is not cached here")
+            fn = cloudpickle.loads(request["fn"])
+            if key:
+                if len(self._functions) >= _FN_CACHE_SIZE:
+                    self._functions.pop(next(iter(self._functions)))
+                self._functions[key] = fn
+        return fn
+
+    def op_ping(self, request: dict, req_id: int) -> dict:
+        return {"time": time.time()}
+
+    def op_call(self, request: dict, req_id: int) -> dict:
+        """Call a function here, in the agent: the synchronous fast path (no folder)."""
+        try:
+            fn = self._function(request)
+            inputs = cloudpickle.loads(request["inputs"])
+        except _Failure:
+            raise
+        except BaseException as exc:
+            raise _Failure("load", _load_failure_message(exc)) from exc
+        try:
+            value = fn(*inputs["args"], **inputs["kwargs"])
+        except BaseException as exc:
+            raise _Failure("remote", "", exc, skip_frames=1) from exc
+        try:
+            return {"result": cloudpickle.dumps(value)}
+        except Exception as exc:
+            raise _Failure(
+                "serialization",
+                f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
+            ) from exc
+
+    def op_submit(self, request: dict, req_id: int) -> dict:
+        """Record a run and start it detached, or answer from the cache.
+
+        With ``wait``, stream the run's logs as output frames and reply with its outcome.
+        """
+        runs = worker.HostRuns(request["root"])
+        name = request["name"]
+        runs.path(name)  # validates the name before any I/O
+        done = threading.Event()
+        with runs.lock(name):
+            decision = runs.claim(request)
+            action = decision["action"]
+            if action == "start" and request.get("payload_omitted"):
+                # A miss that needs the function and inputs the client held back.
+                return {"name": name, "action": "need_payload", "root": runs.root}
+            if action == "start":
+                runs.prepare(request, decision["attempt"])
+                runs.start(request, on_exit=lambda pid, status: done.set())
+        reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
+        if action == "start" and request.get("wait"):
+            self._follow_until(runs, name, done)
+        if action in ("mismatch", "exists", "busy"):
+            reply["differences"] = decision.get("differences", [])
+        config = runs.read_config(name) if action == "start" else decision.get("config")
+        reply["config"] = config
+        if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
+            reply.update(self._outcome(runs, name, config))
+        return reply
+
+    def _follow_until(self, runs: worker.HostRuns, name: str, done: threading.Event) -> None:
+        """Forward the run's log files as output frames until its worker has exited."""
+        offsets = {layout.STDOUT: 0, layout.STDERR: 0}
+        kinds = {layout.STDOUT: protocol.STDOUT, layout.STDERR: protocol.STDERR}
+        files = {f: open(runs.file(name, f), "rb") for f in offsets}  # noqa: SIM115
+        try:
+            delay = 0.0005
+            while True:
+                finished = done.wait(delay)
+                for filename, f in files.items():
+                    data = f.read()
+                    if data:
+                        offsets[filename] += len(data)
+                        self.send.send(kinds[filename], self.output.req_id, data)
+                if finished:
+                    break
+                delay = min(delay * 2, 0.05)
+        finally:
+            for f in files.values():
+                f.close()
+        # The reaper marks a run that left no outcome; wait for it to have done so.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            config = runs.read_config(name) or {}
+            if config.get("status") != layout.RUNNING:
+                return
+            time.sleep(0.001)
+
+    @staticmethod
+    def _outcome(runs: worker.HostRuns, name: str, config: dict) -> dict:
+        if config.get("status") == layout.COMPLETED:
+            return {"result": runs.read_file(name, layout.RESULT)}
+        return {"error_pickle": runs.read_file(name, layout.ERROR)}
+
+    def op_status(self, request: dict, req_id: int) -> dict:
+        runs = worker.HostRuns(request["root"])
+        config = runs.status(request["name"])
+        reply: dict[str, Any] = {"config": config}
+        if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
+            reply.update(self._outcome(runs, request["name"], config))
+        return reply
+
+    def op_cancel(self, request: dict, req_id: int) -> dict:
+        runs = worker.HostRuns(request["root"])
+        return {"config": runs.cancel(request["name"], float(request.get("grace", 3.0)))}
+
+
+class _Failure(Exception):
+    """A failed op with a kind the client maps to its own error type."""
+
+    def __init__(
+        self, kind: str, message: str, exc: BaseException | None = None, skip_frames: int = 0
+    ):
+        super().__init__(message)
+        self.remoterun_kind = kind
+        self.original = exc
+        self.skip_frames = skip_frames
+
+
+def _load_failure_message(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (ImportError, AttributeError)):
+        return (
+            f"the function or its arguments could not be loaded on this host ({text}). "
+            "Install the module there, or have it shipped by value with "
+            "cloudpickle.register_pickle_by_value(module)"
+        )
+    return f"the function or its arguments could not be loaded on this host ({text})"
+
+
+def _failure_record(exc: BaseException) -> dict:
+    if isinstance(exc, _Failure):
+        if exc.original is not None:
+            record = worker.error_record(exc.original, skip_frames=exc.skip_frames)
+        else:
+            record = {"type": "", "message": str(exc), "traceback": "", "exc": None}
+        record["kind"] = exc.remoterun_kind
+        return record
+    record = worker.error_record(exc)
+    if isinstance(exc, ValueError) and "invalid run name" in str(exc):
+        record["kind"] = "name"
+    elif isinstance(exc, OSError):
+        record["kind"] = "storage"
+    else:
+        record["kind"] = "agent"
+    return record
+
+
+def main() -> None:
+    # Move the protocol off fds 0 and 1 before anything can print.
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    agent = Agent(read_fd, write_fd)
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    try:
+        agent.serve()
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The run folder's layout: every file name, name validation and atomic writes on a
+POSIX filesystem. ``remoterun.folder.RunFolder`` uses the same names over fsspec.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+import time
+
+CONFIG = "config.json"
+FUNCTION = "function.pkl"
+INPUTS = "inputs.pkl"
+RESULT = "result.pkl"
+ERROR = "error.pkl"
+STDOUT = "stdout.log"
+STDERR = "stderr.log"
+ATTEMPTS = "attempts"
+# Files that belong to one attempt; a re-execution moves them to attempts/<n>/.
+ATTEMPT_FILES = (CONFIG, FUNCTION, INPUTS, RESULT, ERROR, STDOUT, STDERR)
+# Per-name lock files live beside the run folders; run names cannot start with ".".
+LOCKS = ".locks"
+
+NOT_STARTED = "NOT_STARTED"
+RUNNING = "RUNNING"
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+
+WORKER_LOST = "worker lost"
+
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def check_run_name(name: object) -> str:
+    """Return ``name`` if it is a valid run name; raise ValueError naming the rule if not."""
+    if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid run name {name!r}: a run name is 1 to 128 characters of letters, "
+            "digits, '.', '_' and '-', starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+def safe_prefix(prefix: str) -> str:
+    """``prefix`` with what a run name cannot hold replaced, e.g. ``<lambda>`` → ``lambda``."""
+    return _UNSAFE.sub("_", prefix).strip("._-")[:96] or "run"
+
+
+def generate_run_name(prefix: str) -> str:
+    """``<prefix>-<YYYYmmdd-HHMMSS>-<6 hex>``; the prefix is made safe first."""
+    safe = safe_prefix(prefix)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
+
+
+def utc_now() -> str:
+    """The current time as ISO 8601 UTC with microseconds."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one whole."""
+    folder, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,526 @@
+"""Executes calls and commands on this host and keeps its run folders.
+
+Everything that decides the fate of a run folder happens here, on the host that holds it,
+under a per-name ``flock``: whether a cached run is a hit, which attempt is archived, who
+starts the one execution when many clients ask at once, whether a RUNNING run's worker is
+still alive. The client sends one request and gets one answer.
+
+Recorded runs are forked from the agent into a session and process group of their own
+(``setsid``), so they outlive the agent, the SSH connection and the client; the forked
+worker writes its outcome into the folder itself, ``config.json`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+import cloudpickle
+
+from . import layout
+
+HOSTNAME = socket.gethostname()
+# The error type recorded for a return value that cannot be pickled; the client raises
+# remoterun.errors.SerializationError for it.
+SERIALIZATION_ERROR = "remoterun.errors.SerializationError"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None if it is gone.
+
+    Together with the pid this names one process: a reused pid has another start time.
+    A zombie counts as gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        if sys.platform.startswith("linux"):
+            return None
+        try:  # no /proc: all we can tell is whether the pid exists
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return 0
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def worker_alive(config: dict) -> bool:
+    """Whether the process recorded in a RUNNING run's config still runs.
+
+    A run recorded on another host cannot be checked from here and counts as alive.
+    """
+    if config.get("host") != HOSTNAME:
+        return True
+    if config.get("boot_id") and BOOT_ID and config["boot_id"] != BOOT_ID:
+        return False
+    pid = config.get("pid")
+    if not isinstance(pid, int):
+        return True  # claimed, worker not yet recorded
+    started = process_start_time(pid)
+    return started is not None and started == config.get("proc_start", started)
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_record(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
+    """What is known of an exception, as plain data, plus its pickle when it round-trips.
+
+    ``skip_frames`` leaves out the innermost-caller frames of remoterun's own code.
+    """
+    for _ in range(skip_frames):
+        if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
+    exc_type = type(exc)
+    record: dict[str, Any] = {
+        "type": f"{exc_type.__module__}.{exc_type.__qualname__}",
+        "message": f"{exc_type.__qualname__}: {exc}" if str(exc) else exc_type.__qualname__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "exc": None,
+    }
+    try:
+        data = cloudpickle.dumps(exc)
+        cloudpickle.loads(data)
+        record["exc"] = data
+    except Exception:
+        pass
+    return record
+
+
+# --------------------------------------------------------------------------- the runs root
+
+
+class HostRuns:
+    """The run folders under one root on this host's own disk."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, layout.check_run_name(name))
+
+    def file(self, name: str, filename: str) -> str:
+        return os.path.join(self.root, name, filename)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the per-name lock that every change of a run's fate takes."""
+        locks = os.path.join(self.root, layout.LOCKS)
+        os.makedirs(locks, exist_ok=True)
+        fd = os.open(os.path.join(locks, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def read_config(self, name: str) -> dict | None:
+        try:
+            with open(self.file(name, layout.CONFIG), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_config(self, name: str, config: dict) -> None:
+        data = json.dumps(config, indent=1, sort_keys=True, default=str).encode()
+        layout.write_atomic(self.file(name, layout.CONFIG), data)
+
+    def read_file(self, name: str, filename: str) -> bytes | None:
+        try:
+            with open(self.file(name, filename), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, name: str) -> dict | None:
+        """The run's config, after marking a RUNNING run whose worker is gone as FAILED."""
+        self.path(name)
+        config = self.read_config(name)
+        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+            with self.lock(name):
+                config = self.read_config(name)
+                if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+                    config = self._mark_lost(name, config, "its process is gone")
+        return config
+
+    def _mark_lost(self, name: str, config: dict, why: str) -> dict:
+        config.update(
+            status=layout.FAILED,
+            end_time=layout.utc_now(),
+            error=f"{layout.WORKER_LOST}: {why}",
+            error_type="remoterun.errors.WorkerLostError",
+            error_traceback="",
+        )
+        self.write_config(name, config)
+        return config
+
+    # ------------------------------------------------------------------ claims
+
+    def claim(self, request: dict) -> dict:
+        """Decide what a submit request does; the caller holds ``lock(name)``.
+
+        Returns ``{"action": "hit" | "attach" | "start", "config": ..., ...}``.
+        """
+        name = request["name"]
+        config = self.read_config(name)
+        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+            config = self._mark_lost(name, config, "its process is gone")
+        if config is None:
+            return {"action": "start", "attempt": 1}
+        mode = request["mode"]
+        if mode == "new":
+            if request.get("exclusive"):
+                return {"action": "exists", "config": config}
+            if config.get("status") == layout.RUNNING:
+                return {"action": "busy", "config": config}
+            return {"action": "start", "attempt": self._archive(name, config)}
+        status = config.get("status")
+        if status in (layout.COMPLETED, layout.RUNNING):
+            differences = _fingerprint_differences(config, request)
+            if differences:
+                policy = request.get("on_mismatch", "error")
+                if policy == "error":
+                    return {"action": "mismatch", "config": config, "differences": differences}
+                if policy == "rerun":
+                    if status == layout.RUNNING:
+                        return {"action": "busy", "config": config}
+                    return {"action": "start", "attempt": self._archive(name, config)}
+            return {"action": "hit" if status == layout.COMPLETED else "attach", "config": config}
+        # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
+        return {"action": "start", "attempt": self._archive(name, config)}
+
+    def _archive(self, name: str, config: dict) -> int:
+        """Move the files of the current attempt to ``attempts/<n>/``; return the next n."""
+        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
+        number = int(config.get("attempt") or 1)
+        os.makedirs(attempts, exist_ok=True)
+        taken = {int(d) for d in os.listdir(attempts) if d.isdigit()}
+        while number in taken:
+            number = max(taken) + 1
+        target = os.path.join(attempts, str(number))
+        os.mkdir(target)
+        # config.json first: a folder without config reads as "no run" rather than as
+        # a half-moved attempt that still claims its old status.
+        for filename in layout.ATTEMPT_FILES:
+            src = self.file(name, filename)
+            if os.path.exists(src):
+                os.replace(src, os.path.join(target, filename))
+        return number + 1
+
+    # ------------------------------------------------------------------ starting
+
+    def prepare(self, request: dict, attempt: int) -> None:
+        """Write the record of a new run: inputs and function, then config NOT_STARTED."""
+        name = request["name"]
+        os.makedirs(self.path(name), exist_ok=True)
+        for filename in (layout.STDOUT, layout.STDERR):
+            open(self.file(name, filename), "wb").close()
+        if request.get("fn") is not None:
+            layout.write_atomic(self.file(name, layout.FUNCTION), request["fn"])
+        if request.get("inputs") is not None:
+            layout.write_atomic(self.file(name, layout.INPUTS), request["inputs"])
+        config = dict(request.get("record") or {})
+        config.update(
+            name=name,
+            status=layout.NOT_STARTED,
+            attempt=attempt,
+            host=HOSTNAME,
+            boot_id=BOOT_ID,
+            python=sys.version.split()[0],
+            executable=sys.executable,
+        )
+        for key in ("start_time", "end_time", "error", "error_traceback", "pid"):
+            config.setdefault(key, None)
+        for key in ("upstream", "downstream"):
+            config.setdefault(key, [])
+        for key in ("tags", "metrics"):
+            config.setdefault(key, {})
+        self.write_config(name, config)
+
+    def start(self, request: dict, on_exit: Callable[[int, int], None] | None = None) -> int:
+        """Fork the worker of a prepared run into its own session; return its pid once it
+        has recorded itself RUNNING. ``on_exit(pid, wait_status)`` runs when it exits."""
+        name = request["name"]
+        ready_r, ready_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_r)
+            code = 1
+            try:
+                code = _worker_main(self, request, ready_w)
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        try:
+            with os.fdopen(ready_r, "rb") as ready:
+                ok = ready.read(1)
+        finally:
+            self._watch(name, pid, on_exit)
+        if not ok:
+            # The worker died before recording itself: record the failure for it.
+            time.sleep(0.01)
+            config = self.read_config(name) or {}
+            if config.get("status") != layout.RUNNING:
+                self._mark_lost(name, config, "the worker died while starting")
+        return pid
+
+    def _watch(self, name: str, pid: int, on_exit: Callable[[int, int], None] | None) -> None:
+        """Reap the worker when it exits and mark it lost if it left no outcome."""
+
+        def wait() -> None:
+            _, status = os.waitpid(pid, 0)
+            with self.lock(name):
+                config = self.read_config(name)
+                if config and config.get("status") == layout.RUNNING and config.get("pid") == pid:
+                    self._mark_lost(name, config, f"its process {_describe_exit(status)}")
+            if on_exit is not None:
+                on_exit(pid, status)
+
+        threading.Thread(target=wait, name=f"reap-{pid}", daemon=True).start()
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self, name: str, grace: float) -> dict | None:
+        """Stop a RUNNING run's process group (SIGTERM, SIGKILL after ``grace`` seconds)
+        and record CANCELLED. A terminal run is left as it is."""
+        with self.lock(name):
+            config = self.read_config(name)
+            if config is None or config.get("status") in layout.TERMINAL:
+                return config
+            if config.get("status") == layout.RUNNING and worker_alive(config):
+                pid = config.get("pid")
+                pgid = config.get("pgid", pid)
+                if isinstance(pgid, int) and config.get("host") == HOSTNAME:
+                    _kill_group(pgid, pid, grace)
+            config.update(
+                status=layout.CANCELLED,
+                end_time=layout.utc_now(),
+                error="cancelled",
+                error_type="remoterun.errors.RunCancelledError",
+            )
+            self.write_config(name, config)
+            return config
+
+
+def _kill_group(pgid: int, pid: int, grace: float) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if process_start_time(pid) is None:
+            break
+        time.sleep(0.01)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _fingerprint_differences(config: dict, request: dict) -> list[str]:
+    """Names of the parameters whose fingerprints differ from the recorded run's."""
+    wanted = (request.get("record") or {}).get("fingerprint") or {}
+    if request.get("lookup") or not wanted:
+        return []
+    recorded = config.get("fingerprint") or {}
+    old, new = recorded.get("params"), wanted.get("params")
+    if isinstance(old, dict) and isinstance(new, dict):
+        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if recorded.get("args") != wanted.get("args"):
+        return ["arguments"]
+    return []
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
+    """Body of the forked worker process. Returns its exit code."""
+    name = request["name"]
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for fd, filename in ((1, layout.STDOUT), (2, layout.STDERR)):
+        log = os.open(runs.file(name, filename), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, fd)
+    # Keep nothing of the agent's: its protocol pipes or SSH channel must see EOF when
+    # the agent exits, whatever this worker does.
+    keep = {0, 1, 2, ready_w}
+    for fd in _open_fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ["REMOTERUN_RUN_DIR"] = runs.path(name)
+    os.environ["REMOTERUN_RUN_NAME"] = name
+
+    config = runs.read_config(name) or {}
+    pid = os.getpid()
+    config.update(
+        status=layout.RUNNING,
+        start_time=layout.utc_now(),
+        pid=pid,
+        pgid=os.getpgid(0),
+        proc_start=process_start_time(pid),
+    )
+    runs.write_config(name, config)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+
+    result_bytes: bytes | None = None
+    error: dict | None = None
+    try:
+        fn = cloudpickle.loads(request["fn"])
+        inputs = cloudpickle.loads(request["inputs"]) if request.get("inputs") else {}
+        value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+        try:
+            result_bytes = cloudpickle.dumps(value)
+        except Exception as exc:
+            error = {
+                "type": SERIALIZATION_ERROR,
+                "message": f"the return value of {config.get('fn_name') or 'the function'} "
+                f"cannot be pickled ({type(value).__name__}): {exc}",
+                "traceback": "",
+                "exc": None,
+            }
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the run too
+        error = error_record(exc, skip_frames=1)
+        sys.stderr.write(error["traceback"])
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    with runs.lock(name):
+        config = runs.read_config(name) or config
+        if config.get("status") != layout.RUNNING or config.get("pid") != pid:
+            return 0  # cancelled meanwhile: its outcome is already written
+        if error is None:
+            layout.write_atomic(runs.file(name, layout.RESULT), result_bytes or b"")
+            config.update(status=layout.COMPLETED, error=None, error_traceback=None)
+        else:
+            if error["exc"] is not None:
+                layout.write_atomic(runs.file(name, layout.ERROR), error["exc"])
+            config.update(
+                status=layout.FAILED,
+                error=error["message"],
+                error_type=error["type"],
+                error_traceback=error["traceback"],
+            )
+        config["end_time"] = layout.utc_now()
+        runs.write_config(name, config)
+    return 0 if error is None else 1
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 256))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_commands(cmds: list[str], python_lines: bool = False) -> list[tuple[int, str, str]]:
+    """Run shell commands one after the other (or one Python program made of lines).
+
+    Each command's output is streamed to this process's stdout and stderr as it comes and
+    also returned: ``[(returncode, stdout, stderr), ...]``.
+    """
+    if python_lines:
+        cmds_to_run: list[list[str] | str] = [[sys.executable, "-c", "\n".join(cmds)]]
+    else:
+        cmds_to_run = list(cmds)
+    return [_run_command(cmd) for cmd in cmds_to_run]
+
+
+def _run_command(cmd: list[str] | str) -> tuple[int, str, str]:
+    proc = subprocess.Popen(
+        cmd,
+        shell=isinstance(cmd, str),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    captured: dict[int, bytes] = {}
+    threads = [
+        threading.Thread(target=_tee_pipe, args=(proc.stdout, sys.stdout.buffer, captured, 1)),
+        threading.Thread(target=_tee_pipe, args=(proc.stderr, sys.stderr.buffer, captured, 2)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    returncode = proc.wait()
+    return (
+        returncode,
+        captured[1].decode(errors="replace"),
+        captured[2].decode(errors="replace"),
+    )
+
+
+def _tee_pipe(pipe: Any, sink: Any, captured: dict[int, bytes], key: int) -> None:
+    """Copy a child's output to ``sink`` as it comes, and keep it in ``captured[key]``."""
+    parts = []
+    for chunk in iter(lambda: pipe.read1(65536), b""):
+        parts.append(chunk)
+        sink.write(chunk)
+        sink.flush()
+    captured[key] = b"".join(parts)

@@ -1,0 +1,197 @@
+"""remoterun's exception tree. Users catch these; errors from the layers below
+(OSError, paramiko, botocore) are mapped to them at the boundary with ``raise ... from``.
+
+::
+
+    RemoterunError
+    ├── InvalidRunNameError        (also ValueError) a run name or path that is not allowed
+    ├── RunNotFoundError           (also LookupError) no run of that name at that place
+    ├── RunNotFinishedError        the run is not terminal where a terminal run is needed
+    ├── CacheMismatchError         a cached run was made from other arguments
+    ├── SerializationError         (also TypeError) an argument or value cannot be pickled
+    ├── RunStorageError            (also OSError) a run folder cannot be read or written
+    ├── SystemUnavailableError     a system cannot be reached or started
+    │   └── AgentError             the agent broke the protocol or died
+    ├── MissingExtraError          (also ImportError) an optional extra is not installed
+    └── RunFailedError             a run did not complete
+        ├── RemoteError            the function (or command) raised on its system
+        │   └── WorkerLostError    the worker died without recording an outcome
+        └── RunCancelledError      the run was cancelled
+"""
+
+from __future__ import annotations
+
+
+class RemoterunError(Exception):
+    """Base class of every error remoterun raises on purpose."""
+
+
+class InvalidRunNameError(RemoterunError, ValueError):
+    """A run name or run path that is not allowed (slashes, ``..``, empty, too long)."""
+
+
+class RunNotFoundError(RemoterunError, LookupError):
+    """No run of that name exists at that place."""
+
+
+class RunNotFinishedError(RemoterunError):
+    """An operation needs a terminal run and the run is still going."""
+
+
+class CacheMismatchError(RemoterunError):
+    """A recorded run of that name was made from other arguments.
+
+    Attributes:
+        run_name: the run's name.
+        differences: the parameters whose fingerprints differ.
+    """
+
+    def __init__(self, message: str, *, run_name: str = "", differences: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.run_name = run_name
+        self.differences = differences
+
+
+class SerializationError(RemoterunError, TypeError):
+    """An argument, function or return value cannot be pickled."""
+
+
+class RunStorageError(RemoterunError, OSError):
+    """A run folder cannot be read or written (permissions, full disk, missing root)."""
+
+
+class SystemUnavailableError(RemoterunError):
+    """A system cannot be reached or its agent cannot be started."""
+
+
+class AgentError(SystemUnavailableError):
+    """The agent broke the protocol, refused the handshake or died mid-request."""
+
+
+class MissingExtraError(RemoterunError, ImportError):
+    """An optional part of remoterun needs an extra that is not installed."""
+
+
+class RunFailedError(RemoterunError):
+    """A run did not complete.
+
+    Attributes:
+        run_name: the run's name ("" for an unrecorded call).
+        host: the host that ran it.
+        log_paths: where its stdout and stderr are, when it was recorded.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run_name: str = "",
+        host: str = "",
+        log_paths: tuple[str, ...] = (),
+    ):
+        super().__init__(message)
+        self.run_name = run_name
+        self.host = host
+        self.log_paths = log_paths
+
+
+class RemoteError(RunFailedError):
+    """The function or command raised on its system.
+
+    The function's own exception, when it can be unpickled, is raised chained from this
+    one (``raise exc from remote_error``), so ``except ValueError`` still works.
+
+    Attributes:
+        remote_traceback: the traceback text as the remote side printed it.
+        exc_type: the qualified name of the remote exception's type.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        remote_traceback: str = "",
+        exc_type: str = "",
+        run_name: str = "",
+        host: str = "",
+        log_paths: tuple[str, ...] = (),
+    ):
+        super().__init__(message, run_name=run_name, host=host, log_paths=log_paths)
+        self.remote_traceback = remote_traceback
+        self.exc_type = exc_type
+
+    def __str__(self) -> str:
+        where = []
+        if self.run_name:
+            where.append(f"run {self.run_name!r}")
+        if self.host:
+            where.append(f"on {self.host}")
+        head = super().__str__()
+        if where:
+            head = f"{head} ({' '.join(where)})"
+        if self.log_paths:
+            head += "\nlogs: " + ", ".join(self.log_paths)
+        if self.remote_traceback:
+            head += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return head
+
+
+class WorkerLostError(RemoteError):
+    """The worker process died (killed, ``os._exit``, out of memory) without an outcome."""
+
+
+class RunCancelledError(RunFailedError):
+    """The run was cancelled."""
+
+
+def exception_from_record(
+    record: dict,
+    *,
+    run_name: str = "",
+    host: str = "",
+    log_paths: tuple[str, ...] = (),
+    trust_pickle: bool = True,
+) -> BaseException:
+    """The exception to raise for a failure record of the agent or a run's config.
+
+    ``record`` holds ``message``, ``traceback``, ``type`` and optionally ``exc`` (the
+    pickled exception) and ``kind``. For a remote exception whose pickle loads, the
+    function's own exception is returned with a RemoteError as its ``__cause__``.
+    """
+    kind = record.get("kind", "remote")
+    message = record.get("message") or "the remote side failed"
+    if kind == "serialization":
+        return SerializationError(message)
+    if kind == "storage":
+        return RunStorageError(message)
+    if kind == "name":
+        return InvalidRunNameError(message)
+    if kind == "agent":
+        return AgentError(f"the agent on {host or 'the host'} failed: {message}")
+    exc_type = record.get("type") or ""
+    if exc_type == "remoterun.errors.SerializationError":
+        return SerializationError(message)
+    common = dict(run_name=run_name, host=host, log_paths=log_paths)
+    if exc_type.endswith("RunCancelledError"):
+        return RunCancelledError(f"run {run_name!r} was cancelled", **common)
+    if message.startswith("worker lost"):
+        return WorkerLostError(message, exc_type=exc_type, **common)
+    remote = RemoteError(
+        message,
+        remote_traceback=record.get("traceback") or "",
+        exc_type=exc_type,
+        **common,
+    )
+    data = record.get("exc")
+    if data and trust_pickle:
+        import cloudpickle
+
+        try:
+            original = cloudpickle.loads(data)
+        except Exception:
+            return remote
+        if isinstance(original, BaseException):
+            original.__cause__ = remote
+            original.__suppress_context__ = True
+            return original
+    return remote

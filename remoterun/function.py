@@ -1,0 +1,453 @@
+"""``@rr.function`` and RemoteFunction: a plain function made remotely executable.
+
+Every way of calling one is written once here over the System primitives: a synchronous
+call (``fn(...)``, the fast path without a folder unless ``run_name`` is given), an
+asynchronous run (``fn.run``), the cached forms (``get_or_call``, ``get_or_run``) and
+``map``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import os
+import sys
+import sysconfig
+import threading
+import types
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Sequence
+
+import cloudpickle
+
+from . import cache
+from .agent import layout
+from .errors import (
+    CacheMismatchError,
+    RemoterunError,
+    RunNotFinishedError,
+    SerializationError,
+    exception_from_record,
+)
+from .folder import check_run_name
+from .run import Run, failure_from_config
+from .systems import resolve
+from .systems.base import System, print_output
+from .systems.connection import AgentFailure
+
+_MISMATCH_POLICIES = ("error", "rerun", "ignore")
+# A get_or_* request carries the payload only below this size; a larger one is sent
+# in a second request when the run has to execute (a cache hit never uploads it).
+_INLINE_PAYLOAD = 1 << 20
+
+
+class RemoteFunction:
+    """A function that runs on a system. Create with ``rr.function``."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        system: Any = None,
+        name: str | None = None,
+        cache: bool = False,
+        on_mismatch: str = "error",
+        ignore: Sequence[str] = (),
+    ):
+        if isinstance(fn, RemoteFunction):
+            fn = fn.fn
+        if not callable(fn):
+            raise TypeError(f"rr.function needs a callable, not {type(fn).__name__}")
+        if on_mismatch not in _MISMATCH_POLICIES:
+            raise ValueError(
+                f"on_mismatch must be one of {_MISMATCH_POLICIES}, not {on_mismatch!r}"
+            )
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+        self.name = layout.safe_prefix(name or getattr(fn, "__name__", "fn"))
+        self.cache = cache
+        self.on_mismatch = on_mismatch
+        self.ignore = tuple(ignore)
+        self._system_spec = system
+        self._system: System | None = None
+        self._run_type = "function"
+        self._cmds: list[str] = []
+        self._code_fingerprint: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self.name} on {self._system_spec or 'here'}>"
+
+    def __reduce__(self) -> tuple:
+        options = {
+            "name": self.name,
+            "cache": self.cache,
+            "on_mismatch": self.on_mismatch,
+            "ignore": self.ignore,
+        }
+        return (_rebuild, (self.fn, self._system_spec, options))
+
+    @property
+    def system(self) -> System:
+        """The system calls run on (resolved on first use)."""
+        if self._system is None:
+            self._system = resolve(self._system_spec if self._system_spec is not None else "here")
+        return self._system
+
+    def to(self, system: Any) -> RemoteFunction:
+        """The same function, running on ``system``."""
+        other = RemoteFunction(
+            self.fn,
+            system=system,
+            name=self.name,
+            cache=self.cache,
+            on_mismatch=self.on_mismatch,
+            ignore=self.ignore,
+        )
+        return other
+
+    # ------------------------------------------------------------------ calling
+
+    def __call__(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Any:
+        """Run on the system and return the value, streaming stdout and stderr here.
+
+        With ``run_name`` the call is recorded as that run (an earlier run of the name is
+        kept under ``attempts/``); without, nothing is written.
+        """
+        return self._call(args, kwargs, run_name=run_name, stream=True)
+
+    def run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
+        """Start a recorded run and return its Run as soon as it is RUNNING.
+
+        The run is detached: it goes on if this process exits.
+        """
+        reply = self._submit(args, kwargs, run_name, mode="new", wait=False)
+        return self._run_handle(reply)
+
+    def get_or_call(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Any:
+        """The result of the run ``run_name`` if it COMPLETED, else execute and record it.
+
+        A RUNNING run is waited for; a FAILED or CANCELLED one executes again (the earlier
+        attempt is kept). Raises CacheMismatchError when arguments are given and differ
+        from the recorded run's (see ``on_mismatch``). With ``cache=True`` the name may be
+        left out: it is derived from the code and the arguments.
+        """
+        reply = self._submit(
+            args,
+            kwargs,
+            self._cached_name(args, kwargs, run_name),
+            mode="get",
+            wait=True,
+            on_output=print_output,
+        )
+        if reply["action"] == "attach":
+            return self._run_handle(reply).result()
+        return self._outcome(reply)
+
+    def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
+        """The Run of that name if it is COMPLETED or RUNNING, else start it; as
+        ``get_or_call`` but returns at once."""
+        reply = self._submit(
+            args, kwargs, self._cached_name(args, kwargs, run_name), mode="get", wait=False
+        )
+        return self._run_handle(reply)
+
+    def map(
+        self,
+        *iterables: Iterable[Any],
+        return_exceptions: bool = False,
+        max_workers: int | None = None,
+    ) -> list[Any]:
+        """Call the function on each item (``zip`` of the iterables), in parallel.
+
+        Results come in input order. With ``return_exceptions`` a failed item's exception
+        takes its place in the list; otherwise the first failure is raised.
+        """
+        items = list(zip(*iterables))
+        if not items:
+            return []
+        workers = max_workers or max(1, min(len(items), os.cpu_count() or 1))
+
+        def one(item: tuple) -> Any:
+            try:
+                return self._call(item, {}, run_name=None, stream=True)
+            except Exception as exc:
+                if return_exceptions:
+                    return exc
+                raise
+
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"map-{self.name}") as pool:
+            return list(pool.map(one, items))
+
+    # ------------------------------------------------------------------ internals
+
+    def _call(self, args: tuple, kwargs: dict, *, run_name: str | None, stream: bool) -> Any:
+        on_output = print_output if stream else None
+        if run_name is not None:
+            reply = self._submit(args, kwargs, run_name, mode="new", wait=True, on_output=on_output)
+            return self._outcome(reply)
+        system = self.system
+        fn_bytes, fn_key = self._pickle_function()
+        inputs = _pickle_inputs(self.fn, args, kwargs)
+        failed: dict | None = None
+        with system._connection() as conn:
+            op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
+            if fn_key not in conn.known_functions:
+                op["fn"] = fn_bytes
+            try:
+                try:
+                    reply = conn.request(op, on_output)
+                except AgentFailure as failure:
+                    if failure.record.get("kind") != "unknown_function":
+                        raise
+                    op["fn"] = fn_bytes
+                    reply = conn.request(op, on_output)
+                conn.known_functions.add(fn_key)
+            except AgentFailure as failure:
+                failed = failure.record
+        if failed is not None:  # raised outside the except block: its cause is the RemoteError
+            raise exception_from_record(failed, host=system.host_label())
+        return cloudpickle.loads(reply["result"])
+
+    def _submit(
+        self,
+        args: tuple,
+        kwargs: dict,
+        run_name: str | None,
+        *,
+        mode: str,
+        wait: bool,
+        on_output: Callable[[int, bytes], None] | None = None,
+    ) -> dict:
+        system = self.system
+        generated = run_name is None
+        if not generated:
+            check_run_name(run_name)
+        fn_bytes, _ = self._pickle_function()
+        inputs = _pickle_inputs(self.fn, args, kwargs)
+        request: dict[str, Any] = {
+            "op": "submit",
+            "root": system.root,
+            "mode": mode,
+            "wait": wait,
+            "want_outcome": wait,
+            "exclusive": generated,
+            "lookup": mode == "get" and not args and not kwargs,
+            "on_mismatch": self.on_mismatch,
+            "record": self._record(args, kwargs, system),
+        }
+        payload = {"fn": fn_bytes, "inputs": inputs}
+        if mode == "get" and len(fn_bytes) + len(inputs) > _INLINE_PAYLOAD:
+            request["payload_omitted"] = True
+        else:
+            request.update(payload)
+        for _ in range(100):
+            request["name"] = layout.generate_run_name(self.name) if generated else run_name
+            reply = system.request(request, on_output, run_name=request["name"])
+            action = reply["action"]
+            if action == "need_payload":
+                request.update(payload)
+                request.pop("payload_omitted", None)
+                continue
+            if action == "exists" and generated:
+                continue
+            break
+        if action == "mismatch":
+            differences = tuple(reply.get("differences") or ())
+            raise CacheMismatchError(
+                f"run {reply['name']!r} on {system.name} was made from other arguments: "
+                f"{', '.join(differences)} differ. Use another run_name, or "
+                "on_mismatch='rerun' to execute again, or 'ignore' to take the cached run",
+                run_name=reply["name"],
+                differences=differences,
+            )
+        if action == "busy":
+            raise RunNotFinishedError(
+                f"run {reply['name']!r} is already RUNNING on {system.name}: wait for it with "
+                "get_or_call / get_or_run, or cancel it before starting it again"
+            )
+        return reply
+
+    def _run_handle(self, reply: dict) -> Run:
+        system = self.system
+        return Run(system.folder(reply["name"], reply.get("root")), system, reply.get("config"))
+
+    def _outcome(self, reply: dict) -> Any:
+        config = reply.get("config") or {}
+        if config.get("status") == layout.COMPLETED:
+            return cloudpickle.loads(reply["result"])
+        run = self._run_handle(reply)
+        if config.get("status") in layout.TERMINAL:
+            raise failure_from_config(config, reply.get("error_pickle"), run)
+        return run.result()
+
+    def _cached_name(self, args: tuple, kwargs: dict, run_name: str | None) -> str:
+        if run_name is not None:
+            return run_name
+        if not self.cache:
+            raise RemoterunError(
+                f"{self.name}.get_or_call/get_or_run need a run_name=, or the function must "
+                "be made with rr.function(..., cache=True) to derive one from code and arguments"
+            )
+        fingerprint = cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+        digest = hashlib.blake2b(
+            (self._code() + fingerprint["args"]).encode(), digest_size=6
+        ).hexdigest()
+        return f"{self.name}-{digest}"
+
+    def _code(self) -> str:
+        if self._code_fingerprint is None:
+            self._code_fingerprint = cache.code_fingerprint(self.fn)
+        return self._code_fingerprint
+
+    def _record(self, args: tuple, kwargs: dict, system: System) -> dict:
+        from . import __version__
+        from .run import _creator, current_run
+
+        fingerprint: dict[str, Any] = {"code": self._code()}
+        if self._run_type == "function":
+            fingerprint.update(
+                cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+            )
+        parent = current_run()
+        return {
+            "run_type": self._run_type,
+            "fn_name": self.name,
+            "cmds": list(self._cmds),
+            "fingerprint": fingerprint,
+            "creator": _creator(),
+            "remoterun_version": __version__,
+            "system": system.name,
+            "parent": parent.url if parent is not None else None,
+        }
+
+    def _pickle_function(self) -> tuple[bytes, str]:
+        data = _dumps_by_value(self.fn, self.fn, "the function")
+        return data, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _rebuild(fn: Callable, system: Any, options: dict) -> RemoteFunction:
+    return RemoteFunction(fn, system=system, **options)
+
+
+def function(
+    fn: Callable | None = None,
+    *,
+    system: Any = None,
+    name: str | None = None,
+    cache: bool = False,
+    on_mismatch: str = "error",
+    ignore: Sequence[str] = (),
+) -> Any:
+    """Make ``fn`` a RemoteFunction; as a decorator with or without arguments.
+
+    Args:
+        system: where it runs: ``"here"`` (default), a System, or a cluster name.
+        name: the prefix of its generated run names (default: the function's name).
+        cache: derive the run name of ``get_or_call``/``get_or_run`` from the code and
+            the arguments when no ``run_name`` is given.
+        on_mismatch: what ``get_or_*`` do when a recorded run of that name was made from
+            other arguments: ``"error"`` (raise CacheMismatchError), ``"rerun"``, ``"ignore"``.
+        ignore: parameter names left out of the argument fingerprint.
+    """
+    options = dict(system=system, name=name, cache=cache, on_mismatch=on_mismatch, ignore=ignore)
+    if fn is None:
+        return lambda f: RemoteFunction(f, **options)
+    return RemoteFunction(fn, **options)
+
+
+# --------------------------------------------------------------------------- pickling
+
+_by_value_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _library_prefixes() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    prefixes = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
+
+
+def _user_package(module_name: str | None) -> str | None:
+    """The top-level package of a module of the user's own (not stdlib, not installed)."""
+    if not module_name or module_name == "__main__":
+        return None
+    top = module_name.split(".")[0]
+    if top == "remoterun":
+        return None
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    if os.path.realpath(path).startswith(_library_prefixes()):
+        return None
+    return top if top in sys.modules else None
+
+
+def _user_packages(*objects: Any) -> set[str]:
+    """User packages that ``objects`` come from or refer to (one level deep), so that
+    they can be pickled by value and need not be installed on the executing host."""
+    found: set[str] = set()
+    for obj in objects:
+        target = inspect.unwrap(obj) if callable(obj) else obj
+        candidates = [getattr(target, "__module__", None), type(target).__module__]
+        code = getattr(target, "__code__", None)
+        globals_ = getattr(target, "__globals__", {})
+        if code is not None:
+            for name in _global_names(code):
+                value = globals_.get(name)
+                if isinstance(value, types.ModuleType):
+                    candidates.append(value.__name__)
+                elif value is not None:
+                    candidates.append(getattr(value, "__module__", None))
+        for module_name in candidates:
+            package = _user_package(module_name if isinstance(module_name, str) else None)
+            if package:
+                found.add(package)
+    return found
+
+
+def _global_names(code: types.CodeType) -> Iterable[str]:
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _global_names(const)
+
+
+def _dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
+    packages = _user_packages(fn, *related)
+    with _by_value_lock:
+        registered = []
+        for package in packages:
+            try:
+                cloudpickle.register_pickle_by_value(sys.modules[package])
+                registered.append(package)
+            except ValueError:  # already registered by the user
+                pass
+        try:
+            return cloudpickle.dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"
+            ) from exc
+        finally:
+            for package in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[package])
+
+
+def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument."""
+    inputs = {"args": list(args), "kwargs": dict(kwargs)}
+    try:
+        return _dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
+    except SerializationError as exc:
+        for name, value in cache.bind_arguments(fn, args, kwargs).items():
+            try:
+                cloudpickle.dumps(value)
+            except Exception as inner:
+                raise SerializationError(
+                    f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} cannot be "
+                    f"pickled ({type(value).__name__}): {inner}. Nothing was started."
+                ) from inner
+        raise exc

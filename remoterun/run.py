@@ -1,0 +1,496 @@
+"""Run handles: a recorded execution, wherever its folder lives.
+
+A Run reads its folder through fsspec and asks its system (when it has one that executes)
+for its status, so a worker that died is found out. Results and errors are unpickled
+only when asked for with ``result()``, ``exception()`` or ``inputs()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+import posixpath
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
+
+from .agent import layout
+from .errors import (
+    RemoterunError,
+    RunNotFinishedError,
+    RunNotFoundError,
+    RunStorageError,
+    exception_from_record,
+)
+from .folder import RunFolder, check_run_name, split_run_url
+
+if TYPE_CHECKING:
+    import fsspec
+
+    from .systems.base import System
+
+
+class RunStatus(str, enum.Enum):
+    """Where a run is in its life. COMPLETED, FAILED and CANCELLED are terminal."""
+
+    NOT_STARTED = layout.NOT_STARTED
+    RUNNING = layout.RUNNING
+    COMPLETED = layout.COMPLETED
+    FAILED = layout.FAILED
+    CANCELLED = layout.CANCELLED
+
+    @property
+    def terminal(self) -> bool:
+        return self.value in layout.TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_POLL_FIRST = 0.001
+_POLL_MAX = 0.1
+
+
+class Run:
+    """One recorded execution: its folder, and the system it belongs to (if any).
+
+    Get one from ``fn.run()``, ``fn.get_or_run()``, ``system.get_run(name)`` or
+    ``rr.run(name=..., system=...)`` / ``rr.run(path=URL)``.
+    """
+
+    def __init__(self, folder: RunFolder, system: System | None = None, config: dict | None = None):
+        self.folder = folder
+        self.system = system
+        self._config = config
+        self._context: _ContextRecorder | None = None
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def url(self) -> str:
+        """Where the run's folder is, as an fsspec URL."""
+        return self.folder.url
+
+    @property
+    def root(self) -> str:
+        return posixpath.dirname(self.folder.path)
+
+    def __repr__(self) -> str:
+        status = (self._config or {}).get("status", "?")
+        return f"<Run {self.name!r} {status} at {self.url}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Run) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def config(self) -> dict:
+        """The run's record (``config.json``) as last read; read it first if never read."""
+        if self._config is None:
+            self.refresh()
+        return self._config or {}
+
+    def refresh(self) -> Run:
+        """Read the record again (finding out a dead worker on its host); return self."""
+        self._config = self._read_status(want_outcome=False)["config"]
+        return self
+
+    def _read_status(self, want_outcome: bool) -> dict:
+        if posixpath.basename(self.folder.path) != self.name:  # attempts/<n>/: terminal
+            return {"config": self.folder.read_config()}
+        if self.system is not None and self.system.executes:
+            return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
+        if _is_local(self.folder.fs):
+            from .agent.worker import HostRuns
+
+            return {"config": HostRuns(self.root).status(self.name)}
+        return {"config": self.folder.read_config()}
+
+    @property
+    def status(self) -> RunStatus:
+        """The run's status, read again unless it was already terminal."""
+        if self._config is None or self._config.get("status") not in layout.TERMINAL:
+            self.refresh()
+        return RunStatus((self._config or {}).get("status", layout.NOT_STARTED))
+
+    def done(self) -> bool:
+        return self.status.terminal
+
+    def wait(self, timeout: float | None = None) -> RunStatus:
+        """Block until the run is terminal; return its status.
+
+        Raises TimeoutError when ``timeout`` seconds pass first, RunNotFoundError when
+        there is no such run.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_FIRST
+        while True:
+            status = self.status
+            if status.terminal:
+                return status
+            if self._config is None:
+                raise RunNotFoundError(f"no run at {self.url}")
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"run {self.name!r} is still {status} after {timeout} s")
+                delay = min(delay, left)
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX)
+
+    # ------------------------------------------------------------------ outcome
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The function's return value, once the run is terminal.
+
+        Raises the function's own exception (chained from a RemoteError carrying the
+        remote traceback) when it FAILED, RunCancelledError when CANCELLED,
+        TimeoutError when ``timeout`` passes first.
+        """
+        self.wait(timeout)
+        if self.config.get("status") == layout.COMPLETED:
+            return _loads(self._read_required(layout.RESULT), "result", self)
+        raise self._failure()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception the run ended with, or None if it COMPLETED."""
+        self.wait(timeout)
+        if self.config.get("status") == layout.COMPLETED:
+            return None
+        return self._failure()
+
+    def _failure(self, error_pickle: bytes | None = None) -> BaseException:
+        config = self.config
+        if error_pickle is None and config.get("status") == layout.FAILED:
+            error_pickle = self.folder.read_bytes(layout.ERROR)
+        return failure_from_config(config, error_pickle, self)
+
+    def inputs(self) -> dict:
+        """The call's arguments: ``{"args": [...], "kwargs": {...}}``."""
+        data = self._read_required(layout.INPUTS)
+        inputs = _loads(data, "inputs", self)
+        return {"args": list(inputs.get("args", ())), "kwargs": dict(inputs.get("kwargs", {}))}
+
+    def _read_required(self, filename: str) -> bytes:
+        data = self.folder.read_bytes(filename)
+        if data is None:
+            raise RunStorageError(f"run {self.name!r} has no {filename} at {self.url}")
+        return data
+
+    # ------------------------------------------------------------------ logs
+
+    def stdout(self) -> str:
+        """Everything the run wrote to stdout so far."""
+        return self.folder.read_log(layout.STDOUT).decode("utf-8", "replace")
+
+    def stderr(self) -> str:
+        """Everything the run wrote to stderr so far."""
+        return self.folder.read_log(layout.STDERR).decode("utf-8", "replace")
+
+    def logs(
+        self, follow: bool = False, *, stream: str = "stdout", poll: float = 0.1
+    ) -> Iterator[str]:
+        """Yield the run's log lines; with ``follow``, keep yielding until the run ends.
+
+        ``stream`` is ``"stdout"`` or ``"stderr"``. A last line without a newline is
+        yielded once the run is over.
+        """
+        filename = {"stdout": layout.STDOUT, "stderr": layout.STDERR}.get(stream)
+        if filename is None:
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        offset, pending = 0, b""
+        while True:
+            finished = not follow or self.status.terminal
+            data = self.folder.read_log(filename, offset)
+            offset += len(data)
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace") + "\n"
+            if finished:
+                if pending:
+                    yield pending.decode("utf-8", "replace")
+                return
+            if not data:
+                time.sleep(poll)
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, grace: float = 3.0) -> RunStatus:
+        """Stop the run's whole process group (SIGTERM, then SIGKILL after ``grace`` s)
+        and record it CANCELLED. A terminal run is left as it is."""
+        if self.system is None or not self.system.executes:
+            if not _is_local(self.folder.fs):
+                raise RemoterunError(
+                    f"run {self.name!r} at {self.url} has no system to cancel it on"
+                )
+            from .agent.worker import HostRuns
+
+            self._config = HostRuns(self.root).cancel(self.name, grace)
+        else:
+            self._config = self.system.cancel(self.name, root=self.root, grace=grace)
+        return self.status
+
+    def attempts(self) -> list[Run]:
+        """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
+        return [Run(self.folder.attempt(n)) for n in self.folder.attempts()]
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Run:
+        if self._context is not None:
+            raise RemoterunError(f"run {self.name!r} is already open as a context")
+        self._context = _ContextRecorder(self)
+        self._context.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        recorder, self._context = self._context, None
+        if recorder is not None:
+            self._config = recorder.finish(exc)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else protocol
+    return "file" in protocols or "local" in protocols
+
+
+def _loads(data: bytes, what: str, run: Run) -> Any:
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(data)
+    except Exception as exc:
+        raise RemoterunError(
+            f"the {what} of run {run.name!r} cannot be unpickled here ({type(exc).__name__}: "
+            f"{exc}); load it where the modules it needs are installed"
+        ) from exc
+
+
+def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> BaseException:
+    """The exception a FAILED or CANCELLED run raises, from its record."""
+    status = config.get("status")
+    if status not in (layout.FAILED, layout.CANCELLED):
+        return RunNotFinishedError(f"run {run.name!r} is {status}, not failed")
+    record = {
+        "kind": "remote",
+        "message": config.get("error") or f"run {run.name!r} {status}",
+        "type": config.get("error_type") or "",
+        "traceback": config.get("error_traceback") or "",
+        "exc": error_pickle,
+    }
+    if status == layout.CANCELLED:
+        record["type"] = "remoterun.errors.RunCancelledError"
+    logs = (
+        run.folder.fs.unstrip_protocol(run.folder.file(layout.STDOUT)),
+        run.folder.fs.unstrip_protocol(run.folder.file(layout.STDERR)),
+    )
+    return exception_from_record(
+        record, run_name=run.name, host=config.get("host") or "", log_paths=logs
+    )
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def run(
+    name: str | None = None,
+    *,
+    system: Any = None,
+    path: str | None = None,
+    storage_options: dict | None = None,
+) -> Run:
+    """A handle on the run ``name`` of ``system`` (default: this machine), or on the run
+    folder at ``path`` (any fsspec URL; the folder's last part is the run's name).
+
+    The run need not exist yet: ``with rr.run(name=...) as r:`` records the block as a run.
+    """
+    from .systems import resolve
+
+    if path is not None:
+        if name is not None and posixpath.basename(path.rstrip("/")) != name:
+            raise RemoterunError(
+                f"name {name!r} and path {path!r} disagree: the path's last part is the run's name"
+            )
+        split_run_url(path)
+        folder = RunFolder.from_url(path, **(storage_options or {}))
+        resolved = resolve(system) if system is not None else None
+        return Run(folder, resolved)
+    if name is None:
+        raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
+    resolved = resolve(system if system is not None else "here")
+    return Run(resolved.folder(check_run_name(name)), resolved)
+
+
+# --------------------------------------------------------------------------- current run
+
+_context_stack = threading.local()
+
+
+def current_run() -> Run | None:
+    """The run executing this code: the innermost ``with rr.run(...)`` block of this
+    thread, else the recorded run this process works for, else None."""
+    stack = getattr(_context_stack, "runs", None)
+    if stack:
+        return stack[-1]
+    run_dir = os.environ.get("REMOTERUN_RUN_DIR")
+    if run_dir:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return Run(RunFolder(LocalFileSystem(), run_dir))
+    return None
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to the stream it replaces and to a run's log."""
+
+    def __init__(self, original: TextIO, sink: Any):
+        self._original = original
+        self._sink = sink
+
+    def write(self, text: str) -> int:
+        self._original.write(text)
+        self._sink.write(text.encode("utf-8", "replace"))
+        self._sink.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self._original.flush()
+        self._sink.flush()
+
+    def isatty(self) -> bool:
+        return self._original.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._original, "encoding", "utf-8")
+
+
+class _ContextRecorder:
+    """Records a ``with rr.run(...)`` block: start and end, logs, and its exception."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.config: dict = {}
+        self._sinks: list[Any] = []
+        self._streams: tuple[TextIO, TextIO] | None = None
+
+    def start(self) -> None:
+        from . import __version__
+
+        folder = self.run.folder
+        previous = folder.read_config()
+        attempt = 1
+        folder.makedirs()
+        if previous is not None:
+            attempt = _archive(folder, previous)
+        config = {
+            "name": folder.name,
+            "status": layout.RUNNING,
+            "run_type": "context",
+            "fn_name": None,
+            "cmds": [],
+            "start_time": layout.utc_now(),
+            "end_time": None,
+            "host": _hostname(),
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "remoterun_version": __version__,
+            "creator": _creator(),
+            "fingerprint": {},
+            "error": None,
+            "error_traceback": None,
+            "upstream": [],
+            "downstream": [],
+            "attempt": attempt,
+            "tags": {},
+            "metrics": {},
+        }
+        self.config = config
+        fs = folder.fs
+        if _is_local(fs):
+            self._sinks = [fs.open(folder.file(f), "wb") for f in (layout.STDOUT, layout.STDERR)]
+        else:  # object stores cannot append: keep the logs and write them at the end
+            self._sinks = [io.BytesIO(), io.BytesIO()]
+        folder.write_config(config)
+        self._streams = (sys.stdout, sys.stderr)
+        sys.stdout = _Tee(sys.stdout, self._sinks[0])  # type: ignore[assignment]
+        sys.stderr = _Tee(sys.stderr, self._sinks[1])  # type: ignore[assignment]
+        stack = getattr(_context_stack, "runs", None)
+        if stack is None:
+            stack = _context_stack.runs = []
+        stack.append(self.run)
+
+    def finish(self, exc: BaseException | None) -> dict:
+        stack = getattr(_context_stack, "runs", [])
+        if stack and stack[-1] is self.run:
+            stack.pop()
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._streams
+        folder = self.run.folder
+        for sink, filename in zip(self._sinks, (layout.STDOUT, layout.STDERR)):
+            if isinstance(sink, io.BytesIO):
+                folder.write_bytes(filename, sink.getvalue())
+            else:
+                sink.close()
+        config = self.config
+        if exc is None:
+            config.update(status=layout.COMPLETED)
+        else:
+            from .agent.worker import error_record
+
+            record = error_record(exc)
+            if record["exc"] is not None:
+                folder.write_bytes(layout.ERROR, record["exc"])
+            config.update(
+                status=layout.FAILED,
+                error=record["message"],
+                error_type=record["type"],
+                error_traceback="".join(traceback.format_exception(exc)),
+            )
+        config["end_time"] = layout.utc_now()
+        folder.write_config(config)
+        return config
+
+
+def _archive(folder: RunFolder, previous: dict) -> int:
+    """Move an earlier attempt's files to ``attempts/<n>/``; return the next number."""
+    number = int(previous.get("attempt") or 1)
+    taken = folder.attempts()
+    if number in taken:
+        number = max(taken) + 1
+    target = folder.attempt(number)
+    folder.fs.makedirs(target.path, exist_ok=True)
+    for filename in layout.ATTEMPT_FILES:
+        src = folder.file(filename)
+        if folder.fs.exists(src):
+            folder.fs.mv(src, target.file(filename))
+    return number + 1
+
+
+def _hostname() -> str:
+    from .agent.worker import HOSTNAME
+
+    return HOSTNAME
+
+
+def _creator() -> str:
+    try:
+        import getpass
+
+        user = getpass.getuser()
+    except Exception:
+        user = str(os.getuid())
+    return f"{user}@{_hostname()}"

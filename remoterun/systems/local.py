@@ -1,0 +1,143 @@
+"""This machine: the embedded default system, no server needed.
+
+Calls go to agents started as child processes over pipes: the same agent and protocol
+an SSH cluster uses over its channels, so a call cannot disturb the caller's process
+(its imports, its stdout, its signal handlers) and a recorded run outlives it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+import weakref
+from typing import ContextManager
+
+import fsspec
+
+from ..errors import SystemUnavailableError
+from .base import System
+from .connection import AgentConnection, ConnectionPool
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_live: weakref.WeakSet[LocalSystem] = weakref.WeakSet()
+
+
+def default_home() -> str:
+    """``$REMOTERUN_HOME``, or ``~/.remoterun``."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("REMOTERUN_HOME") or "~/.remoterun"))
+
+
+class LocalSystem(System):
+    """Runs functions and commands on this machine; run folders under ``root``.
+
+    Args:
+        root: the folder of run folders; default ``$REMOTERUN_HOME/runs``, read at each use.
+        python: the interpreter agents run with; default this one.
+        max_idle: how many idle agents to keep for reuse.
+    """
+
+    executes = True
+
+    def __init__(self, *, root: str | None = None, python: str | None = None, max_idle: int = 8):
+        self.name = "here"
+        self._root = root
+        self._python = python or sys.executable
+        self._pool = ConnectionPool(self._open_agent, max_idle=max_idle)
+        self._facts: dict = {}
+        self._facts_lock = threading.Lock()
+        _live.add(self)
+
+    def __reduce__(self) -> tuple:
+        if self is _default:
+            return (local, ())
+        return (LocalSystem, (), {"_root": self._root, "_python": self._python})
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(root=state["_root"], python=state["_python"])  # type: ignore[misc]
+
+    @property
+    def root(self) -> str:
+        if self._root is not None:
+            return os.path.abspath(os.path.expanduser(self._root))
+        return os.path.join(default_home(), "runs")
+
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("file")
+
+    def host_label(self) -> str:
+        return self._facts.get("host") or "localhost"
+
+    # ------------------------------------------------------------------ agents
+
+    def _open_agent(self) -> AgentConnection:
+        env = dict(os.environ)
+        paths = [_PACKAGE_PARENT] + [p for p in sys.path if p]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        try:
+            proc = subprocess.Popen(
+                [self._python, "-u", "-m", "remoterun.agent"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # Ctrl-C reaches the client, which drops the agent
+            )
+        except OSError as exc:
+            raise SystemUnavailableError(
+                f"cannot start a local agent with {self._python}: {exc}"
+            ) from exc
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin_fd = proc.stdin.fileno()
+
+        def write(data: bytes | memoryview) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stdin_fd, view) :]
+
+        def close() -> None:
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        conn = AgentConnection(proc.stdout.read, write, close, label=f"localhost (pid {proc.pid})")
+        facts = conn.handshake()
+        with self._facts_lock:
+            self._facts = facts
+        return conn
+
+    def _connection(self) -> ContextManager[AgentConnection]:
+        return self._pool.connection()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+_default: LocalSystem | None = None
+_default_lock = threading.Lock()
+
+
+def local() -> LocalSystem:
+    """This machine, the default system (one shared instance per process)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = LocalSystem()
+    return _default
+
+
+@atexit.register
+def _close_all() -> None:
+    for system in list(_live):
+        system.close()

@@ -1,0 +1,67 @@
+"""Storage-only systems: any fsspec URL (file, memory, s3, gs, ...) that holds run
+folders but runs nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+
+from .base import System
+
+# protocol -> (extra that provides it, package to name in the hint)
+_EXTRAS = {
+    "s3": ("s3", "s3fs"),
+    "s3a": ("s3", "s3fs"),
+    "sftp": ("ssh", "paramiko"),
+    "ssh": ("ssh", "paramiko"),
+}
+
+
+class StorageSystem(System):
+    """Run folders under ``url`` on an fsspec filesystem.
+
+    Args:
+        url: the folder holding the run folders, e.g. ``"s3://bucket/runs"``.
+        storage_options: passed to the fsspec filesystem (credentials, endpoint_url, ...).
+    """
+
+    executes = False
+
+    def __init__(self, url: str, **storage_options: Any):
+        from ..errors import MissingExtraError
+
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        protocol = fsspec.core.split_protocol(self.url)[0] or "file"
+        try:
+            self._fs, self._root = fsspec.core.url_to_fs(self.url, **storage_options)
+        except ImportError as exc:
+            extra, package = _EXTRAS.get(protocol, (None, None))
+            hint = (
+                f"pip install 'remoterun[{extra}]'"
+                if extra
+                else f"install the fsspec backend for {protocol!r}"
+            )
+            raise MissingExtraError(
+                f"run folders at {self.url} need the {package or protocol} package: {hint}"
+            ) from exc
+        except ValueError as exc:
+            raise MissingExtraError(
+                f"{protocol!r} is not a protocol fsspec knows ({self.url}): {exc}"
+            ) from exc
+        self.name = self.url
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (self.url, self.storage_options))
+
+    @property
+    def root(self) -> str:
+        return self._root.rstrip("/") or "/"
+
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return self._fs
+
+
+def _rebuild(url: str, storage_options: dict) -> StorageSystem:
+    return StorageSystem(url, **storage_options)

@@ -1,0 +1,102 @@
+"""Functions the tests run remotely. A module of the user's own: shipped by value."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+class CustomError(Exception):
+    """An exception type of the user's own, to check it comes back as itself."""
+
+
+def add(a, b=2):
+    print(f"adding {a} and {b}")
+    return a + b
+
+
+def record_call(marker, value, delay=0.0):
+    """Append one line to ``marker`` per execution, so tests can count executions."""
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    print(f"executing with {value}")
+    time.sleep(delay)
+    return value * 2
+
+
+def executions(marker) -> int:
+    try:
+        with open(marker) as f:
+            return len(f.read().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def fail(message):
+    print("about to fail", flush=True)
+    raise CustomError(message)
+
+
+def fail_then_succeed(marker):
+    """Fails on its first execution, succeeds after."""
+    first = executions(marker) == 0
+    with open(marker, "a") as f:
+        f.write("x\n")
+    if first:
+        raise CustomError("first attempt fails")
+    return "second attempt"
+
+
+def wait_for_file(path, timeout=30.0):
+    print("started", flush=True)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    print("saw the file", flush=True)
+    return "finished"
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_with(code):
+    sys.exit(code)
+
+
+def hard_exit():
+    os._exit(3)
+
+
+def spawn_sleeper(pidfile):
+    """Start a child process in the run's process group, then sleep."""
+    child = subprocess.Popen(["sleep", "60"])
+    with open(pidfile, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(60)
+
+
+def write_to_fds():
+    os.write(1, b"raw write to fd 1\n")
+    subprocess.run(["echo", "from a child process"], check=True)
+    sys.stderr.write("to stderr\n")
+    return "result intact"
+
+
+def unpicklable_result():
+    return threading.Lock()
+
+
+def no_args():
+    return "no args"

@@ -1,0 +1,241 @@
+"""Bad input and broken runs: clear errors, and nothing lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import remote_tasks as tasks
+from conftest import client_env
+
+import remoterun as rr
+
+
+def test_remote_exception_comes_back_as_its_own_type(system):
+    fn = rr.function(tasks.fail, system=system)
+    for kwargs in ({}, {"run_name": "failing"}):
+        with pytest.raises(tasks.CustomError, match="broken") as info:
+            fn("broken", **kwargs)
+        cause = info.value.__cause__
+        assert isinstance(cause, rr.RemoteError)
+        assert "raise CustomError(message)" in cause.remote_traceback
+        assert cause.host
+        assert "_worker_main" not in cause.remote_traceback
+    assert cause.run_name == "failing"
+    assert any(p.endswith("stderr.log") for p in cause.log_paths)
+
+
+def test_failed_run_result_raises_and_never_returns_logs(system):
+    run = rr.function(tasks.fail, system=system).run("nope", run_name="fails")
+    with pytest.raises(tasks.CustomError):
+        run.result(timeout=30)
+    assert run.status is rr.RunStatus.FAILED
+    assert isinstance(run.exception(), tasks.CustomError)
+    assert "about to fail" in run.stdout()
+    assert "CustomError: nope" in run.stderr()
+    config = run.config
+    assert config["error"] == "CustomError: nope"
+    assert "raise CustomError(message)" in config["error_traceback"]
+
+
+def test_unpicklable_result_is_a_clear_error(system):
+    fn = rr.function(tasks.unpicklable_result, system=system)
+    with pytest.raises(rr.SerializationError, match="cannot be pickled"):
+        fn()
+    with pytest.raises(rr.SerializationError, match="cannot be pickled"):
+        fn(run_name="bad-result")
+    assert system.get_run("bad-result").status is rr.RunStatus.FAILED
+
+
+def test_unpicklable_argument_names_it_and_starts_nothing(system):
+    fn = rr.function(tasks.record_call, system=system)
+    with pytest.raises(rr.SerializationError, match="'value'") as info:
+        fn.run("/dev/null", threading.Lock(), run_name="never")
+    assert "Nothing was started" in str(info.value)
+    assert not os.path.exists(os.path.join(system.root, "never"))
+    with pytest.raises(rr.SerializationError, match="'value'"):
+        fn("/dev/null", threading.Lock())
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "-x", "x" * 129, "a b", "/abs"])
+def test_invalid_run_names_are_refused_before_any_io(system, name):
+    fn = rr.function(tasks.add, system=system)
+    with pytest.raises(rr.InvalidRunNameError, match="invalid run name"):
+        fn(1, run_name=name)
+    with pytest.raises(rr.InvalidRunNameError):
+        fn.get_or_run(1, run_name=name)
+    with pytest.raises(rr.InvalidRunNameError):
+        system.get_run(name)
+    assert not os.path.exists(system.root)
+
+
+@pytest.mark.parametrize("task", [tasks.kill_self, tasks.hard_exit])
+def test_worker_that_dies_is_failed_with_worker_lost(system, task):
+    run = rr.function(task, system=system).run(run_name="dies")
+    start = time.monotonic()
+    with pytest.raises(rr.WorkerLostError, match="worker lost"):
+        run.result(timeout=5)
+    assert time.monotonic() - start < 5
+    assert run.status is rr.RunStatus.FAILED
+
+
+def test_sys_exit_fails_the_run(system):
+    with pytest.raises(SystemExit):
+        rr.function(tasks.exit_with, system=system)(4, run_name="exits")
+    assert system.get_run("exits").config["error"] == "SystemExit: 4"
+    with pytest.raises(SystemExit):
+        rr.function(tasks.exit_with, system=system)(5)  # the agent survives it
+    assert rr.function(tasks.add, system=system)(1) == 3
+
+
+def test_sigkill_from_outside_is_found_within_five_seconds(system, tmp_path):
+    run = rr.function(tasks.sleep_for, system=system).run(60, run_name="killed")
+    os.kill(run.config["pid"], signal.SIGKILL)
+    with pytest.raises(rr.WorkerLostError, match="SIGKILL"):
+        run.result(timeout=5)
+
+
+def test_cancel_stops_the_whole_process_group(system, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    run = rr.function(tasks.spawn_sleeper, system=system).run(str(pidfile), run_name="group")
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    child = int(pidfile.read_text())
+    assert run.cancel(grace=1) is rr.RunStatus.CANCELLED
+    deadline = time.monotonic() + 5
+    while _alive(child):
+        assert time.monotonic() < deadline, "the run's child process survived cancel"
+        time.sleep(0.01)
+    assert system.get_run("group").config["status"] == "CANCELLED"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_cancel_of_finished_run_changes_nothing(system):
+    fn = rr.function(tasks.add, system=system)
+    fn(1, run_name="done")
+    run = system.get_run("done")
+    assert run.cancel() is rr.RunStatus.COMPLETED
+    assert run.result() == 3
+
+
+def test_starting_a_running_name_again_is_refused(system, tmp_path):
+    fn = rr.function(tasks.wait_for_file, system=system)
+    run = fn.run(str(tmp_path / "gate"), run_name="busy")
+    with pytest.raises(rr.RunNotFinishedError, match="already RUNNING"):
+        fn.run(str(tmp_path / "gate"), run_name="busy")
+    (tmp_path / "gate").touch()
+    run.result(timeout=30)
+
+
+def test_read_only_run_root_fails_before_executing(read_only_dir, marker):
+    system = rr.LocalSystem(root=str(read_only_dir / "runs"))
+    fn = rr.function(tasks.record_call, system=system)
+    with pytest.raises(rr.RunStorageError, match="runs"):
+        fn.run(marker, 1, run_name="ro")
+    with pytest.raises(rr.RunStorageError):
+        fn.get_or_call(marker, 1, run_name="ro")
+    assert tasks.executions(marker) == 0
+    assert fn(marker, 1) == 2  # the unrecorded fast path writes no folder
+    system.close()
+
+
+def test_output_written_to_raw_fds_does_not_corrupt_the_protocol(system, capfd):
+    fn = rr.function(tasks.write_to_fds, system=system)
+    assert fn() == "result intact"
+    out, err = capfd.readouterr()
+    assert "raw write to fd 1" in out
+    assert "from a child process" in out
+    assert "to stderr" in err
+
+
+def test_async_run_survives_its_client_being_killed(system, tmp_path):
+    gate = tmp_path / "gate"
+    script = (
+        "import sys, remoterun as rr, remote_tasks as t\n"
+        f"s = rr.LocalSystem(root={system.root!r})\n"
+        f"r = rr.function(t.wait_for_file, system=s).run({str(gate)!r}, run_name='orphan')\n"
+        "print(r.name, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        env=client_env(),
+        text=True,
+        start_new_session=True,
+    )
+    assert client.stdout.readline().strip() == "orphan"
+    os.killpg(client.pid, signal.SIGKILL)  # the client and its agent
+    client.wait()
+    gate.touch()
+    run = rr.run(name="orphan", system=system)
+    assert run.result(timeout=30) == "finished"
+
+
+def test_worker_lost_is_found_without_the_agent_that_started_it(system, tmp_path):
+    script = (
+        "import remoterun as rr, remote_tasks as t\n"
+        f"s = rr.LocalSystem(root={system.root!r})\n"
+        "r = rr.function(t.sleep_for, system=s).run(60, run_name='lonely')\n"
+        "print(r.config['pid'], flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        env=client_env(),
+        text=True,
+        start_new_session=True,
+    )
+    pid = int(client.stdout.readline())
+    os.killpg(client.pid, signal.SIGKILL)
+    client.wait()
+    os.kill(pid, signal.SIGKILL)
+    run = rr.run(name="lonely", system=system)
+    with pytest.raises(rr.WorkerLostError, match="worker lost"):
+        run.result(timeout=5)
+
+
+def test_sixteen_processes_one_execution(system, marker):
+    script = (
+        "import sys, time, remoterun as rr, remote_tasks as t\n"
+        f"s = rr.LocalSystem(root={system.root!r})\n"
+        "fn = rr.function(t.record_call, system=s)\n"
+        "s._request({'op': 'ping'})\n"  # start the agent before the barrier
+        "start = float(sys.argv[1])\n"
+        "time.sleep(max(0, start - time.time()))\n"
+        f"run = fn.get_or_run({marker!r}, 21, 0.5, run_name='crowd')\n"
+        "print(run.result(timeout=60), flush=True)\n"
+    )
+    start = time.time() + 3
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(start)],
+            stdout=subprocess.PIPE,
+            env=client_env(),
+            text=True,
+        )
+        for _ in range(16)
+    ]
+    outputs = [c.communicate(timeout=120)[0].strip() for c in clients]
+    assert [c.returncode for c in clients] == [0] * 16
+    assert outputs == ["42"] * 16
+    assert tasks.executions(marker) == 1
+    config = json.loads(Path(system.root, "crowd", "config.json").read_text())
+    assert config["attempt"] == 1

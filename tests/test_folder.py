@@ -1,0 +1,94 @@
+"""Run folders: names, atomic writes, and fsspec backends."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import fsspec
+import pytest
+
+import remoterun as rr
+from remoterun.agent import layout
+from remoterun.folder import RunFolder, check_run_name
+
+
+@pytest.mark.parametrize("name", ["a", "exp1", "A.b_c-d", "9" * 128, "x..y"])
+def test_valid_names(name):
+    assert check_run_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "..", "../x", "a/b", "/a", ".hidden", "_x", "x" * 129, "a b", "a\n", None, 3]
+)
+def test_invalid_names(name):
+    with pytest.raises(rr.InvalidRunNameError, match="invalid run name"):
+        check_run_name(name)
+
+
+def test_generated_names_are_unique_within_a_second():
+    names = {layout.generate_run_name("<lambda>") for _ in range(2000)}
+    assert len(names) == 2000
+    for name in names:
+        assert re.fullmatch(r"lambda-\d{8}-\d{6}-[0-9a-f]{6}", name)
+        check_run_name(name)
+
+
+@pytest.mark.parametrize("url", ["file", "memory"])
+def test_atomic_writes_leave_no_temporary_files(tmp_path, url):
+    fs = fsspec.filesystem(url)
+    root = str(tmp_path) if url == "file" else f"/atomic-{tmp_path.name}"
+    folder = RunFolder(fs, f"{root}/run1")
+    folder.makedirs()
+    folder.write_config({"status": "RUNNING"})
+    folder.write_bytes(layout.RESULT, b"x" * 100_000)
+    folder.write_config({"status": "COMPLETED"})
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(folder.path, detail=False)) == [
+        "config.json",
+        "result.pkl",
+    ]
+    assert folder.read_config() == {"status": "COMPLETED"}
+
+
+def test_reader_never_sees_a_partial_file(tmp_path):
+    folder = RunFolder(fsspec.filesystem("file"), str(tmp_path / "run2"))
+    folder.makedirs()
+    big = [b"a" * 4_000_000, b"b" * 4_000_000]
+    folder.write_bytes("blob", big[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            folder.write_bytes("blob", big[i % 2])
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(200):
+            assert folder.read_bytes("blob") in big
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_write_into_a_missing_folder_is_a_storage_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    folder = RunFolder(fsspec.filesystem("file"), str(tmp_path / "file" / "run"))
+    with pytest.raises(rr.RunStorageError, match="cannot"):
+        folder.makedirs()
+    with pytest.raises(rr.RunStorageError, match="cannot write"):
+        folder.write_bytes(layout.CONFIG, b"{}")
+
+
+def test_unknown_protocol_names_what_to_install():
+    with pytest.raises(rr.MissingExtraError, match="nosuchproto"):
+        rr.StorageSystem("nosuchproto://bucket/runs")
+
+
+def test_storage_system_cannot_execute(tmp_path):
+    store = rr.StorageSystem(str(tmp_path / "store"))
+    fn = rr.function(lambda: 1, system=store)
+    with pytest.raises(rr.SystemUnavailableError, match="only stores runs"):
+        fn()
