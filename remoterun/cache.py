@@ -7,6 +7,7 @@ set hashes the same whatever the hash seed); other objects by their cloudpickle 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import struct
@@ -86,13 +87,18 @@ def value_fingerprint(obj: Any) -> str:
 # --------------------------------------------------------------------------- arguments
 
 
+@functools.lru_cache(maxsize=512)
+def _signature(fn: Callable) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
 def bind_arguments(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Map a call's arguments to parameter names, defaults applied.
 
     Falls back to positional indices when the signature cannot be read or bound.
     """
     try:
-        bound = inspect.signature(fn).bind(*args, **kwargs)
+        bound = _signature(fn).bind(*args, **kwargs)
     except (TypeError, ValueError):
         params = {f"args[{i}]": a for i, a in enumerate(args)}
         params.update(kwargs)
@@ -119,7 +125,7 @@ def argument_fingerprint(
             raise SerializationError(
                 f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} cannot be "
                 f"fingerprinted ({type(value).__name__}: {exc}); leave it out with "
-                f"ignore=[{name!r}]"
+                f"ignore=[{name!r}]. Nothing was started."
             ) from exc
     total = _hasher()
     for name in sorted(params):

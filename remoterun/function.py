@@ -37,9 +37,6 @@ from .systems.base import System, print_output
 from .systems.connection import AgentFailure
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
-# A get_or_* request carries the payload only below this size; a larger one is sent
-# in a second request when the run has to execute (a cache hit never uploads it).
-_INLINE_PAYLOAD = 1 << 20
 
 
 class RemoteFunction:
@@ -223,8 +220,7 @@ class RemoteFunction:
         generated = run_name is None
         if not generated:
             check_run_name(run_name)
-        fn_bytes, _ = self._pickle_function()
-        inputs = _pickle_inputs(self.fn, args, kwargs)
+        payload = None if mode == "get" else self._payload(args, kwargs)
         request: dict[str, Any] = {
             "op": "submit",
             "root": system.root,
@@ -236,8 +232,9 @@ class RemoteFunction:
             "on_mismatch": self.on_mismatch,
             "record": self._record(args, kwargs, system),
         }
-        payload = {"fn": fn_bytes, "inputs": inputs}
-        if mode == "get" and len(fn_bytes) + len(inputs) > _INLINE_PAYLOAD:
+        if mode == "get":
+            # A cache hit needs neither the function nor the inputs: send them only when
+            # the host answers that the run has to execute.
             request["payload_omitted"] = True
         else:
             request.update(payload)
@@ -246,7 +243,7 @@ class RemoteFunction:
             reply = system.request(request, on_output, run_name=request["name"])
             action = reply["action"]
             if action == "need_payload":
-                request.update(payload)
+                request.update(self._payload(args, kwargs))
                 request.pop("payload_omitted", None)
                 continue
             if action == "exists" and generated:
@@ -321,6 +318,9 @@ class RemoteFunction:
             "parent": parent.url if parent is not None else None,
         }
 
+    def _payload(self, args: tuple, kwargs: dict) -> dict[str, bytes]:
+        return {"fn": self._pickle_function()[0], "inputs": _pickle_inputs(self.fn, args, kwargs)}
+
     def _pickle_function(self) -> tuple[bytes, str]:
         data = _dumps_by_value(self.fn, self.fn, "the function")
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -369,10 +369,24 @@ def _library_prefixes() -> tuple[str, ...]:
     return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
 
 
+_user_package_cache: dict[str, str | None] = {}
+
+
 def _user_package(module_name: str | None) -> str | None:
     """The top-level package of a module of the user's own (not stdlib, not installed)."""
     if not module_name or module_name == "__main__":
         return None
+    try:
+        return _user_package_cache[module_name]
+    except KeyError:
+        pass
+    package = _find_user_package(module_name)
+    if module_name in sys.modules:  # a module not imported yet may be found later
+        _user_package_cache[module_name] = package
+    return package
+
+
+def _find_user_package(module_name: str) -> str | None:
     top = module_name.split(".")[0]
     if top == "remoterun":
         return None

@@ -8,6 +8,7 @@ only when asked for with ``result()``, ``exception()`` or ``inputs()``.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import os
 import posixpath
@@ -486,6 +487,7 @@ def _hostname() -> str:
     return HOSTNAME
 
 
+@functools.lru_cache(maxsize=1)
 def _creator() -> str:
     try:
         import getpass

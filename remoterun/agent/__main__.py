@@ -162,6 +162,20 @@ class Agent:
         runs = worker.HostRuns(request["root"])
         name = request["name"]
         runs.path(name)  # validates the name before any I/O
+        if request["mode"] == "get":
+            # A COMPLETED run whose fingerprint fits is a hit without the lock:
+            # config.json is replaced atomically and a COMPLETED record is never undone
+            # except by a re-execution, which answers the same.
+            config = runs.read_config(name)
+            if (
+                config
+                and config.get("status") == layout.COMPLETED
+                and not worker.fingerprint_differences(config, request)
+            ):
+                reply = {"name": name, "action": "hit", "root": runs.root, "config": config}
+                if request.get("want_outcome"):
+                    reply.update(self._outcome(runs, name, config))
+                return reply
         done = threading.Event()
         with runs.lock(name):
             decision = runs.claim(request)
@@ -170,7 +184,7 @@ class Agent:
                 # A miss that needs the function and inputs the client held back.
                 return {"name": name, "action": "need_payload", "root": runs.root}
             if action == "start":
-                runs.prepare(request, decision["attempt"])
+                runs.prepare(request, runs.next_attempt(name, decision["previous"]))
                 runs.start(request, on_exit=lambda pid, status: done.set())
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
         if action == "start" and request.get("wait"):

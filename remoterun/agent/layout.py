@@ -4,10 +4,10 @@ POSIX filesystem. ``remoterun.folder.RunFolder`` uses the same names over fsspec
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import secrets
-import tempfile
 import time
 
 CONFIG = "config.json"
@@ -46,6 +46,11 @@ def check_run_name(name: object) -> str:
     return name
 
 
+# Suffixes count up from a random start: unique within a process (16M names), unlikely
+# to meet another process's; an exclusive claim settles the rare collision.
+_name_suffixes = itertools.count(secrets.randbelow(1 << 24))
+
+
 def safe_prefix(prefix: str) -> str:
     """``prefix`` with what a run name cannot hold replaced, e.g. ``<lambda>`` → ``lambda``."""
     return _UNSAFE.sub("_", prefix).strip("._-")[:96] or "run"
@@ -55,7 +60,7 @@ def generate_run_name(prefix: str) -> str:
     """``<prefix>-<YYYYmmdd-HHMMSS>-<6 hex>``; the prefix is made safe first."""
     safe = safe_prefix(prefix)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return f"{safe}-{stamp}-{secrets.token_hex(3)}"
+    return f"{safe}-{stamp}-{next(_name_suffixes) & 0xFFFFFF:06x}"
 
 
 def utc_now() -> str:
@@ -64,10 +69,16 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
+_tmp_counter = itertools.count()
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one whole."""
     folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    # pid + counter make the name unique without tempfile's random names, whose generator
+    # is seeded anew in every forked worker (a millisecond on the worker's start path).
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}-{next(_tmp_counter)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

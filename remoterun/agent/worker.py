@@ -202,24 +202,26 @@ class HostRuns:
     def claim(self, request: dict) -> dict:
         """Decide what a submit request does; the caller holds ``lock(name)``.
 
-        Returns ``{"action": "hit" | "attach" | "start", "config": ..., ...}``.
+        Returns ``{"action": ..., "config": ...}``; ``"start"`` comes with ``"previous"``,
+        the record of the attempt that ``start_attempt`` will archive (None if none).
+        Nothing is changed on disk but the marking of a lost worker.
         """
         name = request["name"]
         config = self.read_config(name)
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
             config = self._mark_lost(name, config, "its process is gone")
         if config is None:
-            return {"action": "start", "attempt": 1}
+            return {"action": "start", "previous": None}
         mode = request["mode"]
         if mode == "new":
             if request.get("exclusive"):
                 return {"action": "exists", "config": config}
             if config.get("status") == layout.RUNNING:
                 return {"action": "busy", "config": config}
-            return {"action": "start", "attempt": self._archive(name, config)}
+            return {"action": "start", "previous": config}
         status = config.get("status")
         if status in (layout.COMPLETED, layout.RUNNING):
-            differences = _fingerprint_differences(config, request)
+            differences = fingerprint_differences(config, request)
             if differences:
                 policy = request.get("on_mismatch", "error")
                 if policy == "error":
@@ -227,10 +229,14 @@ class HostRuns:
                 if policy == "rerun":
                     if status == layout.RUNNING:
                         return {"action": "busy", "config": config}
-                    return {"action": "start", "attempt": self._archive(name, config)}
+                    return {"action": "start", "previous": config}
             return {"action": "hit" if status == layout.COMPLETED else "attach", "config": config}
         # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
-        return {"action": "start", "attempt": self._archive(name, config)}
+        return {"action": "start", "previous": config}
+
+    def next_attempt(self, name: str, previous: dict | None) -> int:
+        """Archive the previous attempt, if any; return the new attempt's number."""
+        return 1 if previous is None else self._archive(name, previous)
 
     def _archive(self, name: str, config: dict) -> int:
         """Move the files of the current attempt to ``attempts/<n>/``; return the next n."""
@@ -281,10 +287,14 @@ class HostRuns:
         self.write_config(name, config)
 
     def start(self, request: dict, on_exit: Callable[[int, int], None] | None = None) -> int:
-        """Fork the worker of a prepared run into its own session; return its pid once it
-        has recorded itself RUNNING. ``on_exit(pid, wait_status)`` runs when it exits."""
+        """Fork the worker of a prepared run into its own session, record it RUNNING and
+        let it go; return its pid. ``on_exit(pid, wait_status)`` runs when it exits.
+
+        The caller holds ``lock(name)``. The worker waits for a go byte, so that the
+        RUNNING record (written here, in the warm parent) always precedes its outcome.
+        """
         name = request["name"]
-        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -292,24 +302,27 @@ class HostRuns:
                 pass
         pid = os.fork()
         if pid == 0:  # the worker
-            os.close(ready_r)
+            os.close(go_w)
             code = 1
             try:
-                code = _worker_main(self, request, ready_w)
+                code = _worker_main(self, request, go_r)
             finally:
                 os._exit(code)
-        os.close(ready_w)
+        os.close(go_r)
         try:
-            with os.fdopen(ready_r, "rb") as ready:
-                ok = ready.read(1)
-        finally:
-            self._watch(name, pid, on_exit)
-        if not ok:
-            # The worker died before recording itself: record the failure for it.
-            time.sleep(0.01)
             config = self.read_config(name) or {}
-            if config.get("status") != layout.RUNNING:
-                self._mark_lost(name, config, "the worker died while starting")
+            config.update(
+                status=layout.RUNNING,
+                start_time=layout.utc_now(),
+                pid=pid,
+                pgid=pid,  # the worker's setsid() makes it its group's leader
+                proc_start=process_start_time(pid),
+            )
+            self.write_config(name, config)
+            os.write(go_w, b"1")
+        finally:
+            os.close(go_w)  # without the go byte, the worker exits untouched
+            self._watch(name, pid, on_exit)
         return pid
 
     def _watch(self, name: str, pid: int, on_exit: Callable[[int, int], None] | None) -> None:
@@ -366,7 +379,7 @@ def _kill_group(pgid: int, pid: int, grace: float) -> None:
         pass
 
 
-def _fingerprint_differences(config: dict, request: dict) -> list[str]:
+def fingerprint_differences(config: dict, request: dict) -> list[str]:
     """Names of the parameters whose fingerprints differ from the recorded run's."""
     wanted = (request.get("record") or {}).get("fingerprint") or {}
     if request.get("lookup") or not wanted:
@@ -383,7 +396,7 @@ def _fingerprint_differences(config: dict, request: dict) -> list[str]:
 # --------------------------------------------------------------------------- the worker
 
 
-def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
+def _worker_main(runs: HostRuns, request: dict, go_r: int) -> int:
     """Body of the forked worker process. Returns its exit code."""
     name = request["name"]
     os.setsid()
@@ -396,7 +409,7 @@ def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
         os.dup2(log, fd)
     # Keep nothing of the agent's: its protocol pipes or SSH channel must see EOF when
     # the agent exits, whatever this worker does.
-    keep = {0, 1, 2, ready_w}
+    keep = {0, 1, 2, go_r}
     for fd in _open_fds():
         if fd not in keep:
             try:
@@ -409,18 +422,11 @@ def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
     os.environ["REMOTERUN_RUN_DIR"] = runs.path(name)
     os.environ["REMOTERUN_RUN_NAME"] = name
 
-    config = runs.read_config(name) or {}
+    if os.read(go_r, 1) != b"1":
+        return 1  # the agent could not record the run: leave it to the agent's record
+    os.close(go_r)
     pid = os.getpid()
-    config.update(
-        status=layout.RUNNING,
-        start_time=layout.utc_now(),
-        pid=pid,
-        pgid=os.getpgid(0),
-        proc_start=process_start_time(pid),
-    )
-    runs.write_config(name, config)
-    os.write(ready_w, b"1")
-    os.close(ready_w)
+    fn_name = (request.get("record") or {}).get("fn_name") or "the function"
 
     result_bytes: bytes | None = None
     error: dict | None = None
@@ -433,7 +439,7 @@ def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
         except Exception as exc:
             error = {
                 "type": SERIALIZATION_ERROR,
-                "message": f"the return value of {config.get('fn_name') or 'the function'} "
+                "message": f"the return value of {fn_name} "
                 f"cannot be pickled ({type(value).__name__}): {exc}",
                 "traceback": "",
                 "exc": None,
@@ -448,7 +454,7 @@ def _worker_main(runs: HostRuns, request: dict, ready_w: int) -> int:
             pass
 
     with runs.lock(name):
-        config = runs.read_config(name) or config
+        config = runs.read_config(name) or {}
         if config.get("status") != layout.RUNNING or config.get("pid") != pid:
             return 0  # cancelled meanwhile: its outcome is already written
         if error is None:
