@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AgentError,
     CacheMismatchError,
+    HostKeyError,
     InvalidRunNameError,
     MissingExtraError,
     RemoteError,
@@ -35,16 +36,20 @@ __version__ = "0.1.0"
 _LAZY = {
     "LocalSystem": ".systems.local",
     "RemoteFunction": ".function",
+    "SSHCluster": ".systems.ssh",
     "StorageSystem": ".systems.storage",
     "System": ".systems.base",
+    "cluster": ".systems",
     "function": ".function",
     "local": ".systems.local",
 }
 
 if TYPE_CHECKING:
     from .function import RemoteFunction, function
+    from .systems import cluster
     from .systems.base import System
     from .systems.local import LocalSystem, local
+    from .systems.ssh import SSHCluster
     from .systems.storage import StorageSystem
 
 
@@ -68,6 +73,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AgentError",
     "CacheMismatchError",
+    "HostKeyError",
     "InvalidRunNameError",
     "LocalSystem",
     "MissingExtraError",
@@ -81,12 +87,14 @@ __all__ = [
     "RunNotFoundError",
     "RunStatus",
     "RunStorageError",
+    "SSHCluster",
     "SerializationError",
     "StorageSystem",
     "System",
     "SystemUnavailableError",
     "WorkerLostError",
     "__version__",
+    "cluster",
     "current_run",
     "function",
     "local",

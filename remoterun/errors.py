@@ -11,7 +11,8 @@
     ├── SerializationError         (also TypeError) an argument or value cannot be pickled
     ├── RunStorageError            (also OSError) a run folder cannot be read or written
     ├── SystemUnavailableError     a system cannot be reached or started
-    │   └── AgentError             the agent broke the protocol or died
+    │   ├── AgentError             the agent broke the protocol or died
+    │   └── HostKeyError           an SSH host's key is unknown or has changed
     ├── MissingExtraError          (also ImportError) an optional extra is not installed
     └── RunFailedError             a run did not complete
         ├── RemoteError            the function (or command) raised on its system
@@ -66,6 +67,10 @@ class SystemUnavailableError(RemoterunError):
 
 class AgentError(SystemUnavailableError):
     """The agent broke the protocol, refused the handshake or died mid-request."""
+
+
+class HostKeyError(SystemUnavailableError):
+    """An SSH host's key is not in known_hosts, or differs from the one recorded there."""
 
 
 class MissingExtraError(RemoterunError, ImportError):

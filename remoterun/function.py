@@ -183,11 +183,10 @@ class RemoteFunction:
         if run_name is not None:
             reply = self._submit(args, kwargs, run_name, mode="new", wait=True, on_output=on_output)
             return self._outcome(reply)
-        system = self.system
         fn_bytes, fn_key = self._pickle_function()
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
-        with system._connection() as conn:
+        with self.system._connection() as conn:  # the least-loaded host's agent
             op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
             if fn_key not in conn.known_functions:
                 op["fn"] = fn_bytes
@@ -203,7 +202,7 @@ class RemoteFunction:
             except AgentFailure as failure:
                 failed = failure.record
         if failed is not None:  # raised outside the except block: its cause is the RemoteError
-            raise exception_from_record(failed, host=system.host_label())
+            raise exception_from_record(failed, host=conn.label)
         return cloudpickle.loads(reply["result"])
 
     def _submit(
@@ -216,10 +215,11 @@ class RemoteFunction:
         wait: bool,
         on_output: Callable[[int, bytes], None] | None = None,
     ) -> dict:
-        system = self.system
         generated = run_name is None
         if not generated:
             check_run_name(run_name)
+        # The host that holds the run decides it; a generated name goes where load is least.
+        system = self.system.placement(run_name)
         payload = None if mode == "get" else self._payload(args, kwargs)
         request: dict[str, Any] = {
             "op": "submit",
@@ -241,6 +241,7 @@ class RemoteFunction:
         for _ in range(100):
             request["name"] = layout.generate_run_name(self.name) if generated else run_name
             reply = system.request(request, on_output, run_name=request["name"])
+            reply["system"] = system
             action = reply["action"]
             if action == "need_payload":
                 request.update(self._payload(args, kwargs))
@@ -266,7 +267,7 @@ class RemoteFunction:
         return reply
 
     def _run_handle(self, reply: dict) -> Run:
-        system = self.system
+        system = reply["system"]
         return Run(system.folder(reply["name"], reply.get("root")), system, reply.get("config"))
 
     def _outcome(self, reply: dict) -> Any:

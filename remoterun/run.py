@@ -66,6 +66,7 @@ class Run:
         self.folder = folder
         self.system = system
         self._config = config
+        self._outcome: dict | None = None  # result/error bytes from the last terminal poll
         self._context: _ContextRecorder | None = None
 
     # ------------------------------------------------------------------ identity
@@ -110,6 +111,8 @@ class Run:
     def _read_status(self, want_outcome: bool) -> dict:
         if posixpath.basename(self.folder.path) != self.name:  # attempts/<n>/: terminal
             return {"config": self.folder.read_config()}
+        if self.system is not None and not self.system.executes:
+            return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
         if self.system is not None and self.system.executes:
             return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
         if _is_local(self.folder.fs):
@@ -137,7 +140,13 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
         while True:
-            status = self.status
+            if self._config is None or self._config.get("status") not in layout.TERMINAL:
+                # The poll that finds the run terminal brings its outcome along: one round
+                # trip less for result() on a remote system.
+                reply = self._read_status(want_outcome=True)
+                self._config = reply["config"]
+                self._outcome = reply
+            status = RunStatus((self._config or {}).get("status", layout.NOT_STARTED))
             if status.terminal:
                 return status
             if self._config is None:
@@ -160,9 +169,13 @@ class Run:
         TimeoutError when ``timeout`` passes first.
         """
         self.wait(timeout)
+        outcome = self._outcome or {}
         if self.config.get("status") == layout.COMPLETED:
-            return _loads(self._read_required(layout.RESULT), "result", self)
-        raise self._failure()
+            data = outcome.get("result")
+            if data is None:
+                data = self._read_required(layout.RESULT)
+            return _loads(data, "result", self)
+        raise self._failure(outcome.get("error_pickle"))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the run ended with, or None if it COMPLETED."""
@@ -314,7 +327,8 @@ def run(
     storage_options: dict | None = None,
 ) -> Run:
     """A handle on the run ``name`` of ``system`` (default: this machine), or on the run
-    folder at ``path`` (any fsspec URL; the folder's last part is the run's name).
+    folder at ``path`` (any fsspec URL, or a path on ``system``'s filesystem; the
+    folder's last part is the run's name).
 
     The run need not exist yet: ``with rr.run(name=...) as r:`` records the block as a run.
     """
@@ -325,14 +339,15 @@ def run(
             raise RemoterunError(
                 f"name {name!r} and path {path!r} disagree: the path's last part is the run's name"
             )
-        split_run_url(path)
-        folder = RunFolder.from_url(path, **(storage_options or {}))
-        resolved = resolve(system) if system is not None else None
-        return Run(folder, resolved)
+        root, base = split_run_url(path)
+        if system is not None:  # a path on that system's filesystem
+            resolved = resolve(system).placement(base)
+            return Run(resolved.folder(base, root), resolved)
+        return Run(RunFolder.from_url(path, **(storage_options or {})))
     if name is None:
         raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
-    resolved = resolve(system if system is not None else "here")
-    return Run(resolved.folder(check_run_name(name)), resolved)
+    resolved = resolve(system if system is not None else "here").placement(check_run_name(name))
+    return Run(resolved.folder(name), resolved)
 
 
 # --------------------------------------------------------------------------- current run

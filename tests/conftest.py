@@ -3,9 +3,13 @@ test runs against (parametrised, so one test body serves each system)."""
 
 from __future__ import annotations
 
+import base64
 import os
+import pickle
 import shutil
 import subprocess
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,19 +26,64 @@ def remoterun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(scope="session")
+def ssh_server():
+    """A real sshd on 127.0.0.1 serving a separate Unix user (a "remote host")."""
+    from servers import ServerUnavailable, SshServer, ensure_openssh_server
+
+    try:
+        ensure_openssh_server()
+        server = SshServer("rrtest_a", extra_config="MaxStartups 100:30:200").start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"no SSH test host: {exc}")
+    yield server
+    server.stop()
+
+
+def make_cluster(server, name: str = "test", **options):
+    """A cluster on a test sshd, its keys and known_hosts from the server."""
+    options.setdefault("root", f"~/.remoterun/test-runs/{uuid.uuid4().hex[:12]}")
+    return rr.cluster(
+        name,
+        host=server.host,
+        port=server.port,
+        user=server.user,
+        key=str(server.client_key_path),
+        known_hosts=str(server.known_hosts_path),
+        python=server.remote_python(),
+        **options,
+    )
+
+
+@pytest.fixture(params=["local", "ssh"])
 def system(request: pytest.FixtureRequest, tmp_path: Path):
     """Every executing system, each with its own empty run root."""
     if request.param == "local":
-        sys_ = rr.LocalSystem(root=str(tmp_path / "runs"))
-    yield sys_
-    sys_.close()
+        system_ = rr.LocalSystem(root=str(tmp_path / "runs"))
+    else:
+        system_ = make_cluster(request.getfixturevalue("ssh_server"))
+    yield system_
+    if request.param == "ssh":
+        root = system_.root
+        system_.close()
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        system_.close()
 
 
 @pytest.fixture
-def marker(tmp_path: Path) -> str:
+def scratch():
+    """A folder every host's user can write to (pytest's own tmp_path is private)."""
+    path = Path(tempfile.mkdtemp(prefix="rr-scratch-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def marker(scratch: Path) -> str:
     """A file the remote functions append to once per execution."""
-    return str(tmp_path / "executions.txt")
+    return str(scratch / "executions.txt")
 
 
 @pytest.fixture
@@ -61,6 +110,12 @@ def read_only_dir(tmp_path: Path):
         finally:
             path.chmod(0o755)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def system_code(system) -> str:
+    """Python source that rebuilds ``system`` in another process, as ``s``."""
+    data = base64.b64encode(pickle.dumps(system)).decode()
+    return f"import base64, pickle; s = pickle.loads(base64.b64decode({data!r}))\n"
 
 
 def client_env() -> dict[str, str]:

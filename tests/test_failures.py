@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import remote_tasks as tasks
-from conftest import client_env
+from conftest import client_env, system_code
 
 import remoterun as rr
 
@@ -95,15 +95,15 @@ def test_sys_exit_fails_the_run(system):
     assert rr.function(tasks.add, system=system)(1) == 3
 
 
-def test_sigkill_from_outside_is_found_within_five_seconds(system, tmp_path):
+def test_sigkill_from_outside_is_found_within_five_seconds(system, scratch):
     run = rr.function(tasks.sleep_for, system=system).run(60, run_name="killed")
     os.kill(run.config["pid"], signal.SIGKILL)
     with pytest.raises(rr.WorkerLostError, match="SIGKILL"):
         run.result(timeout=5)
 
 
-def test_cancel_stops_the_whole_process_group(system, tmp_path):
-    pidfile = tmp_path / "child.pid"
+def test_cancel_stops_the_whole_process_group(system, scratch):
+    pidfile = scratch / "child.pid"
     run = rr.function(tasks.spawn_sleeper, system=system).run(str(pidfile), run_name="group")
     deadline = time.monotonic() + 10
     while not pidfile.exists() or not pidfile.read_text():
@@ -134,12 +134,12 @@ def test_cancel_of_finished_run_changes_nothing(system):
     assert run.result() == 3
 
 
-def test_starting_a_running_name_again_is_refused(system, tmp_path):
+def test_starting_a_running_name_again_is_refused(system, scratch):
     fn = rr.function(tasks.wait_for_file, system=system)
-    run = fn.run(str(tmp_path / "gate"), run_name="busy")
+    run = fn.run(str(scratch / "gate"), run_name="busy")
     with pytest.raises(rr.RunNotFinishedError, match="already RUNNING"):
-        fn.run(str(tmp_path / "gate"), run_name="busy")
-    (tmp_path / "gate").touch()
+        fn.run(str(scratch / "gate"), run_name="busy")
+    (scratch / "gate").touch()
     run.result(timeout=30)
 
 
@@ -164,12 +164,12 @@ def test_output_written_to_raw_fds_does_not_corrupt_the_protocol(system, capfd):
     assert "to stderr" in err
 
 
-def test_async_run_survives_its_client_being_killed(system, tmp_path):
-    gate = tmp_path / "gate"
+def test_async_run_survives_its_client_being_killed(system, scratch):
+    gate = scratch / "gate"
     script = (
         "import sys, remoterun as rr, remote_tasks as t\n"
-        f"s = rr.LocalSystem(root={system.root!r})\n"
-        f"r = rr.function(t.wait_for_file, system=s).run({str(gate)!r}, run_name='orphan')\n"
+        + system_code(system)
+        + f"r = rr.function(t.wait_for_file, system=s).run({str(gate)!r}, run_name='orphan')\n"
         "print(r.name, flush=True)\n"
         "import time; time.sleep(60)\n"
     )
@@ -188,11 +188,11 @@ def test_async_run_survives_its_client_being_killed(system, tmp_path):
     assert run.result(timeout=30) == "finished"
 
 
-def test_worker_lost_is_found_without_the_agent_that_started_it(system, tmp_path):
+def test_worker_lost_is_found_without_the_agent_that_started_it(system, scratch):
     script = (
         "import remoterun as rr, remote_tasks as t\n"
-        f"s = rr.LocalSystem(root={system.root!r})\n"
-        "r = rr.function(t.sleep_for, system=s).run(60, run_name='lonely')\n"
+        + system_code(system)
+        + "r = rr.function(t.sleep_for, system=s).run(60, run_name='lonely')\n"
         "print(r.config['pid'], flush=True)\n"
         "import time; time.sleep(60)\n"
     )
@@ -215,8 +215,8 @@ def test_worker_lost_is_found_without_the_agent_that_started_it(system, tmp_path
 def test_sixteen_processes_one_execution(system, marker):
     script = (
         "import sys, time, remoterun as rr, remote_tasks as t\n"
-        f"s = rr.LocalSystem(root={system.root!r})\n"
-        "fn = rr.function(t.record_call, system=s)\n"
+        + system_code(system)
+        + "fn = rr.function(t.record_call, system=s)\n"
         "s._request({'op': 'ping'})\n"  # start the agent before the barrier
         "start = float(sys.argv[1])\n"
         "time.sleep(max(0, start - time.time()))\n"

@@ -90,8 +90,8 @@ def test_recorded_call_writes_the_whole_run_folder(system):
     assert run.result() == 7
 
 
-def test_run_is_async_and_returns_while_running(system, tmp_path):
-    gate = tmp_path / "gate"
+def test_run_is_async_and_returns_while_running(system, scratch):
+    gate = scratch / "gate"
     fn = rr.function(tasks.wait_for_file, system=system)
     run = fn.run(str(gate), run_name="async")
     assert run.status is rr.RunStatus.RUNNING

@@ -15,7 +15,7 @@ import remoterun as rr
 def test_load_by_name_and_by_path(system):
     rr.function(tasks.add, system=system)(2, run_name="loadme")
     by_name = rr.run(name="loadme", system=system)
-    by_path = rr.run(path=f"{system.root}/loadme")
+    by_path = rr.run(path=f"{system.root}/loadme", system=system)
     by_get = system.get_run("loadme")
     for run in (by_name, by_path, by_get):
         assert run.status is rr.RunStatus.COMPLETED
@@ -43,8 +43,8 @@ def test_wait_times_out_then_completes(system):
     assert run.done()
 
 
-def test_logs_follow_yields_lines_while_running(system, tmp_path):
-    gate = tmp_path / "gate"
+def test_logs_follow_yields_lines_while_running(system, scratch):
+    gate = scratch / "gate"
     run = rr.function(tasks.wait_for_file, system=system).run(str(gate), run_name="follow")
     lines = run.logs(follow=True, poll=0.01)
     assert next(lines) == "started\n"
@@ -119,8 +119,8 @@ def test_name_and_path_must_agree(tmp_path):
         rr.run(path=str(tmp_path / "bad name"))
 
 
-def test_status_refreshes_until_terminal(system, tmp_path):
-    gate = tmp_path / "gate"
+def test_status_refreshes_until_terminal(system, scratch):
+    gate = scratch / "gate"
     run = rr.function(tasks.wait_for_file, system=system).run(str(gate), run_name="refresh")
     assert run.status is rr.RunStatus.RUNNING
     gate.touch()

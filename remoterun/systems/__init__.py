@@ -28,4 +28,17 @@ def resolve(spec: Any) -> System:
     raise unknown_system(spec)
 
 
-__all__ = ["LocalSystem", "System", "local", "resolve"]
+def cluster(name: str, **options: Any) -> System:
+    """An SSH cluster (see ``remoterun.systems.ssh.cluster`` for the options)."""
+    try:
+        from .ssh import cluster as make_cluster
+    except ImportError as exc:
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError(
+            f"SSH clusters need paramiko: pip install 'remoterun[ssh]' ({exc})"
+        ) from exc
+    return make_cluster(name, **options)
+
+
+__all__ = ["LocalSystem", "System", "cluster", "local", "resolve"]

@@ -75,6 +75,11 @@ class System:
     def host_label(self) -> str:
         return self.name
 
+    def placement(self, run_name: str | None) -> System:
+        """The system that executes and holds the run ``run_name`` (for None: an
+        unrecorded call). A system of one host is its own placement."""
+        return self
+
     # ------------------------------------------------------------------ built on them
 
     def folder(self, name: str, root: str | None = None) -> RunFolder:

@@ -1,0 +1,710 @@
+"""SSH clusters: one paramiko connection per host, a persistent agent over exec channels.
+
+The only module that imports paramiko. On first use of a host, remoterun's own source
+and the client's cloudpickle are uploaded with SFTP into ``~/.remoterun/pkg/<hash>/``
+(once per version), and ``python -m remoterun.agent`` is started from there over an exec
+channel; each concurrent call gets its own channel on the same connection. Run folders
+are read with SFTP over that same connection.
+
+Host keys are checked against ``~/.ssh/known_hosts`` (and the cluster's own file); an
+unknown host is refused with the command that trusts it. No port is opened on any host.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import secrets
+import shlex
+import socket
+import tarfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence
+
+import paramiko
+from fsspec.implementations.sftp import SFTPFileSystem
+
+from ..errors import HostKeyError, SystemUnavailableError
+from .base import System
+from .connection import AgentConnection, ConnectionPool
+
+if TYPE_CHECKING:
+    from ..run import Run
+
+logger = logging.getLogger(__name__)
+
+PKG_DIR = ".remoterun/pkg"
+MIN_PYTHON = (3, 9)
+DEFAULT_ROOT = "~/.remoterun/runs"
+# A host that failed to connect is left out of placement for this long.
+_DOWN_FOR = 30.0
+
+
+# --------------------------------------------------------------------------- the package
+
+
+@functools.lru_cache(maxsize=1)
+def package_archive() -> tuple[str, bytes]:
+    """``(version hash, tar.gz bytes)`` of remoterun's and cloudpickle's Python sources.
+
+    The hash covers every file's path and content, so any change uploads anew.
+    """
+    import cloudpickle
+
+    import remoterun
+
+    sources = []
+    for package in (remoterun, cloudpickle):
+        top = os.path.dirname(os.path.abspath(package.__file__))
+        base = os.path.dirname(top)
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for filename in sorted(files):
+                if filename.endswith(".py"):
+                    path = os.path.join(folder, filename)
+                    with open(path, "rb") as f:
+                        sources.append((os.path.relpath(path, base), f.read()))
+    digest = hashlib.blake2b(digest_size=10)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        for name, data in sources:
+            digest.update(name.encode() + b"\0" + data + b"\0")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return digest.hexdigest(), buffer.getvalue()
+
+
+# Extracts the uploaded archive next to its final place, then renames it there: a
+# folder under pkg/<hash> is always complete. Runs on the host's bare Python.
+_EXTRACT = """
+import os, shutil, sys, tarfile
+archive, target = sys.argv[1], sys.argv[2]
+tmp = target + ".tmp-" + str(os.getpid())
+with tarfile.open(archive) as tar:
+    tar.extractall(tmp)
+open(os.path.join(tmp, ".complete"), "w").close()
+try:
+    os.rename(tmp, target)
+except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)  # another client was first
+os.unlink(archive)
+"""
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    import base64
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse an unknown host key with the command that trusts it, or record it when the
+    cluster was made with ``trust_new_hosts=True``."""
+
+    def __init__(self, trust_new: bool, save_to: str, host: str, port: int):
+        self.trust_new = trust_new
+        self.save_to = save_to
+        self.host, self.port = host, port
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        fingerprint = _fingerprint(key)
+        if not self.trust_new:
+            port = f"-p {self.port} " if self.port != 22 else ""
+            raise HostKeyError(
+                f"{hostname} is not in known_hosts; it offers the {key.get_name()} key "
+                f"{fingerprint}. If that is the host's key, trust it with:\n"
+                f"  ssh-keyscan {port}{self.host} >> ~/.ssh/known_hosts\n"
+                "or create the cluster with trust_new_hosts=True"
+            )
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        os.makedirs(os.path.dirname(self.save_to) or ".", exist_ok=True)
+        with open(self.save_to, "a") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        logger.warning(
+            "trusted the new host key %s of %s (saved in %s)", fingerprint, hostname, self.save_to
+        )
+
+
+# --------------------------------------------------------------------------- SFTP
+
+
+class _SharedSFTPFileSystem(SFTPFileSystem):
+    """fsspec's SFTP filesystem over a connection that is already open.
+
+    paramiko's SFTPClient is not safe for requests from several threads at once (one
+    thread can take another's response and leave it waiting forever), so each thread
+    gets an SFTP channel of its own on the shared connection.
+    """
+
+    def __init__(self, client: paramiko.SSHClient, label: str):
+        self._shared_client = client
+        self._label = label
+        self._per_thread = threading.local()
+        super().__init__(label, skip_instance_cache=True)
+
+    def _connect(self) -> None:
+        self.client = self._shared_client
+
+    @property  # type: ignore[override]
+    def ftp(self) -> paramiko.SFTPClient:
+        ftp = getattr(self._per_thread, "ftp", None)
+        if ftp is None:
+            ftp = self._per_thread.ftp = self.client.open_sftp()
+        return ftp
+
+    @ftp.setter
+    def ftp(self, value: paramiko.SFTPClient) -> None:
+        self._per_thread.ftp = value
+
+    def unstrip_protocol(self, name: str) -> str:
+        return f"ssh://{self._label}{name if name.startswith('/') else '/' + name}"
+
+
+# --------------------------------------------------------------------------- one host
+
+
+class SSHHost(System):
+    """One host of a cluster: its connection, its agents and its run folders."""
+
+    executes = True
+
+    def __init__(
+        self,
+        cluster_name: str,
+        alias: str,
+        *,
+        user: str | None,
+        key: str | None,
+        port: int | None,
+        python: str,
+        env: dict[str, str],
+        known_hosts: str | None,
+        trust_new_hosts: bool,
+        connect_timeout: float,
+        root: str,
+        ssh_config: str | None,
+    ):
+        config = _ssh_config(alias, ssh_config)
+        self.alias = alias
+        self.hostname = config.get("hostname", alias)
+        self.user = user or config.get("user") or _local_user()
+        self.port = int(port or config.get("port") or 22)
+        identity = config.get("identityfile") or []
+        self.key = os.path.expanduser(key) if key else None
+        self._config_keys = [os.path.expanduser(k) for k in identity] if not key else []
+        self.proxy_jump = config.get("proxyjump")
+        self.python = python
+        self.env = dict(env)
+        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
+        self.trust_new_hosts = trust_new_hosts
+        self.connect_timeout = connect_timeout
+        self._root_spec = root
+        self.name = f"{cluster_name}:{alias}"
+        self._client: paramiko.SSHClient | None = None
+        self._fs: _SharedSFTPFileSystem | None = None
+        self._lock = threading.Lock()
+        self._python_abs: str | None = None
+        self.facts: dict = {}
+        self.down_until = 0.0
+        self._pool = ConnectionPool(self._open_agent, max_idle=64)
+
+    def __repr__(self) -> str:
+        return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
+
+    def host_label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    @property
+    def busy(self) -> int:
+        return self._pool.busy
+
+    @property
+    def cpus(self) -> int:
+        return int(self.facts.get("cpus") or 1)
+
+    # ------------------------------------------------------------------ connecting
+
+    def client(self) -> paramiko.SSHClient:
+        """The host's one connection, opened (and the package uploaded) on first use."""
+        client = self._client
+        if (
+            client is not None
+            and client.get_transport() is not None
+            and client.get_transport().is_active()
+        ):
+            return client
+        with self._lock:
+            client = self._client
+            if (
+                client is None
+                or client.get_transport() is None
+                or not client.get_transport().is_active()
+            ):
+                self._pool.close()
+                self._fs = None
+                client = self._client = self._connect()
+        return client
+
+    def _connect(self) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        save_to = self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        if self.known_hosts and os.path.exists(self.known_hosts):
+            client.load_host_keys(self.known_hosts)
+        client.set_missing_host_key_policy(
+            _HostKeyPolicy(self.trust_new_hosts, save_to, self.hostname, self.port)
+        )
+        where = f"{self.user}@{self.hostname}:{self.port}"
+        try:
+            client.connect(
+                self.hostname,
+                port=self.port,
+                username=self.user,
+                key_filename=self.key or (self._config_keys or None),
+                look_for_keys=self.key is None and not self._config_keys,
+                allow_agent=True,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
+                sock=self._proxy_sock(),
+            )
+        except HostKeyError:
+            self.down_until = time.monotonic() + _DOWN_FOR
+            raise
+        except paramiko.BadHostKeyException as exc:
+            self.down_until = time.monotonic() + _DOWN_FOR
+            raise HostKeyError(
+                f"the host key of {self.hostname}:{self.port} has CHANGED: it offers "
+                f"{_fingerprint(exc.key)}, known_hosts has {_fingerprint(exc.expected_key)}. "
+                "This may be an attack; if the host was really reinstalled, remove the old key "
+                f"with: ssh-keygen -R '[{self.hostname}]:{self.port}'"
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            self.down_until = time.monotonic() + _DOWN_FOR
+            raise SystemUnavailableError(
+                f"authentication as {self.user!r} on {self.hostname}:{self.port} failed ({exc}); "
+                "check user= and key= (or the IdentityFile in ~/.ssh/config)"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            self.down_until = time.monotonic() + _DOWN_FOR
+            raise SystemUnavailableError(f"cannot reach {where}: {exc}") from None
+        transport = client.get_transport()
+        assert transport is not None
+        # Frames are small and latency-bound: never wait for Nagle's algorithm.
+        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_keepalive(30)
+        self.down_until = 0.0
+        self._upload_package(client)
+        return client
+
+    def _proxy_sock(self) -> Any:
+        if not self.proxy_jump:
+            return None
+        jump = SSHHost(
+            self.name,
+            self.proxy_jump,
+            user=None,
+            key=None,
+            port=None,
+            python=self.python,
+            env={},
+            known_hosts=self.known_hosts,
+            trust_new_hosts=self.trust_new_hosts,
+            connect_timeout=self.connect_timeout,
+            root=self._root_spec,
+            ssh_config=None,
+        )
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        client.set_missing_host_key_policy(
+            _HostKeyPolicy(
+                self.trust_new_hosts,
+                os.path.expanduser("~/.ssh/known_hosts"),
+                jump.hostname,
+                jump.port,
+            )
+        )
+        client.connect(
+            jump.hostname, port=jump.port, username=jump.user, timeout=self.connect_timeout
+        )
+        transport = client.get_transport()
+        assert transport is not None
+        return transport.open_channel("direct-tcpip", (self.hostname, self.port), ("", 0))
+
+    def _upload_package(self, client: paramiko.SSHClient) -> None:
+        version, archive = package_archive()
+        self.pkg_dir = f"{PKG_DIR}/{version}"
+        sftp = client.open_sftp()
+        try:
+            try:
+                sftp.stat(f"{self.pkg_dir}/.complete")
+                return
+            except OSError:
+                pass
+            path = ""
+            for part in PKG_DIR.split("/"):
+                path = f"{path}/{part}" if path else part
+                try:
+                    sftp.mkdir(path)
+                except OSError:
+                    pass
+            upload = f"{PKG_DIR}/{version}.{secrets.token_hex(4)}.tar.gz"
+            with sftp.open(upload, "wb") as f:
+                f.write(archive)
+        finally:
+            sftp.close()
+        command = (
+            f"{self.python} -c {shlex.quote(_EXTRACT)} {shlex.quote(upload)} "
+            f"{shlex.quote(self.pkg_dir)}"
+        )
+        status, _, err = _exec(client, command, self.connect_timeout)
+        if status != 0:
+            raise SystemUnavailableError(self._python_failure(status, err))
+        logger.debug("uploaded remoterun %s to %s:%s", version, self.host_label(), self.pkg_dir)
+
+    def _python_failure(self, status: int, err: str) -> str:
+        hint = (
+            f"install Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ there, or pass "
+            "python='/path/to/python3' to rr.cluster"
+        )
+        if status == 127 or "not found" in err:
+            return f"no Python interpreter {self.python!r} on {self.host_label()}: {hint}"
+        return (
+            f"the Python interpreter {self.python!r} on {self.host_label()} failed "
+            f"(exit {status}): {err.strip()[-800:]}; {hint}"
+        )
+
+    # ------------------------------------------------------------------ agents
+
+    def _open_agent(self) -> AgentConnection:
+        client = self.client()
+        transport = client.get_transport()
+        assert transport is not None
+        python = self._python_abs or self.python
+        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in self.env.items())
+        command = (
+            f'cd && {exports}PYTHONPATH="$HOME/{self.pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}}" '
+            f"exec {python} -u -m remoterun.agent"
+        )
+        try:
+            channel = transport.open_session(timeout=self.connect_timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SystemUnavailableError(
+                f"cannot open a channel to {self.host_label()}: {exc}"
+            ) from exc
+
+        def close() -> None:
+            channel.close()
+
+        conn = AgentConnection(channel.recv, channel.sendall, close, label=self.host_label())
+        try:
+            facts = conn.handshake()
+        except SystemUnavailableError:
+            err = _drain_stderr(channel)
+            status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+            raise SystemUnavailableError(self._python_failure(status, err)) from None
+        version = tuple(int(p) for p in facts["python"].split(".")[:2])
+        if version < MIN_PYTHON:
+            conn.close()
+            raise SystemUnavailableError(
+                f"{facts['executable']} on {self.host_label()} is Python {facts['python']}; "
+                f"remoterun needs {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer"
+            )
+        self.facts = facts
+        self._python_abs = shlex.quote(facts["executable"])
+        return conn
+
+    def _connection(self) -> ContextManager[AgentConnection]:
+        return self._pool.connection()
+
+    # ------------------------------------------------------------------ storage
+
+    @property
+    def root(self) -> str:
+        spec = self._root_spec
+        if spec.startswith("~"):
+            if not self.facts:
+                self._request({"op": "ping"})
+            spec = self.facts["home"] + spec[1:]
+        elif not spec.startswith("/"):
+            if not self.facts:
+                self._request({"op": "ping"})
+            spec = posixpath.join(self.facts["home"], spec)
+        return posixpath.normpath(spec)
+
+    def filesystem(self) -> _SharedSFTPFileSystem:
+        client = self.client()
+        fs = self._fs
+        if fs is None or fs.client is not client:
+            with self._lock:
+                if self._fs is None or self._fs.client is not client:
+                    self._fs = _SharedSFTPFileSystem(client, self.host_label())
+                fs = self._fs
+        return fs
+
+    def close(self) -> None:
+        self._pool.close()
+        with self._lock:
+            client, self._client, self._fs = self._client, None, None
+        if client is not None:
+            client.close()
+
+
+def _exec(client: paramiko.SSHClient, command: str, timeout: float) -> tuple[int, str, str]:
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode(errors="replace")
+    err = stderr.read().decode(errors="replace")
+    return stdout.channel.recv_exit_status(), out, err
+
+
+def _drain_stderr(channel: paramiko.Channel) -> str:
+    deadline = time.monotonic() + 2
+    parts = []
+    while time.monotonic() < deadline:
+        if channel.recv_stderr_ready():
+            parts.append(channel.recv_stderr(65536))
+        elif channel.exit_status_ready():
+            while channel.recv_stderr_ready():
+                parts.append(channel.recv_stderr(65536))
+            break
+        else:
+            time.sleep(0.01)
+    return b"".join(parts).decode(errors="replace")
+
+
+def _ssh_config(alias: str, path: str | None) -> dict:
+    path = os.path.expanduser(path or "~/.ssh/config")
+    if not os.path.exists(path):
+        return {}
+    return paramiko.SSHConfig.from_path(path).lookup(alias)
+
+
+def _local_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+class SSHCluster(System):
+    """One or more SSH hosts that run functions and hold run folders.
+
+    Unrecorded calls go to the least-loaded host. A recorded run of a given name always
+    lives on the same host (rendezvous hashing of the name over the hosts), so that every
+    client asking for that name asks the host that decides it; ``get_run`` also looks on
+    the other hosts, for runs recorded before the host list changed.
+    """
+
+    executes = True
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str | None = None,
+        hosts: Sequence[str] | None = None,
+        user: str | None = None,
+        key: str | None = None,
+        port: int | None = None,
+        python: str = "python3",
+        setup: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        known_hosts: str | None = None,
+        trust_new_hosts: bool = False,
+        connect_timeout: float = 10.0,
+        root: str = DEFAULT_ROOT,
+        ssh_config: str | None = None,
+    ):
+        if host and hosts:
+            raise ValueError("give host= or hosts=, not both")
+        aliases = list(hosts) if hosts else [host or name]
+        if not aliases:
+            raise ValueError("a cluster needs at least one host")
+        self.name = name
+        self._options = dict(
+            host=host,
+            hosts=list(hosts) if hosts else None,
+            user=user,
+            key=key,
+            port=port,
+            python=python,
+            setup=list(setup),
+            env=dict(env or {}),
+            known_hosts=known_hosts,
+            trust_new_hosts=trust_new_hosts,
+            connect_timeout=connect_timeout,
+            root=root,
+            ssh_config=ssh_config,
+        )
+        self.setup = list(setup)
+        self.hosts = [
+            SSHHost(
+                name,
+                alias,
+                user=user,
+                key=key,
+                port=port,
+                python=python,
+                env=env or {},
+                known_hosts=known_hosts,
+                trust_new_hosts=trust_new_hosts,
+                connect_timeout=connect_timeout,
+                root=root,
+                ssh_config=ssh_config,
+            )
+            for alias in aliases
+        ]
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_cluster, (self.name, self._options))
+
+    def __repr__(self) -> str:
+        return f"<SSHCluster {self.name!r} hosts={[h.host_label() for h in self.hosts]}>"
+
+    # ------------------------------------------------------------------ placement
+
+    def placement(self, run_name: str | None) -> SSHHost:
+        """The host for a run of that name, or the least-loaded host for None."""
+        if len(self.hosts) == 1:
+            return self.hosts[0]
+        if run_name is not None:
+            return max(
+                self.hosts,
+                key=lambda h: hashlib.blake2b(
+                    f"{h.alias}\0{run_name}".encode(), digest_size=8
+                ).digest(),
+            )
+        now = time.monotonic()
+        up = [h for h in self.hosts if h.down_until <= now] or self.hosts
+        return min(up, key=lambda h: (h.busy / h.cpus, h.busy))
+
+    def _connection(self) -> ContextManager[AgentConnection]:
+        return _FailoverConnection(self)
+
+    @property
+    def root(self) -> str:
+        return self.hosts[0].root
+
+    def filesystem(self) -> _SharedSFTPFileSystem:
+        return self.hosts[0].filesystem()
+
+    def folder(self, name: str, root: str | None = None) -> Any:
+        return self.placement(name).folder(name, root)
+
+    def status(self, name: str, *, root: str | None = None, want_outcome: bool = False) -> dict:
+        return self.placement(name).status(name, root=root, want_outcome=want_outcome)
+
+    def cancel(self, name: str, *, root: str | None = None, grace: float = 3.0) -> dict | None:
+        return self.placement(name).cancel(name, root=root, grace=grace)
+
+    def get_run(self, name: str) -> Run:
+        from ..errors import RunNotFoundError
+
+        first = self.placement(name)
+        for host in [first] + [h for h in self.hosts if h is not first]:
+            try:
+                return host.get_run(name)
+            except RunNotFoundError:
+                continue
+        raise RunNotFoundError(f"no run named {name!r} on any host of cluster {self.name!r}")
+
+    def runs(self) -> list[Run]:
+        return [run for host in self.hosts for run in host.runs()]
+
+    def close(self) -> None:
+        for host in self.hosts:
+            host.close()
+
+
+class _FailoverConnection:
+    """A connection to the least-loaded host that can be reached; a host that cannot is
+    skipped (and left out of placement for a while) when others remain."""
+
+    def __init__(self, cluster: SSHCluster):
+        self.cluster = cluster
+        self._inner: Any = None
+
+    def __enter__(self) -> AgentConnection:
+        errors = []
+        for _ in range(len(self.cluster.hosts)):
+            host = self.cluster.placement(None)
+            try:
+                self._inner = host._connection()
+                return self._inner.__enter__()
+            except SystemUnavailableError as exc:
+                errors.append(exc)
+                host.down_until = time.monotonic() + _DOWN_FOR
+                if len(self.cluster.hosts) == 1:
+                    raise
+        raise errors[-1]
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._inner.__exit__(*exc)
+
+
+def _rebuild_cluster(name: str, options: dict) -> SSHCluster:
+    return SSHCluster(name, **options)
+
+
+def cluster(
+    name: str,
+    *,
+    host: str | None = None,
+    hosts: Sequence[str] | None = None,
+    user: str | None = None,
+    key: str | None = None,
+    port: int | None = None,
+    python: str = "python3",
+    setup: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    known_hosts: str | None = None,
+    trust_new_hosts: bool = False,
+    connect_timeout: float = 10.0,
+    root: str = DEFAULT_ROOT,
+    ssh_config: str | None = None,
+) -> SSHCluster:
+    """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
+    or several (``hosts=[...]``). Nothing connects until the first use.
+
+    Args:
+        user, key, port: override what ~/.ssh/config says (default user: yours).
+        python: the interpreter on the hosts, resolved once to its absolute path.
+        setup: shell commands run once per host (again when the list changes).
+        env: environment variables for the agents and the runs they start.
+        known_hosts: a known_hosts file checked besides ~/.ssh/known_hosts.
+        trust_new_hosts: record unknown host keys instead of refusing them (never changed
+            ones).
+        root: where run folders live on each host.
+    """
+    return SSHCluster(
+        name,
+        host=host,
+        hosts=hosts,
+        user=user,
+        key=key,
+        port=port,
+        python=python,
+        setup=setup,
+        env=env,
+        known_hosts=known_hosts,
+        trust_new_hosts=trust_new_hosts,
+        connect_timeout=connect_timeout,
+        root=root,
+        ssh_config=ssh_config,
+    )
