@@ -43,6 +43,7 @@ def ssh_server():
 def make_cluster(server, name: str = "test", **options):
     """A cluster on a test sshd, its keys and known_hosts from the server."""
     options.setdefault("root", f"~/.remoterun/test-runs/{uuid.uuid4().hex[:12]}")
+    options.setdefault("python", server.remote_python())
     return rr.cluster(
         name,
         host=server.host,
@@ -50,7 +51,6 @@ def make_cluster(server, name: str = "test", **options):
         user=server.user,
         key=str(server.client_key_path),
         known_hosts=str(server.known_hosts_path),
-        python=server.remote_python(),
         **options,
     )
 

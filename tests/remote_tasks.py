@@ -100,3 +100,11 @@ def unpicklable_result():
 
 def no_args():
     return "no args"
+
+
+def sleep_then_whoami(_item=None):
+    """Long enough that a map keeps several hosts busy at once."""
+    import getpass
+
+    time.sleep(0.1)
+    return getpass.getuser()

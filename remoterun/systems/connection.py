@@ -37,7 +37,9 @@ class AgentConnection:
         write: Callable[[bytes], Any],
         close: Callable[[], None],
         label: str,
+        alive: Callable[[], bool] | None = None,
     ):
+        self._alive = alive
         self._read_exact = protocol.exact_reader(read)
         self._writer = protocol.FrameWriter(write)
         self._close = close
@@ -93,6 +95,15 @@ class AgentConnection:
             self.close()
             raise
 
+    def usable(self) -> bool:
+        """False once the agent is known to be gone (closed stream, exited process)."""
+        if self.broken:
+            return False
+        if self._alive is not None and not self._alive():
+            self.close()
+            return False
+        return True
+
     def close(self) -> None:
         if not self.broken:
             self.broken = True
@@ -115,7 +126,11 @@ class ConnectionPool:
     @contextlib.contextmanager
     def connection(self) -> Iterator[AgentConnection]:
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
+            conn = None
+            while self._idle and conn is None:
+                conn = self._idle.pop()
+                if not conn.usable():  # its agent died while idle: start a new one
+                    conn = None
             self.busy += 1
         try:
             if conn is None:

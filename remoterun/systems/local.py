@@ -110,7 +110,13 @@ class LocalSystem(System):
                 proc.kill()
                 proc.wait()
 
-        conn = AgentConnection(proc.stdout.read, write, close, label=f"localhost (pid {proc.pid})")
+        conn = AgentConnection(
+            proc.stdout.read,
+            write,
+            close,
+            label=f"localhost (pid {proc.pid})",
+            alive=lambda: proc.poll() is None,
+        )
         facts = conn.handshake()
         with self._facts_lock:
             self._facts = facts

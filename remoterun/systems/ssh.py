@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
-from ..errors import HostKeyError, SystemUnavailableError
+from ..errors import AgentError, HostKeyError, SystemUnavailableError
 from .base import System
 from .connection import AgentConnection, ConnectionPool
 
@@ -43,6 +43,8 @@ MIN_PYTHON = (3, 9)
 DEFAULT_ROOT = "~/.remoterun/runs"
 # A host that failed to connect is left out of placement for this long.
 _DOWN_FOR = 30.0
+# Ops that may be sent again after a lost connection: they change nothing twice.
+_IDEMPOTENT = frozenset({"ping", "status", "cancel"})
 
 
 # --------------------------------------------------------------------------- the package
@@ -184,13 +186,14 @@ class SSHHost(System):
     def __init__(
         self,
         cluster_name: str,
-        alias: str,
         *,
+        alias: str,
         user: str | None,
         key: str | None,
         port: int | None,
         python: str,
         env: dict[str, str],
+        setup: Sequence[str],
         known_hosts: str | None,
         trust_new_hosts: bool,
         connect_timeout: float,
@@ -208,6 +211,7 @@ class SSHHost(System):
         self.proxy_jump = config.get("proxyjump")
         self.python = python
         self.env = dict(env)
+        self.setup = list(setup)
         self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
         self.trust_new_hosts = trust_new_hosts
         self.connect_timeout = connect_timeout
@@ -308,19 +312,43 @@ class SSHHost(System):
         transport.set_keepalive(30)
         self.down_until = 0.0
         self._upload_package(client)
+        self._run_setup(client)
         return client
+
+    def _run_setup(self, client: paramiko.SSHClient) -> None:
+        """Run the cluster's setup commands once per host; again when the list changes.
+
+        Their output is kept in ``~/.remoterun/setup/<hash>.log`` on the host.
+        """
+        if not self.setup:
+            return
+        digest = hashlib.blake2b("\n".join(self.setup).encode(), digest_size=8).hexdigest()
+        marker = f".remoterun/setup/{digest}"
+        script = " && ".join(f"( {cmd} )" for cmd in self.setup)
+        command = (
+            f"cd && mkdir -p .remoterun/setup && if [ -e {marker}.done ]; then exit 0; fi; "
+            f"( {script} ) > {marker}.log 2>&1 && touch {marker}.done && exit 0; "
+            f"status=$?; tail -c 2000 {marker}.log >&2; exit $status"
+        )
+        status, _, err = _exec(client, command, timeout=None)
+        if status != 0:
+            raise SystemUnavailableError(
+                f"the setup commands failed on {self.host_label()} (exit {status}; full "
+                f"output in ~/{marker}.log there):\n{err.strip()}"
+            )
 
     def _proxy_sock(self) -> Any:
         if not self.proxy_jump:
             return None
         jump = SSHHost(
             self.name,
-            self.proxy_jump,
+            alias=self.proxy_jump,
             user=None,
             key=None,
             port=None,
             python=self.python,
             env={},
+            setup=(),
             known_hosts=self.known_hosts,
             trust_new_hosts=self.trust_new_hosts,
             connect_timeout=self.connect_timeout,
@@ -410,7 +438,13 @@ class SSHHost(System):
         def close() -> None:
             channel.close()
 
-        conn = AgentConnection(channel.recv, channel.sendall, close, label=self.host_label())
+        conn = AgentConnection(
+            channel.recv,
+            channel.sendall,
+            close,
+            label=self.host_label(),
+            alive=lambda: not (channel.closed or channel.eof_received),
+        )
         try:
             facts = conn.handshake()
         except SystemUnavailableError:
@@ -430,6 +464,16 @@ class SSHHost(System):
 
     def _connection(self) -> ContextManager[AgentConnection]:
         return self._pool.connection()
+
+    def _request(self, op: dict, on_output: Any = None) -> dict:
+        try:
+            return super()._request(op, on_output)
+        except AgentError:
+            if op.get("op") not in _IDEMPOTENT:
+                raise
+            # The connection dropped (sshd restarted, network blip): reconnect, ask again.
+            logger.info("lost the agent on %s; reconnecting", self.host_label())
+            return super()._request(op, on_output)
 
     # ------------------------------------------------------------------ storage
 
@@ -464,7 +508,7 @@ class SSHHost(System):
             client.close()
 
 
-def _exec(client: paramiko.SSHClient, command: str, timeout: float) -> tuple[int, str, str]:
+def _exec(client: paramiko.SSHClient, command: str, timeout: float | None) -> tuple[int, str, str]:
     _, stdout, stderr = client.exec_command(command, timeout=timeout)
     out = stdout.read().decode(errors="replace")
     err = stderr.read().decode(errors="replace")
@@ -518,7 +562,7 @@ class SSHCluster(System):
         name: str,
         *,
         host: str | None = None,
-        hosts: Sequence[str] | None = None,
+        hosts: Sequence[str | dict] | None = None,
         user: str | None = None,
         key: str | None = None,
         port: int | None = None,
@@ -553,23 +597,20 @@ class SSHCluster(System):
             ssh_config=ssh_config,
         )
         self.setup = list(setup)
-        self.hosts = [
-            SSHHost(
-                name,
-                alias,
-                user=user,
-                key=key,
-                port=port,
-                python=python,
-                env=env or {},
-                known_hosts=known_hosts,
-                trust_new_hosts=trust_new_hosts,
-                connect_timeout=connect_timeout,
-                root=root,
-                ssh_config=ssh_config,
-            )
-            for alias in aliases
-        ]
+        common = dict(
+            user=user,
+            key=key,
+            port=port,
+            python=python,
+            env=env or {},
+            setup=self.setup,
+            known_hosts=known_hosts,
+            trust_new_hosts=trust_new_hosts,
+            connect_timeout=connect_timeout,
+            root=root,
+            ssh_config=ssh_config,
+        )
+        self.hosts = [SSHHost(name, **_host_options(entry, common)) for entry in aliases]
 
     def __reduce__(self) -> tuple:
         return (_rebuild_cluster, (self.name, self._options))
@@ -584,12 +625,7 @@ class SSHCluster(System):
         if len(self.hosts) == 1:
             return self.hosts[0]
         if run_name is not None:
-            return max(
-                self.hosts,
-                key=lambda h: hashlib.blake2b(
-                    f"{h.alias}\0{run_name}".encode(), digest_size=8
-                ).digest(),
-            )
+            return max(self.hosts, key=lambda h: _rendezvous(h.host_label(), run_name))
         now = time.monotonic()
         up = [h for h in self.hosts if h.down_until <= now] or self.hosts
         return min(up, key=lambda h: (h.busy / h.cpus, h.busy))
@@ -632,6 +668,10 @@ class SSHCluster(System):
             host.close()
 
 
+def _rendezvous(host: str, run_name: str) -> bytes:
+    return hashlib.blake2b(f"{host}\0{run_name}".encode(), digest_size=8).digest()
+
+
 class _FailoverConnection:
     """A connection to the least-loaded host that can be reached; a host that cannot is
     skipped (and left out of placement for a while) when others remain."""
@@ -658,6 +698,28 @@ class _FailoverConnection:
         return self._inner.__exit__(*exc)
 
 
+def _host_options(entry: str | dict, common: dict) -> dict:
+    """Options of one host: ``"alias"``, ``"user@host:port"``, or a dict that overrides the
+    cluster's options (``{"host": ..., "port": ..., "user": ..., "key": ...}``)."""
+    options = dict(common)
+    if isinstance(entry, dict):
+        entry = dict(entry)
+        alias = entry.pop("host")
+        unknown = set(entry) - set(common)
+        if unknown:
+            raise ValueError(f"unknown host options {sorted(unknown)} for {alias!r}")
+        options.update(entry)
+    else:
+        alias = entry
+        if "@" in alias:
+            options["user"], alias = alias.rsplit("@", 1)
+        if alias.count(":") == 1:
+            alias, port = alias.split(":")
+            options["port"] = int(port)
+    options["alias"] = alias
+    return options
+
+
 def _rebuild_cluster(name: str, options: dict) -> SSHCluster:
     return SSHCluster(name, **options)
 
@@ -666,7 +728,7 @@ def cluster(
     name: str,
     *,
     host: str | None = None,
-    hosts: Sequence[str] | None = None,
+    hosts: Sequence[str | dict] | None = None,
     user: str | None = None,
     key: str | None = None,
     port: int | None = None,
@@ -680,7 +742,8 @@ def cluster(
     ssh_config: str | None = None,
 ) -> SSHCluster:
     """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
-    or several (``hosts=[...]``). Nothing connects until the first use.
+    or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
+    override options per host). Nothing connects until the first use.
 
     Args:
         user, key, port: override what ~/.ssh/config says (default user: yours).

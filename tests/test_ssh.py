@@ -1,0 +1,303 @@
+"""What only SSH clusters do: host keys, logins, the bootstrap, several hosts, failures.
+
+Every test talks to real OpenSSH sshd instances on 127.0.0.1, each serving its own Unix
+user, so each "host" has its own home and run root.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import remote_tasks as tasks
+from conftest import make_cluster
+
+import remoterun as rr
+
+
+def whoami(_item=None) -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+@pytest.fixture(scope="module")
+def second_server(ssh_server):
+    from servers import SshServer
+
+    server = SshServer("rrtest_b", extra_config="MaxStartups 100:30:200").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(ssh_server):
+    cluster = make_cluster(ssh_server)
+    yield cluster
+    cluster.close()
+
+
+def _options(server) -> dict:
+    return dict(
+        host=server.host,
+        port=server.port,
+        user=server.user,
+        key=str(server.client_key_path),
+        python=server.remote_python(),
+    )
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def test_unknown_host_key_is_refused_with_the_command_to_trust_it(ssh_server, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cluster = rr.cluster("strict", known_hosts=str(empty), **_options(ssh_server))
+    with pytest.raises(rr.HostKeyError) as info:
+        rr.function(tasks.add, system=cluster)(1)
+    message = str(info.value)
+    assert f"ssh-keyscan -p {ssh_server.port} 127.0.0.1 >> ~/.ssh/known_hosts" in message
+    assert "SHA256:" in message
+    assert "trust_new_hosts=True" in message
+    assert empty.read_text() == ""
+
+
+def test_trust_new_hosts_records_the_key(ssh_server, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    trusting = rr.cluster(
+        "trusting", known_hosts=str(known), trust_new_hosts=True, **_options(ssh_server)
+    )
+    assert rr.function(tasks.add, system=trusting)(1) == 3
+    trusting.close()
+    assert f"[127.0.0.1]:{ssh_server.port} ssh-ed25519 " in known.read_text()
+    strict = rr.cluster("strict", known_hosts=str(known), **_options(ssh_server))
+    assert rr.function(tasks.add, system=strict)(2) == 4
+    strict.close()
+
+
+def test_changed_host_key_is_refused_even_when_trusting(ssh_server, tmp_path):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    other_key = (tmp_path / "k.pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{ssh_server.port} {' '.join(other_key)}\n")
+    cluster = rr.cluster(
+        "changed", known_hosts=str(known), trust_new_hosts=True, **_options(ssh_server)
+    )
+    with pytest.raises(rr.HostKeyError, match="CHANGED") as info:
+        rr.function(tasks.add, system=cluster)(1)
+    assert "ssh-keygen -R" in str(info.value)
+
+
+# --------------------------------------------------------------------------- logins
+
+
+def test_wrong_user_names_the_host_and_the_user(ssh_server):
+    cluster = make_cluster(ssh_server)
+    cluster.hosts[0].user = "nosuchuser"
+    with pytest.raises(rr.SystemUnavailableError, match="'nosuchuser' on 127.0.0.1"):
+        rr.function(tasks.add, system=cluster)(1)
+
+
+def test_wrong_key_is_an_authentication_error(ssh_server, tmp_path):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    cluster = make_cluster(ssh_server)
+    cluster.hosts[0].key = str(tmp_path / "k")
+    with pytest.raises(rr.SystemUnavailableError, match="authentication as 'rrtest_a'"):
+        rr.function(tasks.add, system=cluster)(1)
+
+
+def test_refused_port_fails_fast(ssh_server):
+    from servers import free_port
+
+    cluster = make_cluster(ssh_server, connect_timeout=3)
+    cluster.hosts[0].port = free_port()
+    start = time.monotonic()
+    with pytest.raises(rr.SystemUnavailableError, match="cannot reach"):
+        rr.function(tasks.add, system=cluster)(1)
+    assert time.monotonic() - start < 3
+
+
+def test_ssh_config_alias(ssh_server, tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text(ssh_server.ssh_config("testbox"))
+    cluster = rr.cluster(
+        "testbox",
+        ssh_config=str(config),
+        known_hosts=str(ssh_server.known_hosts_path),
+        python=ssh_server.remote_python(),
+    )
+    assert rr.function(whoami, system=cluster)() == "rrtest_a"
+    cluster.close()
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_package_is_uploaded_once_per_version(ssh_server):
+    from remoterun.systems.ssh import package_archive
+
+    version, _ = package_archive()
+    pkg = Path(ssh_server.home, ".remoterun", "pkg", version)
+    first = make_cluster(ssh_server)
+    rr.function(tasks.add, system=first)(1)
+    marker = pkg / ".complete"
+    assert marker.exists()
+    assert (pkg / "remoterun" / "agent" / "__main__.py").exists()
+    assert (pkg / "cloudpickle").is_dir()  # the host's Python has no cloudpickle of its own
+    before = marker.stat().st_mtime_ns
+    second = make_cluster(ssh_server)
+    rr.function(tasks.add, system=second)(1)
+    assert marker.stat().st_mtime_ns == before
+    assert not [p for p in pkg.parent.iterdir() if ".tmp" in p.name or p.suffix == ".gz"]
+    first.close()
+    second.close()
+
+
+def test_missing_interpreter_names_host_and_interpreter(ssh_server):
+    cluster = make_cluster(ssh_server, python="/nonexistent/python3")
+    with pytest.raises(rr.SystemUnavailableError, match="/nonexistent/python3") as info:
+        rr.function(tasks.add, system=cluster)(1)
+    assert "rrtest_a@127.0.0.1" in str(info.value)
+    assert "python=" in str(info.value)
+
+
+def test_setup_runs_once_per_host_and_again_when_changed(ssh_server):
+    counter = Path(ssh_server.home, f"setup-count-{os.getpid()}")
+    command = f"echo ran >> {counter}"
+    for _ in range(2):
+        cluster = make_cluster(ssh_server, setup=[command])
+        rr.function(tasks.add, system=cluster)(1)
+        cluster.close()
+    assert counter.read_text() == "ran\n"
+    changed = make_cluster(ssh_server, setup=[command, "echo second"])
+    rr.function(tasks.add, system=changed)(1)
+    changed.close()
+    assert counter.read_text() == "ran\nran\n"
+    counter.unlink()
+    failing = make_cluster(ssh_server, setup=["echo broken >&2; exit 7"])
+    with pytest.raises(rr.SystemUnavailableError, match="setup commands failed") as info:
+        rr.function(tasks.add, system=failing)(1)
+    assert "broken" in str(info.value)
+
+
+def test_runs_live_on_the_host(cluster, ssh_server, remoterun_home):
+    rr.function(tasks.add, system=cluster)(1, run_name="on-host")
+    assert cluster.root.startswith(ssh_server.home + "/")
+    config = Path(cluster.root, "on-host", "config.json")
+    assert config.exists()
+    assert pwd.getpwuid(config.stat().st_uid).pw_name == "rrtest_a"
+    assert not (remoterun_home / "runs" / "on-host").exists()
+    run = cluster.get_run("on-host")
+    assert run.url.startswith(f"ssh://rrtest_a@127.0.0.1:{ssh_server.port}/home/rrtest_a/")
+    assert run.result() == 3
+
+
+def test_module_missing_on_the_host_says_so(cluster):
+    from fsspec.utils import stringify_path  # installed here, not on the host
+
+    with pytest.raises(rr.RemoteError, match="could not be loaded on this host") as info:
+        rr.function(stringify_path, system=cluster)("x")
+    assert "fsspec" in str(info.value)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_killed_agent_is_replaced_on_the_next_call(cluster):
+    fn = rr.function(tasks.add, system=cluster)
+    assert fn(1) == 3
+    pid = cluster.hosts[0].facts["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fn(2) == 4
+    assert cluster.hosts[0].facts["pid"] != pid
+
+
+def test_detached_run_survives_sshd_dying(ssh_server, scratch):
+    cluster = make_cluster(ssh_server)
+    gate = scratch / "gate"
+    run = rr.function(tasks.wait_for_file, system=cluster).run(str(gate), run_name="survivor")
+    # Kill sshd itself, the listener and every per-connection sshd: the connection drops
+    # and the agent sees its channel close. The run is in a session of its own.
+    sshd_pids = [ssh_server.pid] + [p for p in _descendants(ssh_server.pid) if _comm(p) == "sshd"]
+    for pid in sshd_pids:
+        os.kill(pid, signal.SIGKILL)
+    gate.touch()
+    time.sleep(0.2)
+    ssh_server.restart()
+    assert run.result(timeout=30) == "finished"
+    assert cluster.get_run("survivor").status is rr.RunStatus.COMPLETED
+    cluster.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    from servers import descendants
+
+    return descendants(pid)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- several hosts
+
+
+def _two_hosts(ssh_server, second_server, tmp_path, **options):
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        Path(ssh_server.known_hosts_path).read_text()
+        + Path(second_server.known_hosts_path).read_text()
+    )
+    hosts = [
+        {"host": s.host, "port": s.port, "user": s.user, "key": str(s.client_key_path)}
+        for s in (ssh_server, second_server)
+    ]
+    return rr.cluster(
+        "pool", hosts=hosts, known_hosts=str(known), python=ssh_server.remote_python(), **options
+    )
+
+
+def test_map_uses_every_host(ssh_server, second_server, tmp_path):
+    pool = _two_hosts(ssh_server, second_server, tmp_path)
+    users = rr.function(tasks.sleep_then_whoami, system=pool).map(range(16))
+    assert set(users) == {"rrtest_a", "rrtest_b"}
+    pool.close()
+
+
+def test_named_runs_have_one_home_host(ssh_server, second_server, tmp_path):
+    pool = _two_hosts(ssh_server, second_server, tmp_path)
+    fn = rr.function(tasks.add, system=pool)
+    for i in range(6):
+        fn(i, run_name=f"placed-{i}")
+    homes = {pool.get_run(f"placed-{i}").url.split("/home/")[1].split("/")[0] for i in range(6)}
+    assert homes == {"rrtest_a", "rrtest_b"}  # spread over both hosts, found on each
+    for i in range(6):
+        assert fn.get_or_call(i, run_name=f"placed-{i}") == i + 2
+    pool.close()
+
+
+def test_a_dead_host_does_not_stop_the_others(ssh_server, second_server, tmp_path):
+    from servers import free_port
+
+    pool = _two_hosts(ssh_server, second_server, tmp_path, connect_timeout=2)
+    pool.hosts[1].port = free_port()
+    results = rr.function(whoami, system=pool).map(range(8))
+    assert set(results) == {"rrtest_a"}
+    pool.close()
