@@ -7,6 +7,7 @@ shares on hosts where fsspec is not installed.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -151,3 +152,52 @@ class RunFolder:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+class PosixFileSystem:
+    """The few filesystem calls RunFolder makes, on the local disk, for code running on a
+    host that has no fsspec (``rr.current_run()`` inside a function on a cluster)."""
+
+    protocol = ("file", "local")
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        with open(path, "rb") as f:
+            f.seek(start or 0)
+            return f.read() if end is None else f.read(end - (start or 0))
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path)
+
+    def ls(self, path: str, detail: bool = False) -> list[str]:
+        return [posixpath.join(path, name) for name in sorted(os.listdir(path))]
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def pipe_file(self, path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def mv(self, old: str, new: str) -> None:
+        os.replace(old, new)
+
+    def rm_file(self, path: str) -> None:
+        os.unlink(path)
+
+    def open(self, path: str, mode: str = "rb") -> Any:
+        return open(path, mode)  # noqa: SIM115 - the caller closes it
+
+    def unstrip_protocol(self, path: str) -> str:
+        return "file://" + path
+
+
+def local_filesystem() -> Any:
+    """fsspec's local filesystem, or PosixFileSystem where fsspec is not installed."""
+    try:
+        from fsspec.implementations.local import LocalFileSystem
+    except ImportError:
+        return PosixFileSystem()
+    return LocalFileSystem()

@@ -34,7 +34,7 @@ from .folder import check_run_name
 from .run import Run, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output
-from .systems.connection import AgentFailure
+from .systems.connection import AgentConnection, AgentFailure
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
 
@@ -153,28 +153,60 @@ class RemoteFunction:
         self,
         *iterables: Iterable[Any],
         return_exceptions: bool = False,
-        max_workers: int | None = None,
+        chunk_size: int | None = None,
+        progress: bool | None = None,
     ) -> list[Any]:
-        """Call the function on each item (``zip`` of the iterables), in parallel.
+        """Call the function on each item (``zip`` of the iterables), over every core of the
+        system (every host of a cluster), and return the results in input order.
 
-        Results come in input order. With ``return_exceptions`` a failed item's exception
-        takes its place in the list; otherwise the first failure is raised.
+        Items travel in chunks, one request each, so short calls are not bound by round
+        trips. With ``return_exceptions`` a failed item's exception takes its place in the
+        list; otherwise the first failure is raised. A progress bar is shown on a terminal
+        (``progress=True`` forces it, ``False`` hides it).
         """
         items = list(zip(*iterables))
         if not items:
             return []
-        workers = max_workers or max(1, min(len(items), os.cpu_count() or 1))
+        system = self.system
+        slots = max(1, system.parallelism())
+        size = chunk_size or max(1, min(64, -(-len(items) // (slots * 4))))
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        fn_bytes, fn_key = self._pickle_function()
+        results: list[Any] = [None] * len(items)
+        bar = _progress_bar(len(items), self.name, progress)
 
-        def one(item: tuple) -> Any:
-            try:
-                return self._call(item, {}, run_name=None, stream=True)
-            except Exception as exc:
-                if return_exceptions:
-                    return exc
-                raise
+        def run_chunk(start: int, chunk: list[tuple]) -> None:
+            data = _dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
+            op = {"op": "map", "fn_key": fn_key, "items": data}
+            with system._connection() as conn:
+                reply = self._request_on(conn, op, fn_bytes, print_output)
+                host = conn.label
+            for offset, (ok, payload) in enumerate(reply["outcomes"]):
+                if ok:
+                    results[start + offset] = cloudpickle.loads(payload)
+                    continue
+                exc = exception_from_record(payload, host=host)
+                if not return_exceptions:
+                    raise exc
+                results[start + offset] = exc
+            if bar is not None:
+                bar.update(len(chunk))
 
-        with ThreadPoolExecutor(workers, thread_name_prefix=f"map-{self.name}") as pool:
-            return list(pool.map(one, items))
+        workers = min(slots, len(chunks))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"map-{self.name}") as pool:
+                futures = [pool.submit(run_chunk, i * size, c) for i, c in enumerate(chunks)]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
 
     # ------------------------------------------------------------------ internals
 
@@ -186,24 +218,37 @@ class RemoteFunction:
         fn_bytes, fn_key = self._pickle_function()
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
+        op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
         with self.system._connection() as conn:  # the least-loaded host's agent
-            op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
-            if fn_key not in conn.known_functions:
-                op["fn"] = fn_bytes
             try:
-                try:
-                    reply = conn.request(op, on_output)
-                except AgentFailure as failure:
-                    if failure.record.get("kind") != "unknown_function":
-                        raise
-                    op["fn"] = fn_bytes
-                    reply = conn.request(op, on_output)
-                conn.known_functions.add(fn_key)
+                reply = self._request_on(conn, op, fn_bytes, on_output)
             except AgentFailure as failure:
                 failed = failure.record
         if failed is not None:  # raised outside the except block: its cause is the RemoteError
             raise exception_from_record(failed, host=conn.label)
         return cloudpickle.loads(reply["result"])
+
+    @staticmethod
+    def _request_on(
+        conn: AgentConnection,
+        op: dict[str, Any],
+        fn_bytes: bytes,
+        on_output: Callable[[int, bytes], None] | None,
+    ) -> dict:
+        """Send a call or map op; the function itself only if that agent lacks it."""
+        key = op["fn_key"]
+        if key not in conn.known_functions:
+            op["fn"] = fn_bytes
+        try:
+            reply = conn.request(op, on_output)
+        except AgentFailure as failure:
+            if failure.record.get("kind") != "unknown_function":
+                raise
+            op["fn"] = fn_bytes  # the agent evicted it from its cache
+            reply = conn.request(op, on_output)
+        conn.known_functions.add(key)
+        op.pop("fn", None)
+        return reply
 
     def _submit(
         self,
@@ -325,6 +370,17 @@ class RemoteFunction:
     def _pickle_function(self) -> tuple[bytes, str]:
         data = _dumps_by_value(self.fn, self.fn, "the function")
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _progress_bar(total: int, name: str, wanted: bool | None) -> Any:
+    """A tqdm bar on stderr when it is a terminal (or when asked for), else None."""
+    if wanted is False or (wanted is None and not sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"map {name}", unit="call")
 
 
 def _rebuild(fn: Callable, system: Any, options: dict) -> RemoteFunction:

@@ -363,9 +363,9 @@ def current_run() -> Run | None:
         return stack[-1]
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
-        from fsspec.implementations.local import LocalFileSystem
+        from .folder import local_filesystem
 
-        return Run(RunFolder(LocalFileSystem(), run_dir))
+        return Run(RunFolder(local_filesystem(), run_dir))
     return None
 
 

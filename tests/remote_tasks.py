@@ -108,3 +108,13 @@ def sleep_then_whoami(_item=None):
 
     time.sleep(0.1)
     return getpass.getuser()
+
+
+def describe_current_run():
+    """What rr.current_run() says where the function runs (fsspec may be absent there)."""
+    import remoterun as rr
+
+    run = rr.current_run()
+    if run is None:
+        return None
+    return run.name, run.status.value, run.inputs()

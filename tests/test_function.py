@@ -253,3 +253,10 @@ def test_run_python_lines(system):
 
 def test_unrecorded_command(system):
     assert system.run("echo quick") == [(0, "quick\n", "")]
+
+
+def test_map_in_chunks_keeps_order_and_shows_progress(system, capsys):
+    add = rr.function(tasks.add, system=system)
+    items = list(range(300))
+    assert add.map(items, items, chunk_size=7, progress=True) == [2 * i for i in items]
+    assert "300/300" in capsys.readouterr().err

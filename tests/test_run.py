@@ -137,3 +137,9 @@ def test_system_lists_its_runs(system):
     fn(1, run_name="b-run")
     fn(1, run_name="a-run")
     assert [r.name for r in system.runs()] == ["a-run", "b-run"]  # .locks is not a run
+
+
+def test_current_run_inside_a_remote_function(system):
+    fn = rr.function(tasks.describe_current_run, system=system)
+    assert fn() is None  # an unrecorded call is no run
+    assert fn(run_name="self-aware") == ("self-aware", "RUNNING", {"args": [], "kwargs": {}})

@@ -154,6 +154,33 @@ class Agent:
                 f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
             ) from exc
 
+    def op_map(self, request: dict, req_id: int) -> dict:
+        """Call a function on a chunk of argument tuples, one after the other.
+
+        Replies ``{"outcomes": [(True, result pickle) | (False, failure record), ...]}``:
+        one item's failure does not stop the others.
+        """
+        try:
+            fn = self._function(request)
+            items = cloudpickle.loads(request["items"])
+        except _Failure:
+            raise
+        except BaseException as exc:
+            raise _Failure("load", _load_failure_message(exc)) from exc
+        outcomes: list[tuple[bool, Any]] = []
+        for args in items:
+            try:
+                value = fn(*args)
+            except BaseException as exc:
+                outcomes.append((False, _failure_record(_Failure("remote", "", exc, 1))))
+                continue
+            try:
+                outcomes.append((True, cloudpickle.dumps(value)))
+            except Exception as exc:
+                message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
+                outcomes.append((False, _failure_record(_Failure("serialization", message))))
+        return {"outcomes": outcomes}
+
     def op_submit(self, request: dict, req_id: int) -> dict:
         """Record a run and start it detached, or answer from the cache.
 

@@ -9,6 +9,7 @@ is written once here.
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 import sys
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
@@ -74,6 +75,10 @@ class System:
 
     def host_label(self) -> str:
         return self.name
+
+    def parallelism(self) -> int:
+        """How many calls this system runs at once at full use (its cores)."""
+        return os.cpu_count() or 1
 
     def placement(self, run_name: str | None) -> System:
         """The system that executes and holds the run ``run_name`` (for None: an

@@ -239,6 +239,11 @@ class SSHHost(System):
     def cpus(self) -> int:
         return int(self.facts.get("cpus") or 1)
 
+    def parallelism(self) -> int:
+        if not self.facts:
+            self._request({"op": "ping"})
+        return self.cpus
+
     # ------------------------------------------------------------------ connecting
 
     def client(self) -> paramiko.SSHClient:
@@ -632,6 +637,21 @@ class SSHCluster(System):
 
     def _connection(self) -> ContextManager[AgentConnection]:
         return _FailoverConnection(self)
+
+    def parallelism(self) -> int:
+        """The cores of the hosts that answer (a host that does not is left out)."""
+        total = 0
+        for host in self.hosts:
+            if host.down_until > time.monotonic():
+                continue
+            try:
+                total += host.parallelism()
+            except SystemUnavailableError as exc:
+                logger.warning("leaving %s out: %s", host.host_label(), exc)
+                host.down_until = time.monotonic() + _DOWN_FOR
+        if total == 0:
+            raise SystemUnavailableError(f"no host of cluster {self.name!r} answers")
+        return total
 
     @property
     def root(self) -> str:
