@@ -44,6 +44,8 @@ def _boot_id() -> str:
 
 
 BOOT_ID = _boot_id()
+# How long a status check waits for a dead worker's reaper before marking it lost itself.
+_REAPER_GRACE = 0.5
 
 
 # --------------------------------------------------------------------------- processes
@@ -180,6 +182,14 @@ class HostRuns:
         self.path(name)
         config = self.read_config(name)
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+            # The agent that forked the worker, if it still lives, is recording how it
+            # ended (the signal, the exit code): give it a moment to say so first.
+            deadline = time.monotonic() + _REAPER_GRACE
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                config = self.read_config(name)
+                if not config or config.get("status") != layout.RUNNING:
+                    return config
             with self.lock(name):
                 config = self.read_config(name)
                 if config and config.get("status") == layout.RUNNING and not worker_alive(config):
