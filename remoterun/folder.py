@@ -48,10 +48,10 @@ class RunFolder:
     raised as RunStorageError naming the path.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, name: str | None = None):
         self.fs = fs
         self.path = path.rstrip("/")
-        self.name = check_run_name(posixpath.basename(self.path))
+        self.name = check_run_name(name or posixpath.basename(self.path))
 
     @classmethod
     def from_url(cls, url: str, **storage_options: Any) -> RunFolder:
@@ -72,10 +72,7 @@ class RunFolder:
 
     def attempt(self, number: int) -> RunFolder:
         """The folder of an earlier attempt, ``attempts/<number>/``."""
-        folder = RunFolder.__new__(RunFolder)
-        folder.fs, folder.name = self.fs, self.name
-        folder.path = f"{self.path}/{layout.ATTEMPTS}/{int(number)}"
-        return folder
+        return RunFolder(self.fs, f"{self.path}/{layout.ATTEMPTS}/{int(number)}", self.name)
 
     # ------------------------------------------------------------------ reading
 

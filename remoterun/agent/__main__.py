@@ -130,18 +130,22 @@ class Agent:
                 self._functions[key] = fn
         return fn
 
+    def _load(self, request: dict, field: str) -> tuple[Any, Any]:
+        """The request's function and its unpickled ``field``; a failure to load either
+        (a module missing on this host) is reported as such, not as the function's error."""
+        try:
+            return self._function(request), cloudpickle.loads(request[field])
+        except _Failure:
+            raise
+        except BaseException as exc:
+            raise _Failure("load", _load_failure_message(exc)) from exc
+
     def op_ping(self, request: dict, req_id: int) -> dict:
         return {"time": time.time()}
 
     def op_call(self, request: dict, req_id: int) -> dict:
         """Call a function here, in the agent: the synchronous fast path (no folder)."""
-        try:
-            fn = self._function(request)
-            inputs = cloudpickle.loads(request["inputs"])
-        except _Failure:
-            raise
-        except BaseException as exc:
-            raise _Failure("load", _load_failure_message(exc)) from exc
+        fn, inputs = self._load(request, "inputs")
         try:
             value = fn(*inputs["args"], **inputs["kwargs"])
         except BaseException as exc:
@@ -160,13 +164,7 @@ class Agent:
         Replies ``{"outcomes": [(True, result pickle) | (False, failure record), ...]}``:
         one item's failure does not stop the others.
         """
-        try:
-            fn = self._function(request)
-            items = cloudpickle.loads(request["items"])
-        except _Failure:
-            raise
-        except BaseException as exc:
-            raise _Failure("load", _load_failure_message(exc)) from exc
+        fn, items = self._load(request, "items")
         outcomes: list[tuple[bool, Any]] = []
         for args in items:
             try:

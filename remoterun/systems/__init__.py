@@ -29,16 +29,16 @@ def resolve(spec: Any) -> System:
 
 
 def cluster(name: str, **options: Any) -> System:
-    """An SSH cluster (see ``remoterun.systems.ssh.cluster`` for the options)."""
+    """An SSH cluster (see ``remoterun.systems.ssh.SSHCluster`` for the options)."""
     try:
-        from .ssh import cluster as make_cluster
+        from .ssh import SSHCluster
     except ImportError as exc:
         from ..errors import MissingExtraError
 
         raise MissingExtraError(
             f"SSH clusters need paramiko: pip install 'remoterun[ssh]' ({exc})"
         ) from exc
-    return make_cluster(name, **options)
+    return SSHCluster(name, **options)
 
 
 __all__ = ["LocalSystem", "System", "cluster", "local", "resolve"]

@@ -53,10 +53,7 @@ class LocalSystem(System):
     def __reduce__(self) -> tuple:
         if self is _default:
             return (local, ())
-        return (LocalSystem, (), {"_root": self._root, "_python": self._python})
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(root=state["_root"], python=state["_python"])  # type: ignore[misc]
+        return (_rebuild, (self._root, self._python))
 
     @property
     def root(self) -> str:
@@ -127,6 +124,10 @@ class LocalSystem(System):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _rebuild(root: str | None, python: str) -> LocalSystem:
+    return LocalSystem(root=root, python=python)
 
 
 _default: LocalSystem | None = None

@@ -580,6 +580,20 @@ class SSHCluster(System):
         root: str = DEFAULT_ROOT,
         ssh_config: str | None = None,
     ):
+        """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
+        or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
+        override options per host). Nothing connects until the first use.
+
+        Args:
+            user, key, port: override what ~/.ssh/config says (default user: yours).
+            python: the interpreter on the hosts, resolved once to its absolute path.
+            setup: shell commands run once per host (again when the list changes).
+            env: environment variables for the agents and the runs they start.
+            known_hosts: a known_hosts file checked besides ~/.ssh/known_hosts.
+            trust_new_hosts: record unknown host keys instead of refusing them (never changed
+                ones).
+            root: where run folders live on each host.
+        """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")
         aliases = list(hosts) if hosts else [host or name]
@@ -742,52 +756,3 @@ def _host_options(entry: str | dict, common: dict) -> dict:
 
 def _rebuild_cluster(name: str, options: dict) -> SSHCluster:
     return SSHCluster(name, **options)
-
-
-def cluster(
-    name: str,
-    *,
-    host: str | None = None,
-    hosts: Sequence[str | dict] | None = None,
-    user: str | None = None,
-    key: str | None = None,
-    port: int | None = None,
-    python: str = "python3",
-    setup: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    known_hosts: str | None = None,
-    trust_new_hosts: bool = False,
-    connect_timeout: float = 10.0,
-    root: str = DEFAULT_ROOT,
-    ssh_config: str | None = None,
-) -> SSHCluster:
-    """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
-    or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
-    override options per host). Nothing connects until the first use.
-
-    Args:
-        user, key, port: override what ~/.ssh/config says (default user: yours).
-        python: the interpreter on the hosts, resolved once to its absolute path.
-        setup: shell commands run once per host (again when the list changes).
-        env: environment variables for the agents and the runs they start.
-        known_hosts: a known_hosts file checked besides ~/.ssh/known_hosts.
-        trust_new_hosts: record unknown host keys instead of refusing them (never changed
-            ones).
-        root: where run folders live on each host.
-    """
-    return SSHCluster(
-        name,
-        host=host,
-        hosts=hosts,
-        user=user,
-        key=key,
-        port=port,
-        python=python,
-        setup=setup,
-        env=env,
-        known_hosts=known_hosts,
-        trust_new_hosts=trust_new_hosts,
-        connect_timeout=connect_timeout,
-        root=root,
-        ssh_config=ssh_config,
-    )
