@@ -70,3 +70,23 @@ def test_agent_handshake_over_pipes():
     finally:
         proc.stdin.close()
         assert proc.wait(timeout=10) == 0  # EOF ends the agent cleanly
+
+
+def test_large_values_travel_out_of_band_without_copies():
+    big = os.urandom(3 * protocol.WRITE_CHUNK + 5)
+    message = {"op": "call", "inputs": big, "outcomes": [(True, big)], "small": b"x"}
+    writes: list[bytes] = []
+    protocol.FrameWriter(lambda b: writes.append(bytes(b))).send(
+        protocol.REQUEST, 3, protocol.dumps(message)
+    )
+    # Header, table and envelope in one write, then each large value in chunks.
+    assert len(writes[0]) < protocol.OUT_OF_BAND_MIN
+    assert [len(w) for w in writes[1:5]] == [protocol.WRITE_CHUNK] * 3 + [5]
+    kind, req_id, payload = protocol.read_frame(
+        protocol.exact_reader(io.BytesIO(b"".join(writes)).read)
+    )
+    loaded = protocol.loads(payload)
+    assert bytes(loaded["inputs"]) == big
+    assert bytes(loaded["outcomes"][0][1]) == big
+    assert loaded["small"] == b"x"
+    assert loaded["inputs"].obj is payload  # a view of the frame, not a copy

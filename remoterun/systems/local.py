@@ -25,6 +25,17 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspat
 _live: weakref.WeakSet[LocalSystem] = weakref.WeakSet()
 
 
+def _widen_pipe(fd: int) -> None:
+    """Grow a pipe from 64 KB to 1 MB where Linux allows: a large argument then costs far
+    fewer context switches between client and agent."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 def default_home() -> str:
     """``$REMOTERUN_HOME``, or ``~/.remoterun``."""
     return os.path.abspath(os.path.expanduser(os.environ.get("REMOTERUN_HOME") or "~/.remoterun"))
@@ -89,6 +100,8 @@ class LocalSystem(System):
             ) from exc
         assert proc.stdin is not None and proc.stdout is not None
         stdin_fd = proc.stdin.fileno()
+        for fd in (stdin_fd, proc.stdout.fileno()):
+            _widen_pipe(fd)
 
         def write(data: bytes | memoryview) -> None:
             view = memoryview(data)

@@ -43,6 +43,10 @@ MIN_PYTHON = (3, 9)
 DEFAULT_ROOT = "~/.remoterun/runs"
 # A host that failed to connect is left out of placement for this long.
 _DOWN_FOR = 30.0
+# A wide channel window: at paramiko's default (2 MB) a large argument or result spends
+# most of its time waiting for window adjustments.
+_WINDOW_SIZE = 32 << 20
+_MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
 _IDEMPOTENT = frozenset({"ping", "status", "cancel"})
 
@@ -433,7 +437,9 @@ class SSHHost(System):
             f"exec {python} -u -m remoterun.agent"
         )
         try:
-            channel = transport.open_session(timeout=self.connect_timeout)
+            channel = transport.open_session(
+                window_size=_WINDOW_SIZE, max_packet_size=_MAX_PACKET, timeout=self.connect_timeout
+            )
             channel.exec_command(command)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SystemUnavailableError(
