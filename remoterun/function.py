@@ -489,13 +489,11 @@ def _global_names(code: types.CodeType) -> Iterable[str]:
 def _dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
     packages = _user_packages(fn, *related)
     with _by_value_lock:
-        registered = []
-        for package in packages:
-            try:
-                cloudpickle.register_pickle_by_value(sys.modules[package])
-                registered.append(package)
-            except ValueError:  # already registered by the user
-                pass
+        # Only what is not registered already, so that a module the user registered
+        # themselves stays registered afterwards.
+        registered = [p for p in packages if p not in cloudpickle.list_registry_pickle_by_value()]
+        for package in registered:
+            cloudpickle.register_pickle_by_value(sys.modules[package])
         try:
             return cloudpickle.dumps(obj)
         except Exception as exc:
