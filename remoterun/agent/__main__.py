@@ -76,6 +76,8 @@ class Agent:
         self.send = protocol.FrameWriter(out.write)
         self.output = OutputCapture(self.send)
         self._functions: dict[str, Any] = {}
+        # Work to do once the current reply is sent (forking the next spare worker).
+        self._after_reply: list[Any] = []
 
     # ------------------------------------------------------------------ loop
 
@@ -101,6 +103,8 @@ class Agent:
                 continue
             self.output.flush()
             self.send.send(protocol.REPLY, req_id, protocol.dumps(reply))
+            while self._after_reply:
+                self._after_reply.pop()()
 
     def hello(self) -> dict:
         return {
@@ -201,7 +205,7 @@ class Agent:
                 if request.get("want_outcome"):
                     reply.update(self._outcome(runs, name, config))
                 return reply
-        done = threading.Event()
+        started = None
         with runs.lock(name):
             decision = runs.claim(request)
             action = decision["action"]
@@ -209,11 +213,14 @@ class Agent:
                 # A miss that needs the function and inputs the client held back.
                 return {"name": name, "action": "need_payload", "root": runs.root}
             if action == "start":
-                runs.prepare(request, runs.next_attempt(name, decision["previous"]))
-                runs.start(request, on_exit=lambda pid, status: done.set())
+                record = runs.prepare(request, runs.next_attempt(name, decision["previous"]))
+                started = runs.start(request, record)
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
-        if action == "start" and request.get("wait"):
-            self._follow_until(runs, name, done)
+        if started is not None:
+            self._after_reply.append(worker.prepare_spare)
+            if request.get("wait"):
+                self._follow_until(runs, name, started.done_fd)
+            os.close(started.done_fd)
         if action in ("mismatch", "exists", "busy"):
             reply["differences"] = decision.get("differences", [])
         config = runs.read_config(name) if action == "start" else decision.get("config")
@@ -222,19 +229,18 @@ class Agent:
             reply.update(self._outcome(runs, name, config))
         return reply
 
-    def _follow_until(self, runs: worker.HostRuns, name: str, done: threading.Event) -> None:
-        """Forward the run's log files as output frames until its worker has exited."""
-        offsets = {layout.STDOUT: 0, layout.STDERR: 0}
+    def _follow_until(self, runs: worker.HostRuns, name: str, done_fd: int) -> None:
+        """Forward the run's log files as output frames until its worker says its outcome
+        is written (or dies: the done pipe then reads EOF)."""
         kinds = {layout.STDOUT: protocol.STDOUT, layout.STDERR: protocol.STDERR}
-        files = {f: open(runs.file(name, f), "rb") for f in offsets}  # noqa: SIM115
+        files = {f: open(runs.file(name, f), "rb") for f in kinds}  # noqa: SIM115
         try:
             delay = 0.0005
             while True:
-                finished = done.wait(delay)
+                finished = bool(select.select([done_fd], [], [], delay)[0])
                 for filename, f in files.items():
                     data = f.read()
                     if data:
-                        offsets[filename] += len(data)
                         self.send.send(kinds[filename], self.output.req_id, data)
                 if finished:
                     break
