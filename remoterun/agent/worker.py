@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -413,6 +414,7 @@ class SpareWorker:
                 stream.flush()
             except (OSError, ValueError):
                 pass
+        gc.freeze()  # the child's collections then leave the agent's objects untouched
         pid = os.fork()
         if pid == 0:  # the spare
             os.close(req_w)
@@ -422,6 +424,7 @@ class SpareWorker:
                 code = _spare_main(req_r, done_w)
             finally:
                 os._exit(code)
+        gc.unfreeze()
         os.close(req_r)
         os.close(done_w)
         self.pid = pid
