@@ -260,3 +260,16 @@ def test_map_in_chunks_keeps_order_and_shows_progress(system, capsys):
     items = list(range(300))
     assert add.map(items, items, chunk_size=7, progress=True) == [2 * i for i in items]
     assert "300/300" in capsys.readouterr().err
+
+
+def test_local_cache_hit_is_answered_without_an_agent(tmp_path, marker):
+    root = str(tmp_path / "runs")
+    rr.function(tasks.record_call, system=rr.LocalSystem(root=root))(marker, 3, run_name="kept")
+    # No agent can start with this interpreter: a hit must not need one.
+    no_agents = rr.LocalSystem(root=root, python="/nonexistent/python3")
+    fn = rr.function(tasks.record_call, system=no_agents)
+    assert fn.get_or_call(marker, 3, run_name="kept") == 6
+    assert fn.get_or_run(marker, 3, run_name="kept").result() == 6
+    with pytest.raises(rr.SystemUnavailableError, match="/nonexistent/python3"):
+        fn.get_or_call(marker, 4, run_name="other")  # a miss needs one
+    assert tasks.executions(marker) == 1

@@ -191,20 +191,9 @@ class Agent:
         runs = worker.HostRuns(request["root"])
         name = request["name"]
         runs.path(name)  # validates the name before any I/O
-        if request["mode"] == "get":
-            # A COMPLETED run whose fingerprint fits is a hit without the lock:
-            # config.json is replaced atomically and a COMPLETED record is never undone
-            # except by a re-execution, which answers the same.
-            config = runs.read_config(name)
-            if (
-                config
-                and config.get("status") == layout.COMPLETED
-                and not worker.fingerprint_differences(config, request)
-            ):
-                reply = {"name": name, "action": "hit", "root": runs.root, "config": config}
-                if request.get("want_outcome"):
-                    reply.update(self._outcome(runs, name, config))
-                return reply
+        hit = runs.cached_hit(request)
+        if hit is not None:
+            return hit
         started = None
         with runs.lock(name):
             decision = runs.claim(request)
@@ -226,7 +215,7 @@ class Agent:
         config = runs.read_config(name) if action == "start" else decision.get("config")
         reply["config"] = config
         if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
-            reply.update(self._outcome(runs, name, config))
+            reply.update(runs.outcome(name, config))
         return reply
 
     def _follow_until(self, runs: worker.HostRuns, name: str, done_fd: int) -> None:
@@ -256,18 +245,12 @@ class Agent:
                 return
             time.sleep(0.001)
 
-    @staticmethod
-    def _outcome(runs: worker.HostRuns, name: str, config: dict) -> dict:
-        if config.get("status") == layout.COMPLETED:
-            return {"result": runs.read_file(name, layout.RESULT)}
-        return {"error_pickle": runs.read_file(name, layout.ERROR)}
-
     def op_status(self, request: dict, req_id: int) -> dict:
         runs = worker.HostRuns(request["root"])
         config = runs.status(request["name"])
         reply: dict[str, Any] = {"config": config}
         if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
-            reply.update(self._outcome(runs, request["name"], config))
+            reply.update(runs.outcome(request["name"], config))
         return reply
 
     def op_cancel(self, request: dict, req_id: int) -> dict:

@@ -208,7 +208,33 @@ class HostRuns:
         self.write_config(name, config)
         return config
 
+    def outcome(self, name: str, config: dict) -> dict:
+        """A terminal run's ``result`` or ``error_pickle`` bytes, for a reply."""
+        if config.get("status") == layout.COMPLETED:
+            return {"result": self.read_file(name, layout.RESULT)}
+        return {"error_pickle": self.read_file(name, layout.ERROR)}
+
     # ------------------------------------------------------------------ claims
+
+    def cached_hit(self, request: dict) -> dict | None:
+        """The reply to a ``get`` submit that is a plain cache hit, without taking the lock;
+        None when the lock is needed to decide.
+
+        config.json is replaced atomically, and a COMPLETED record is only ever replaced
+        by a re-execution, which would answer the same.
+        """
+        if request["mode"] != "get":
+            return None
+        name = request["name"]
+        config = self.read_config(name)
+        if not config or config.get("status") != layout.COMPLETED:
+            return None
+        if fingerprint_differences(config, request):
+            return None
+        reply = {"name": name, "action": "hit", "root": self.root, "config": config}
+        if request.get("want_outcome"):
+            reply.update(self.outcome(name, config))
+        return reply
 
     def claim(self, request: dict) -> dict:
         """Decide what a submit request does; the caller holds ``lock(name)``.

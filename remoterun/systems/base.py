@@ -80,6 +80,11 @@ class System:
         """How many calls this system runs at once at full use (its cores)."""
         return os.cpu_count() or 1
 
+    def cached_hit(self, request: dict) -> dict | None:
+        """Answer a ``get`` submit that is a plain cache hit without a round trip, where
+        this system can read its run folders in-process; None to ask the system."""
+        return None
+
     def placement(self, run_name: str | None) -> System:
         """The system that executes and holds the run ``run_name`` (for None: an
         unrecorded call). A system of one host is its own placement."""

@@ -135,6 +135,12 @@ class LocalSystem(System):
     def _connection(self) -> ContextManager[AgentConnection]:
         return self._pool.connection()
 
+    def cached_hit(self, request: dict) -> dict | None:
+        # The folders are on this machine: the agent's own lock-free hit check, here.
+        from ..agent.worker import HostRuns
+
+        return HostRuns(request["root"]).cached_hit(request)
+
     def close(self) -> None:
         self._pool.close()
 
