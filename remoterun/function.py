@@ -179,16 +179,27 @@ class RemoteFunction:
             data = _dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
             op = {"op": "map", "fn_key": fn_key, "items": data}
             with system._connection() as conn:
-                reply = self._request_on(conn, op, fn_bytes, print_output)
                 host = conn.label
-            for offset, (ok, payload) in enumerate(reply["outcomes"]):
-                if ok:
-                    results[start + offset] = cloudpickle.loads(payload)
-                    continue
-                exc = exception_from_record(payload, host=host)
+                try:
+                    reply = self._request_on(conn, op, fn_bytes, print_output)
+                except AgentFailure as failure:  # the chunk as a whole could not run
+                    failed = failure.record
+                else:
+                    failed = None
+            if failed is not None:
+                exc = exception_from_record(failed, host=host)
                 if not return_exceptions:
                     raise exc
-                results[start + offset] = exc
+                results[start : start + len(chunk)] = [exc] * len(chunk)
+            else:
+                for offset, (ok, payload) in enumerate(reply["outcomes"]):
+                    if ok:
+                        results[start + offset] = cloudpickle.loads(payload)
+                        continue
+                    item_exc = exception_from_record(payload, host=host)
+                    if not return_exceptions:
+                        raise item_exc
+                    results[start + offset] = item_exc
             if bar is not None:
                 bar.update(len(chunk))
 
@@ -315,7 +326,10 @@ class RemoteFunction:
 
     def _run_handle(self, reply: dict) -> Run:
         system = reply["system"]
-        return Run(system.folder(reply["name"], reply.get("root")), system, reply.get("config"))
+        config = reply.get("config")
+        folder = system.folder(reply["name"], reply.get("root"))
+        # The handle is this attempt's: a later re-execution of the name does not change it.
+        return Run(folder, system, config, attempt=(config or {}).get("attempt"))
 
     def _outcome(self, reply: dict) -> Any:
         config = reply.get("config") or {}

@@ -62,10 +62,20 @@ class Run:
     ``rr.run(name=..., system=...)`` / ``rr.run(path=URL)``.
     """
 
-    def __init__(self, folder: RunFolder, system: System | None = None, config: dict | None = None):
+    def __init__(
+        self,
+        folder: RunFolder,
+        system: System | None = None,
+        config: dict | None = None,
+        *,
+        attempt: int | None = None,
+    ):
         self.folder = folder
         self.system = system
         self._config = config
+        # Set when the handle is one attempt's (a started or attached run); None follows
+        # whatever attempt of the name is current.
+        self._attempt = attempt
         self._outcome: dict | None = None  # result/error bytes from the last terminal poll
         self._context: _ContextRecorder | None = None
 
@@ -109,6 +119,16 @@ class Run:
         return self
 
     def _read_status(self, want_outcome: bool) -> dict:
+        reply = self._read_current(want_outcome)
+        config = reply.get("config") or {}
+        if self._attempt is not None and config and config.get("attempt") != self._attempt:
+            # The name was executed again: this handle's attempt is now archived.
+            self.folder = self.folder.attempt(self._attempt)
+            self._attempt = None
+            return self._read_current(want_outcome)
+        return reply
+
+    def _read_current(self, want_outcome: bool) -> dict:
         if posixpath.basename(self.folder.path) != self.name:  # attempts/<n>/: terminal
             return {"config": self.folder.read_config()}
         if self.system is not None and not self.system.executes:

@@ -118,3 +118,26 @@ def describe_current_run():
     if run is None:
         return None
     return run.name, run.status.value, run.inputs()
+
+
+def identity(value):
+    return value
+
+
+def forks_then_dies():
+    """Leaves a child holding the worker's inherited pipes, then dies without an outcome."""
+    if os.fork() == 0:
+        time.sleep(20)
+        os._exit(0)
+    os._exit(3)
+
+
+def _refuse_to_load():
+    raise RuntimeError("this argument cannot be loaded here")
+
+
+class LoadsBadly:
+    """Pickles fine, fails when unpickled on the executing side."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())

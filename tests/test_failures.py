@@ -239,3 +239,45 @@ def test_sixteen_processes_one_execution(system, marker):
     assert tasks.executions(marker) == 1
     config = json.loads(Path(system.root, "crowd", "config.json").read_text())
     assert config["attempt"] == 1
+
+
+def test_hits_during_re_executions_never_mix_attempts(system):
+    """A cache hit read while the same name is re-executed returns a consistent outcome."""
+    fn = rr.function(tasks.identity, system=system)
+    fn(1, run_name="churn")
+    stop = time.monotonic() + 2
+    seen: list[object] = []
+
+    def churn() -> None:
+        i = 0
+        while time.monotonic() < stop:
+            fn(i % 2 + 1, run_name="churn")  # archives the attempt, records another
+            i += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        while time.monotonic() < stop:
+            try:
+                seen.append(fn.get_or_call(1, run_name="churn"))
+            except rr.CacheMismatchError:
+                seen.append("mismatch")  # the recorded attempt was made from 2: right
+    finally:
+        thread.join()
+    assert seen and set(seen) <= {1, "mismatch"}
+
+
+def test_recorded_call_returns_when_the_worker_dies_leaving_a_child(system):
+    start = time.monotonic()
+    with pytest.raises(rr.WorkerLostError, match="exited with code 3"):
+        rr.function(tasks.forks_then_dies, system=system)(run_name="orphaned-child")
+    assert time.monotonic() - start < 5
+
+
+def test_map_reports_an_argument_the_host_cannot_load(system):
+    fn = rr.function(tasks.identity, system=system)
+    (result,) = fn.map([tasks.LoadsBadly()], return_exceptions=True)
+    assert isinstance(result, rr.RemoteError)
+    assert "could not be loaded on this host" in str(result)
+    with pytest.raises(rr.RemoteError, match="could not be loaded"):
+        fn.map([tasks.LoadsBadly()])

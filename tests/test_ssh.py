@@ -284,11 +284,11 @@ def test_map_uses_every_host(ssh_server, second_server, tmp_path):
 def test_named_runs_have_one_home_host(ssh_server, second_server, tmp_path):
     pool = _two_hosts(ssh_server, second_server, tmp_path)
     fn = rr.function(tasks.add, system=pool)
-    for i in range(6):
+    for i in range(24):
         fn(i, run_name=f"placed-{i}")
-    homes = {pool.get_run(f"placed-{i}").url.split("/home/")[1].split("/")[0] for i in range(6)}
+    homes = {pool.get_run(f"placed-{i}").url.split("/home/")[1].split("/")[0] for i in range(24)}
     assert homes == {"rrtest_a", "rrtest_b"}  # spread over both hosts, found on each
-    for i in range(6):
+    for i in range(24):
         assert fn.get_or_call(i, run_name=f"placed-{i}") == i + 2
     pool.close()
 

@@ -203,30 +203,34 @@ class Agent:
                 return {"name": name, "action": "need_payload", "root": runs.root}
             if action == "start":
                 record = runs.prepare(request, runs.next_attempt(name, decision["previous"]))
-                started = runs.start(request, record)
+                exited = threading.Event()
+                started = runs.start(request, record, on_exit=lambda pid, status: exited.set())
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
         if started is not None:
             self._after_reply.append(worker.prepare_spare)
             if request.get("wait"):
-                self._follow_until(runs, name, started.done_fd)
+                self._follow_until(runs, name, started.done_fd, exited)
             os.close(started.done_fd)
         if action in ("mismatch", "exists", "busy"):
             reply["differences"] = decision.get("differences", [])
         config = runs.read_config(name) if action == "start" else decision.get("config")
-        reply["config"] = config
-        if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
-            reply.update(runs.outcome(name, config))
+        if request.get("want_outcome"):
+            reply.update(runs.with_outcome(name, config))
+        else:
+            reply["config"] = config
         return reply
 
-    def _follow_until(self, runs: worker.HostRuns, name: str, done_fd: int) -> None:
+    def _follow_until(
+        self, runs: worker.HostRuns, name: str, done_fd: int, exited: threading.Event
+    ) -> None:
         """Forward the run's log files as output frames until its worker says its outcome
-        is written (or dies: the done pipe then reads EOF)."""
+        is written, or has exited (a child it forked may hold the done pipe open)."""
         kinds = {layout.STDOUT: protocol.STDOUT, layout.STDERR: protocol.STDERR}
         files = {f: open(runs.file(name, f), "rb") for f in kinds}  # noqa: SIM115
         try:
             delay = 0.0005
             while True:
-                finished = bool(select.select([done_fd], [], [], delay)[0])
+                finished = bool(select.select([done_fd], [], [], delay)[0]) or exited.is_set()
                 for filename, f in files.items():
                     data = f.read()
                     if data:
@@ -248,10 +252,9 @@ class Agent:
     def op_status(self, request: dict, req_id: int) -> dict:
         runs = worker.HostRuns(request["root"])
         config = runs.status(request["name"])
-        reply: dict[str, Any] = {"config": config}
-        if config and config.get("status") in layout.TERMINAL and request.get("want_outcome"):
-            reply.update(runs.outcome(request["name"], config))
-        return reply
+        if request.get("want_outcome"):
+            return runs.with_outcome(request["name"], config)
+        return {"config": config}
 
     def op_cancel(self, request: dict, req_id: int) -> dict:
         runs = worker.HostRuns(request["root"])

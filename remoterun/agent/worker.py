@@ -182,6 +182,11 @@ class HostRuns:
         """The run's config, after marking a RUNNING run whose worker is gone as FAILED."""
         self.path(name)
         config = self.read_config(name)
+        if config is None and os.path.isdir(self.path(name)):
+            # A folder without config.json is being archived for a re-execution, which
+            # holds the lock until the new attempt is recorded: read it then.
+            with self.lock(name):
+                config = self.read_config(name)
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
             # The agent that forked the worker, if it still lives, is recording how it
             # ended (the signal, the exit code): give it a moment to say so first.
@@ -214,6 +219,23 @@ class HostRuns:
             return {"result": self.read_file(name, layout.RESULT)}
         return {"error_pickle": self.read_file(name, layout.ERROR)}
 
+    def with_outcome(self, name: str, config: dict | None) -> dict:
+        """``{"config": config}`` plus, for a terminal run, its outcome, the two read as one
+        state: when the run was re-executed between the reads, both are read again under
+        the lock (a re-execution archives the old files and writes new ones under it)."""
+        reply: dict[str, Any] = {"config": config}
+        if not config or config.get("status") not in layout.TERMINAL:
+            return reply
+        reply.update(self.outcome(name, config))
+        if self.read_config(name) == config:
+            return reply
+        with self.lock(name):
+            config = self.read_config(name)
+            reply = {"config": config}
+            if config and config.get("status") in layout.TERMINAL:
+                reply.update(self.outcome(name, config))
+        return reply
+
     # ------------------------------------------------------------------ claims
 
     def cached_hit(self, request: dict) -> dict | None:
@@ -234,6 +256,8 @@ class HostRuns:
         reply = {"name": name, "action": "hit", "root": self.root, "config": config}
         if request.get("want_outcome"):
             reply.update(self.outcome(name, config))
+            if self.read_config(name) != config:
+                return None  # re-executed while we read: let the locked path decide
         return reply
 
     def claim(self, request: dict) -> dict:
