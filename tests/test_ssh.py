@@ -10,6 +10,7 @@ import os
 import pwd
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -301,3 +302,37 @@ def test_a_dead_host_does_not_stop_the_others(ssh_server, second_server, tmp_pat
     results = rr.function(whoami, system=pool).map(range(8))
     assert set(results) == {"rrtest_a"}
     pool.close()
+
+
+@pytest.fixture(scope="module")
+def default_sshd(ssh_server):
+    """An sshd with Debian's defaults, MaxSessions 10 included."""
+    from servers import SshServer
+
+    server = SshServer("rrtest_c").start()
+    yield server
+    server.stop()
+
+
+def test_many_threads_fit_in_the_default_max_sessions(default_sshd):
+    cluster = make_cluster(default_sshd)
+    fn = rr.function(tasks.sleep_then_whoami, system=cluster)
+    fn(run_name="shared-log")
+    results, errors = [], []
+
+    def call() -> None:
+        try:
+            results.append(fn())
+            results.append(cluster.get_run("shared-log").stdout())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert results.count("rrtest_c") == 16
+    assert len(cluster.hosts[0]._pool._idle) <= 9
+    cluster.close()

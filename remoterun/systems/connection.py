@@ -114,39 +114,74 @@ class AgentConnection:
 
 
 class ConnectionPool:
-    """Idle agent connections to one host, opened on demand by ``opener``."""
+    """Agent connections to one host, opened on demand by ``opener``, at most ``max_open``
+    at once (an SSH server limits the sessions of one connection: callers past the limit
+    wait for a connection to come free), of which up to ``max_idle`` are kept for reuse."""
 
-    def __init__(self, opener: Callable[[], AgentConnection], max_idle: int = 8):
+    def __init__(
+        self,
+        opener: Callable[[], AgentConnection],
+        max_idle: int = 8,
+        max_open: int | None = None,
+    ):
         self._opener = opener
         self._idle: list[AgentConnection] = []
-        self._lock = threading.Lock()
+        self._free = threading.Condition()
         self._max_idle = max_idle
+        self._max_open = max_open
+        self._open = 0
         self.busy = 0
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[AgentConnection]:
-        with self._lock:
-            conn = None
-            while self._idle and conn is None:
-                conn = self._idle.pop()
-                if not conn.usable():  # its agent died while idle: start a new one
-                    conn = None
-            self.busy += 1
+        conn = self._take()
         try:
             if conn is None:
-                conn = self._opener()
+                try:
+                    conn = self._opener()
+                except BaseException:
+                    self._give_back(None)
+                    raise
             yield conn
         finally:
-            with self._lock:
-                self.busy -= 1
-                if conn is not None and not conn.broken and len(self._idle) < self._max_idle:
-                    self._idle.append(conn)
-                    conn = None
-            if conn is not None and not conn.broken:
-                conn.close()
+            self._give_back(conn)
+
+    def _take(self) -> AgentConnection | None:
+        """An idle usable connection, or None when the caller may open a new one."""
+        with self._free:
+            while True:
+                while self._idle:
+                    conn = self._idle.pop()
+                    if conn.usable():
+                        self.busy += 1
+                        return conn
+                    self._open -= 1  # its agent died while idle
+                if self._max_open is None or self._open < self._max_open:
+                    self._open += 1
+                    self.busy += 1
+                    return None
+                self._free.wait()
+
+    def _give_back(self, conn: AgentConnection | None) -> None:
+        with self._free:
+            self.busy -= 1
+            if conn is not None and not conn.broken and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                conn = None
+            else:
+                self._open -= 1
+            self._free.notify()
+        if conn is not None and not conn.broken:
+            conn.close()
+
+    @property
+    def capacity(self) -> int | None:
+        return self._max_open
 
     def close(self) -> None:
-        with self._lock:
+        with self._free:
             idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._free.notify_all()
         for conn in idle:
             conn.close()

@@ -160,33 +160,51 @@ class _AeadFirstTransport(paramiko.Transport):
 class _SharedSFTPFileSystem(SFTPFileSystem):
     """fsspec's SFTP filesystem over a connection that is already open.
 
-    paramiko's SFTPClient is not safe for requests from several threads at once (one
-    thread can take another's response and leave it waiting forever), so each thread
-    gets an SFTP channel of its own on the shared connection.
+    One SFTP channel, used by one thread at a time: paramiko's SFTPClient is not safe
+    for requests from several threads at once (one thread can take another's response
+    and leave it waiting forever), and a channel per thread would spend the server's
+    sessions per connection (MaxSessions, 10 by default) that agents need.
     """
 
     def __init__(self, client: paramiko.SSHClient, label: str):
         self._shared_client = client
         self._label = label
-        self._per_thread = threading.local()
+        self._one_at_a_time = threading.RLock()
         super().__init__(label, skip_instance_cache=True)
 
     def _connect(self) -> None:
         self.client = self._shared_client
-
-    @property  # type: ignore[override]
-    def ftp(self) -> paramiko.SFTPClient:
-        ftp = getattr(self._per_thread, "ftp", None)
-        if ftp is None:
-            ftp = self._per_thread.ftp = self.client.open_sftp()
-        return ftp
-
-    @ftp.setter
-    def ftp(self, value: paramiko.SFTPClient) -> None:
-        self._per_thread.ftp = value
+        self.ftp = self.client.open_sftp()
 
     def unstrip_protocol(self, name: str) -> str:
         return f"ssh://{self._label}{name if name.startswith('/') else '/' + name}"
+
+
+def _one_at_a_time(method_name: str) -> Any:
+    method = getattr(SFTPFileSystem, method_name)
+
+    @functools.wraps(method)
+    def locked(self: _SharedSFTPFileSystem, *args: Any, **kwargs: Any) -> Any:
+        with self._one_at_a_time:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+# What RunFolder and Run use; each runs whole under the lock (cat_file reads the file).
+for _name in (
+    "cat_file",
+    "pipe_file",
+    "ls",
+    "info",
+    "mv",
+    "rm_file",
+    "makedirs",
+    "mkdir",
+    "exists",
+    "size",
+):
+    setattr(_SharedSFTPFileSystem, _name, _one_at_a_time(_name))
 
 
 # --------------------------------------------------------------------------- one host
@@ -213,7 +231,10 @@ class SSHHost(System):
         connect_timeout: float,
         root: str,
         ssh_config: str | None,
+        max_sessions: int = 10,
     ):
+        if max_sessions < 2:
+            raise ValueError("max_sessions must be at least 2 (one SFTP, one agent)")
         config = _ssh_config(alias, ssh_config)
         self.alias = alias
         self.hostname = config.get("hostname", alias)
@@ -237,7 +258,11 @@ class SSHHost(System):
         self._python_abs: str | None = None
         self.facts: dict = {}
         self.down_until = 0.0
-        self._pool = ConnectionPool(self._open_agent, max_idle=64)
+        # One session of the connection is SFTP's; the rest may be agents.
+        self.max_sessions = max_sessions
+        self._pool = ConnectionPool(
+            self._open_agent, max_idle=max_sessions - 1, max_open=max_sessions - 1
+        )
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
@@ -256,7 +281,7 @@ class SSHHost(System):
     def parallelism(self) -> int:
         if not self.facts:
             self._request({"op": "ping"})
-        return self.cpus
+        return min(self.cpus, self.max_sessions - 1)
 
     # ------------------------------------------------------------------ connecting
 
@@ -596,6 +621,7 @@ class SSHCluster(System):
         connect_timeout: float = 10.0,
         root: str = DEFAULT_ROOT,
         ssh_config: str | None = None,
+        max_sessions: int = 10,
     ):
         """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
         or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
@@ -610,6 +636,8 @@ class SSHCluster(System):
             trust_new_hosts: record unknown host keys instead of refusing them (never changed
                 ones).
             root: where run folders live on each host.
+            max_sessions: channels opened at once on each host's connection (sshd's
+                MaxSessions, 10 by default); calls past it wait for a free one.
         """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")
@@ -617,35 +645,22 @@ class SSHCluster(System):
         if not aliases:
             raise ValueError("a cluster needs at least one host")
         self.name = name
-        self._options = dict(
-            host=host,
-            hosts=list(hosts) if hosts else None,
-            user=user,
-            key=key,
-            port=port,
-            python=python,
-            setup=list(setup),
-            env=dict(env or {}),
-            known_hosts=known_hosts,
-            trust_new_hosts=trust_new_hosts,
-            connect_timeout=connect_timeout,
-            root=root,
-            ssh_config=ssh_config,
-        )
         self.setup = list(setup)
         common = dict(
             user=user,
             key=key,
             port=port,
             python=python,
-            env=env or {},
+            env=dict(env or {}),
             setup=self.setup,
             known_hosts=known_hosts,
             trust_new_hosts=trust_new_hosts,
             connect_timeout=connect_timeout,
             root=root,
             ssh_config=ssh_config,
+            max_sessions=max_sessions,
         )
+        self._options = dict(common, host=host, hosts=list(hosts) if hosts else None)
         self.hosts = [SSHHost(name, **_host_options(entry, common)) for entry in aliases]
 
     def __reduce__(self) -> tuple:
