@@ -87,6 +87,13 @@ def spawn_sleeper(pidfile):
     time.sleep(60)
 
 
+def note_pid_then_sleep(pidfile, seconds=60):
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
 def write_to_fds():
     os.write(1, b"raw write to fd 1\n")
     subprocess.run(["echo", "from a child process"], check=True)

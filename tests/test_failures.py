@@ -188,6 +188,49 @@ def test_async_run_survives_its_client_being_killed(system, scratch):
     assert run.result(timeout=30) == "finished"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_ctrl_c_during_a_call_stops_the_function(system, scratch):
+    pidfile = scratch / "pid"
+    script = (
+        "import time, remoterun as rr, remote_tasks as t\n"
+        + system_code(system)
+        + "try:\n"
+        f"    rr.function(t.note_pid_then_sleep, system=s)({str(pidfile)!r})\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "time.sleep(60)\n"  # the client lives on: only the interrupted call must end
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        env=client_env(),
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline, "the function never started"
+            time.sleep(0.02)
+        pid = int(pidfile.read_text())
+        client.send_signal(signal.SIGINT)
+        assert client.stdout.readline().strip() == "interrupted"
+        deadline = time.monotonic() + 5
+        while _alive(pid):
+            assert time.monotonic() < deadline, "the interrupted call still runs"
+            time.sleep(0.02)
+    finally:
+        os.killpg(client.pid, signal.SIGKILL)
+        client.wait()
+
+
 def test_worker_lost_is_found_without_the_agent_that_started_it(system, scratch):
     script = (
         "import remoterun as rr, remote_tasks as t\n"
