@@ -424,10 +424,39 @@ class _ContextRecorder:
         self._streams: tuple[TextIO, TextIO] | None = None
 
     def start(self) -> None:
+        folder = self.run.folder
+        if _is_local(folder.fs):
+            # The same lock and liveness check recorded runs take on this machine, so a
+            # block whose process died can be re-run and a live one is never moved aside.
+            from .agent.worker import BOOT_ID, HostRuns, process_start_time
+
+            runs = HostRuns(self.run.root)
+            runs.status(folder.name)  # marks a block whose process died as lost
+            with runs.lock(folder.name):
+                previous = runs.read_config(folder.name)
+                self._refuse_if_running(previous)
+                self._begin(previous)
+                self.config.update(boot_id=BOOT_ID, proc_start=process_start_time(os.getpid()))
+                self._record()
+        else:
+            previous = folder.read_config()
+            self._refuse_if_running(previous)
+            self._begin(previous)
+            self._record()
+
+    def _refuse_if_running(self, previous: dict | None) -> None:
+        if previous is not None and previous.get("status") == layout.RUNNING:
+            where = f"pid {previous.get('pid')} on {previous.get('host')}"
+            raise RunNotFinishedError(
+                f"run {self.run.name!r} at {self.run.url} is still RUNNING ({where}); "
+                "wait for it to finish, cancel it, or record this block under another name"
+            )
+
+    def _begin(self, previous: dict | None) -> None:
+        """Move an earlier attempt aside and make this block's config."""
         from . import __version__
 
         folder = self.run.folder
-        previous = folder.read_config()
         attempt = 1
         folder.makedirs()
         if previous is not None:
@@ -455,12 +484,16 @@ class _ContextRecorder:
             "metrics": {},
         }
         self.config = config
+
+    def _record(self) -> None:
+        """Write the RUNNING config and start teeing the block's output into the folder."""
+        folder = self.run.folder
         fs = folder.fs
         if _is_local(fs):
             self._sinks = [fs.open(folder.file(f), "wb") for f in (layout.STDOUT, layout.STDERR)]
         else:  # object stores cannot append: keep the logs and write them at the end
             self._sinks = [io.BytesIO(), io.BytesIO()]
-        folder.write_config(config)
+        folder.write_config(self.config)
         self._streams = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, self._sinks[0])  # type: ignore[assignment]
         sys.stderr = _Tee(sys.stderr, self._sinks[1])  # type: ignore[assignment]

@@ -199,9 +199,7 @@ def _alive(pid: int) -> bool:
 def test_ctrl_c_during_a_call_stops_the_function(system, scratch):
     pidfile = scratch / "pid"
     script = (
-        "import time, remoterun as rr, remote_tasks as t\n"
-        + system_code(system)
-        + "try:\n"
+        "import time, remoterun as rr, remote_tasks as t\n" + system_code(system) + "try:\n"
         f"    rr.function(t.note_pid_then_sleep, system=s)({str(pidfile)!r})\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', flush=True)\n"

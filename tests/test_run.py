@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 
@@ -92,6 +93,33 @@ def test_context_manager_records_an_exception_and_restores_streams(tmp_path):
     assert again.status is rr.RunStatus.COMPLETED
     assert again.config["attempt"] == 2
     assert [a.status for a in again.attempts()] == [rr.RunStatus.FAILED]
+
+
+def test_context_manager_never_moves_a_live_block_aside(tmp_path):
+    path = tmp_path / "live"
+    script = (
+        "import sys, time, remoterun as rr\n"
+        f"with rr.run(path={str(path)!r}):\n"
+        "    print('inside', file=sys.__stdout__, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "inside"
+        with pytest.raises(rr.RunNotFinishedError, match="still RUNNING"), rr.run(path=str(path)):
+            pass  # never reached
+        assert rr.run(path=str(path)).status is rr.RunStatus.RUNNING
+        assert not (path / "attempts").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # Its process is gone: the block is lost, and a new one may take the name.
+    with rr.run(path=str(path)) as run:
+        pass
+    assert run.status is rr.RunStatus.COMPLETED
+    [lost] = run.attempts()
+    assert lost.status is rr.RunStatus.FAILED
+    assert "worker lost" in lost.config["error"]
 
 
 def test_context_manager_on_memory_filesystem():
