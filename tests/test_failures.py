@@ -188,14 +188,6 @@ def test_async_run_survives_its_client_being_killed(system, scratch):
     assert run.result(timeout=30) == "finished"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_ctrl_c_during_a_call_stops_the_function(system, scratch):
     pidfile = scratch / "pid"
     script = (

@@ -372,6 +372,9 @@ class HostRuns:
         try:
             self.write_config(name, config)
             worker.hand_over(request)
+        except BaseException:
+            worker.discard()  # it exits on EOF; the watcher reaps it and marks it lost
+            raise
         finally:
             self._watch(name, worker.pid, on_exit)
         return worker
@@ -415,6 +418,11 @@ class HostRuns:
 
 
 def _kill_group(pgid: int, pid: int, grace: float) -> None:
+    """SIGTERM the run's process group, SIGKILL what is left after ``grace`` seconds.
+
+    The worker leads its own session and a session leader cannot change its group, so
+    the group is gone only once the worker and everything it started are.
+    """
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
@@ -501,15 +509,23 @@ class SpareWorker:
         try:
             protocol.FrameWriter(write).send(protocol.REQUEST, 0, protocol.dumps(request))
         finally:
-            os.close(self._req_w)
+            self._req_w = _close(self._req_w)
 
     def discard(self) -> None:
-        """Let an unused spare go (it exits on EOF)."""
-        for fd in (self._req_w, self.done_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        """Let a spare go that will not run anything (it exits on EOF)."""
+        self._req_w = _close(self._req_w)
+        self.done_fd = _close(self.done_fd)
+
+
+def _close(fd: int) -> int:
+    """Close ``fd`` unless it is -1 (closed already); return -1 to store in its place,
+    so that no fd is closed twice (a second close could hit an fd reused meanwhile)."""
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return -1
 
 
 _spare: SpareWorker | None = None
