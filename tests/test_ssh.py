@@ -14,8 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 import remote_tasks as tasks
+import servers
 from conftest import make_cluster
 
 import remoterun as rr
@@ -139,6 +141,90 @@ def test_ssh_config_alias(ssh_server, tmp_path):
         python=ssh_server.remote_python(),
     )
     assert rr.function(whoami, system=cluster)() == "rrtest_a"
+    cluster.close()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("box", (None, "box", None)),
+        ("me@box:2222", ("me", "box", 2222)),
+        ("ssh://me@box:2222", ("me", "box", 2222)),
+        ("me@[::1]:2200", ("me", "::1", 2200)),
+        ("::1", (None, "::1", None)),
+        ("a@b@box", ("a@b", "box", None)),
+    ],
+)
+def test_ssh_destinations_are_read_as_ssh_reads_them(text, expected):
+    from remoterun.systems.ssh import parse_destination
+
+    assert parse_destination(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "me@", "box:port", "[::1]x"])
+def test_malformed_destinations_are_refused(text):
+    from remoterun.systems.ssh import parse_destination
+
+    with pytest.raises(ValueError, match="SSH destination"):
+        parse_destination(text)
+
+
+def _jump_config(tmp_path, jump_server, inner_server, proxy_jump: str) -> str:
+    config = tmp_path / "ssh_config"
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        Path(jump_server.known_hosts_path).read_text()
+        + Path(inner_server.known_hosts_path).read_text()
+    )
+    config.write_text(
+        jump_server.ssh_config("jumpbox").replace(jump_server.known_hosts_path, str(known))
+        + inner_server.ssh_config("inner").replace(inner_server.known_hosts_path, str(known))
+        + f"    ProxyJump {proxy_jump}\n"
+    )
+    return str(config)
+
+
+@pytest.mark.parametrize("proxy_jump", ["jumpbox", "jumpbox,jumpbox"])
+def test_proxy_jump_from_ssh_config(ssh_server, second_server, tmp_path, proxy_jump):
+    config = _jump_config(tmp_path, ssh_server, second_server, proxy_jump)
+    cluster = rr.cluster("inner", ssh_config=config, python=second_server.remote_python())
+    assert rr.function(whoami, system=cluster)() == "rrtest_b"
+    host = cluster.hosts[0]
+    # The host's connection runs inside a channel of the (last) jump host's connection.
+    assert len(host._jump_clients) == proxy_jump.count(",") + 1
+    jump_transport = host._jump_clients[-1].get_transport()
+    assert isinstance(host.client().get_transport().sock, paramiko.Channel)
+    assert host.client().get_transport().sock.get_transport() is jump_transport
+    run = rr.function(whoami, system=cluster).run(run_name="through-the-jump")
+    assert run.result(timeout=30) == "rrtest_b"
+    cluster.close()
+    assert not jump_transport.is_active()  # closing the cluster closes its jump hosts
+
+
+def test_proxy_jump_argument_with_user_and_port(ssh_server, second_server, tmp_path):
+    config = _jump_config(tmp_path, ssh_server, second_server, "none")
+    cluster = rr.cluster(
+        "inner",
+        ssh_config=config,
+        python=second_server.remote_python(),
+        proxy_jump=f"rrtest_a@jumpbox:{ssh_server.port}",
+    )
+    assert rr.function(whoami, system=cluster)() == "rrtest_b"
+    assert cluster.hosts[0]._jump_clients[0].get_transport().get_username() == "rrtest_a"
+    cluster.close()
+
+
+def test_unreachable_jump_host_is_named(ssh_server, second_server, tmp_path):
+    config = _jump_config(tmp_path, ssh_server, second_server, "none")
+    cluster = rr.cluster(
+        "inner",
+        ssh_config=config,
+        python=second_server.remote_python(),
+        proxy_jump=f"rrtest_a@127.0.0.1:{servers.free_port()}",
+        connect_timeout=2,
+    )
+    with pytest.raises(rr.SystemUnavailableError, match="cannot reach rrtest_a@127.0.0.1"):
+        rr.function(whoami, system=cluster)()
     cluster.close()
 
 

@@ -210,6 +210,13 @@ for _name in (
 # --------------------------------------------------------------------------- one host
 
 
+def _endpoint_field(name: str) -> Any:
+    return property(
+        lambda self: getattr(self.endpoint, name),
+        lambda self, value: setattr(self.endpoint, name, value),
+    )
+
+
 class SSHHost(System):
     """One host of a cluster: its connection, its agents and its run folders."""
 
@@ -232,22 +239,29 @@ class SSHHost(System):
         root: str,
         ssh_config: str | None,
         max_sessions: int = 10,
+        proxy_jump: str | None = None,
     ):
         if max_sessions < 2:
             raise ValueError("max_sessions must be at least 2 (one SFTP, one agent)")
-        config = _ssh_config(alias, ssh_config)
         self.alias = alias
-        self.hostname = config.get("hostname", alias)
-        self.user = user or config.get("user") or _local_user()
-        self.port = int(port or config.get("port") or 22)
-        identity = config.get("identityfile") or []
-        self.key = os.path.expanduser(key) if key else None
-        self._config_keys = [os.path.expanduser(k) for k in identity] if not key else []
-        self.proxy_jump = config.get("proxyjump")
+        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
+        self.endpoint = _endpoint(alias, user, port, key, ssh_config, self.known_hosts)
+        jump = proxy_jump if proxy_jump is not None else self.endpoint.proxy_jump
+        # Each hop is resolved like a host (its ~/.ssh/config entry, its keys), now, so a
+        # malformed ProxyJump fails when the cluster is made, not at its first call.
+        # A hop without an IdentityFile of its own is offered the host's key too.
+        self.jumps = [
+            _endpoint(hop, hop_user, hop_port, None, ssh_config, self.known_hosts)
+            for hop_user, hop, hop_port in _jump_hops(jump)
+        ]
+        for hop in self.jumps:
+            if not hop.config_keys:
+                hop.config_keys = [self.endpoint.key] if self.endpoint.key else []
+                hop.look_for_keys = True
+        self._jump_clients: list[paramiko.SSHClient] = []
         self.python = python
         self.env = dict(env)
         self.setup = list(setup)
-        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
         self.trust_new_hosts = trust_new_hosts
         self.connect_timeout = connect_timeout
         self._root_spec = root
@@ -266,6 +280,12 @@ class SSHHost(System):
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
+
+    # Where the host is and as whom: its endpoint holds them, with how to authenticate.
+    hostname = _endpoint_field("hostname")
+    user = _endpoint_field("user")
+    port = _endpoint_field("port")
+    key = _endpoint_field("key")
 
     def host_label(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
@@ -307,54 +327,21 @@ class SSHHost(System):
         return client
 
     def _connect(self) -> paramiko.SSHClient:
-        client = paramiko.SSHClient()
-        client.load_system_host_keys()
-        save_to = self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
-        if self.known_hosts and os.path.exists(self.known_hosts):
-            client.load_host_keys(self.known_hosts)
-        client.set_missing_host_key_policy(
-            _HostKeyPolicy(self.trust_new_hosts, save_to, self.hostname, self.port)
-        )
-        where = f"{self.user}@{self.hostname}:{self.port}"
+        self._close_jumps()
         try:
-            client.connect(
-                self.hostname,
-                port=self.port,
-                username=self.user,
-                key_filename=self.key or (self._config_keys or None),
-                look_for_keys=self.key is None and not self._config_keys,
-                allow_agent=True,
-                timeout=self.connect_timeout,
-                banner_timeout=self.connect_timeout,
-                auth_timeout=self.connect_timeout,
-                sock=self._proxy_sock(),
-                transport_factory=_AeadFirstTransport,
-            )
-        except HostKeyError:
+            sock = None
+            via = ""
+            # Each hop is reached through the one before it, the host through the last.
+            for hop, after in zip(self.jumps, self.jumps[1:] + [self.endpoint]):
+                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+                self._jump_clients.append(jump)
+                sock = _tunnel(jump, after, hop)
+                via = f" (via jump host {hop.label})"
+            client = self.endpoint.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+        except (HostKeyError, SystemUnavailableError):
+            self._close_jumps()
             self.down_until = time.monotonic() + _DOWN_FOR
             raise
-        except paramiko.BadHostKeyException as exc:
-            self.down_until = time.monotonic() + _DOWN_FOR
-            raise HostKeyError(
-                f"the host key of {self.hostname}:{self.port} has CHANGED: it offers "
-                f"{_fingerprint(exc.key)}, known_hosts has {_fingerprint(exc.expected_key)}. "
-                "This may be an attack; if the host was really reinstalled, remove the old key "
-                f"with: ssh-keygen -R '[{self.hostname}]:{self.port}'"
-            ) from None
-        except paramiko.AuthenticationException as exc:
-            self.down_until = time.monotonic() + _DOWN_FOR
-            raise SystemUnavailableError(
-                f"authentication as {self.user!r} on {self.hostname}:{self.port} failed ({exc}); "
-                "check user= and key= (or the IdentityFile in ~/.ssh/config)"
-            ) from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            self.down_until = time.monotonic() + _DOWN_FOR
-            raise SystemUnavailableError(f"cannot reach {where}: {exc}") from None
-        transport = client.get_transport()
-        assert transport is not None
-        # Frames are small and latency-bound: never wait for Nagle's algorithm.
-        transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_keepalive(30)
         self.down_until = 0.0
         self._upload_package(client)
         self._run_setup(client)
@@ -382,40 +369,10 @@ class SSHHost(System):
                 f"output in ~/{marker}.log there):\n{err.strip()}"
             )
 
-    def _proxy_sock(self) -> Any:
-        if not self.proxy_jump:
-            return None
-        jump = SSHHost(
-            self.name,
-            alias=self.proxy_jump,
-            user=None,
-            key=None,
-            port=None,
-            python=self.python,
-            env={},
-            setup=(),
-            known_hosts=self.known_hosts,
-            trust_new_hosts=self.trust_new_hosts,
-            connect_timeout=self.connect_timeout,
-            root=self._root_spec,
-            ssh_config=None,
-        )
-        client = paramiko.SSHClient()
-        client.load_system_host_keys()
-        client.set_missing_host_key_policy(
-            _HostKeyPolicy(
-                self.trust_new_hosts,
-                os.path.expanduser("~/.ssh/known_hosts"),
-                jump.hostname,
-                jump.port,
-            )
-        )
-        client.connect(
-            jump.hostname, port=jump.port, username=jump.user, timeout=self.connect_timeout
-        )
-        transport = client.get_transport()
-        assert transport is not None
-        return transport.open_channel("direct-tcpip", (self.hostname, self.port), ("", 0))
+    def _close_jumps(self) -> None:
+        jumps, self._jump_clients = self._jump_clients, []
+        for jump in reversed(jumps):
+            jump.close()
 
     def _upload_package(self, client: paramiko.SSHClient) -> None:
         version, archive = package_archive()
@@ -553,6 +510,7 @@ class SSHHost(System):
             client, self._client, self._fs = self._client, None, None
         if client is not None:
             client.close()
+        self._close_jumps()
 
 
 def _exec(client: paramiko.SSHClient, command: str, timeout: float | None) -> tuple[int, str, str]:
@@ -590,6 +548,147 @@ def _local_user() -> str:
     return getpass.getuser()
 
 
+def parse_destination(text: str) -> tuple[str | None, str, int | None]:
+    """``(user, host, port)`` of ``[user@]host[:port]``, ``[user@][v6addr]:port`` or
+    ``ssh://[user@]host[:port]``, as ssh and its ProxyJump option take them."""
+    rest = text.strip()
+    if rest.startswith("ssh://"):
+        rest = rest[len("ssh://") :].rstrip("/")
+    user, _, rest = rest.rpartition("@")
+    port: str | None = None
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise ValueError(f"cannot read the SSH destination {text!r}")
+            port = tail[1:]
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host = rest
+    if not host or (port is not None and not port.isdigit()):
+        raise ValueError(f"cannot read the SSH destination {text!r}: expected [user@]host[:port]")
+    return user or None, host, int(port) if port else None
+
+
+def _jump_hops(spec: str | None) -> list[tuple[str | None, str, int | None]]:
+    """The hops of a ProxyJump value: comma-separated destinations, first hop first."""
+    if not spec or spec.strip().lower() == "none":
+        return []
+    return [parse_destination(hop) for hop in spec.split(",")]
+
+
+class _Endpoint:
+    """Where and as whom to connect: a host or a jump host, resolved with ~/.ssh/config
+    (HostName, User, Port, IdentityFile, UserKnownHostsFile, ProxyJump)."""
+
+    def __init__(
+        self,
+        alias: str,
+        user: str | None,
+        port: int | None,
+        key: str | None,
+        config: dict,
+        known_hosts: str | None,
+    ):
+        self.hostname = config.get("hostname", alias)
+        self.user = user or config.get("user") or _local_user()
+        self.port = int(port or config.get("port") or 22)
+        self.key = os.path.expanduser(key) if key else None
+        identity = config.get("identityfile") or []
+        self.config_keys = [os.path.expanduser(k) for k in identity] if not key else []
+        self.look_for_keys = self.key is None and not self.config_keys
+        self.proxy_jump: str | None = config.get("proxyjump")
+        files = [known_hosts] if known_hosts else []
+        files += [os.path.expanduser(f) for f in str(config.get("userknownhostsfile", "")).split()]
+        self.known_hosts = [f for f in files if f != "/dev/null"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    def connect(
+        self, trust_new: bool, timeout: float, sock: Any = None, via: str = ""
+    ) -> paramiko.SSHClient:
+        """An authenticated connection, the host key checked; errors say how to fix them."""
+        client = paramiko.SSHClient()
+        client.load_system_host_keys()
+        for path in self.known_hosts:
+            if os.path.exists(path):
+                client.load_host_keys(path)
+        save_to = (self.known_hosts or [os.path.expanduser("~/.ssh/known_hosts")])[0]
+        client.set_missing_host_key_policy(
+            _HostKeyPolicy(trust_new, save_to, self.hostname, self.port)
+        )
+        try:
+            client.connect(
+                self.hostname,
+                port=self.port,
+                username=self.user,
+                key_filename=self.key or (self.config_keys or None),
+                look_for_keys=self.look_for_keys,
+                allow_agent=True,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                sock=sock,
+                transport_factory=_AeadFirstTransport,
+            )
+        except HostKeyError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"the host key of {self.hostname}:{self.port}{via} has CHANGED: it offers "
+                f"{_fingerprint(exc.key)}, known_hosts has {_fingerprint(exc.expected_key)}. "
+                "This may be an attack; if the host was really reinstalled, remove the old key "
+                f"with: ssh-keygen -R '[{self.hostname}]:{self.port}'"
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise SystemUnavailableError(
+                f"authentication as {self.user!r} on {self.hostname}:{self.port}{via} failed "
+                f"({exc}); check user= and key= (or the IdentityFile in ~/.ssh/config)"
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            client.close()
+            raise SystemUnavailableError(f"cannot reach {self.label}{via}: {exc}") from None
+        transport = client.get_transport()
+        assert transport is not None
+        if isinstance(transport.sock, socket.socket):  # not a jump host's channel
+            # Frames are small and latency-bound: never wait for Nagle's algorithm.
+            transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_keepalive(30)
+        return client
+
+
+def _endpoint(
+    alias: str,
+    user: str | None,
+    port: int | None,
+    key: str | None,
+    ssh_config: str | None,
+    known_hosts: str | None,
+) -> _Endpoint:
+    return _Endpoint(alias, user, port, key, _ssh_config(alias, ssh_config), known_hosts)
+
+
+def _tunnel(jump: paramiko.SSHClient, target: _Endpoint, hop: _Endpoint) -> paramiko.Channel:
+    """A direct-tcpip channel from the jump host ``hop`` to ``target`` (the next hop or
+    the host itself); like ``ssh -J``, it opens no port anywhere."""
+    transport = jump.get_transport()
+    assert transport is not None
+    try:
+        return transport.open_channel("direct-tcpip", (target.hostname, target.port), ("", 0))
+    except (paramiko.SSHException, OSError) as exc:
+        jump.close()
+        raise SystemUnavailableError(
+            f"the jump host {hop.label} cannot forward to {target.hostname}:{target.port} "
+            f"({exc}); it needs AllowTcpForwarding in its sshd_config"
+        ) from None
+
+
 # --------------------------------------------------------------------------- clusters
 
 
@@ -622,6 +721,7 @@ class SSHCluster(System):
         root: str = DEFAULT_ROOT,
         ssh_config: str | None = None,
         max_sessions: int = 10,
+        proxy_jump: str | None = None,
     ):
         """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
         or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
@@ -638,6 +738,11 @@ class SSHCluster(System):
             root: where run folders live on each host.
             max_sessions: channels opened at once on each host's connection (sshd's
                 MaxSessions, 10 by default); calls past it wait for a free one.
+            proxy_jump: reach the hosts through jump hosts, as ssh's ``-J``:
+                ``"[user@]jump[:port]"``, several comma-separated, first hop first;
+                ``"none"`` ignores a ProxyJump from ~/.ssh/config. Each hop's own
+                ~/.ssh/config entry and known_hosts apply.
+            ssh_config: the ssh_config file to read instead of ~/.ssh/config.
         """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")
@@ -659,6 +764,7 @@ class SSHCluster(System):
             root=root,
             ssh_config=ssh_config,
             max_sessions=max_sessions,
+            proxy_jump=proxy_jump,
         )
         self._options = dict(common, host=host, hosts=list(hosts) if hosts else None)
         self.hosts = [SSHHost(name, **_host_options(entry, common)) for entry in aliases]
@@ -776,12 +882,11 @@ def _host_options(entry: str | dict, common: dict) -> dict:
             raise ValueError(f"unknown host options {sorted(unknown)} for {alias!r}")
         options.update(entry)
     else:
-        alias = entry
-        if "@" in alias:
-            options["user"], alias = alias.rsplit("@", 1)
-        if alias.count(":") == 1:
-            alias, port = alias.split(":")
-            options["port"] = int(port)
+        user, alias, port = parse_destination(entry)
+        if user:
+            options["user"] = user
+        if port:
+            options["port"] = port
     options["alias"] = alias
     return options
 
