@@ -94,6 +94,22 @@ def note_pid_then_sleep(pidfile, seconds=60):
     return seconds
 
 
+def pollute(folder):
+    """Leave state behind in the process that runs this call."""
+    os.environ["REMOTERUN_TEST_LEAK"] = "leaked"
+    os.chdir(folder)
+    sys.modules["remoterun_test_leak"] = sys  # as an import would
+    return os.getpid()
+
+
+def observe():
+    return (
+        os.environ.get("REMOTERUN_TEST_LEAK"),
+        os.getcwd(),
+        "remoterun_test_leak" in sys.modules,
+    )
+
+
 def write_to_fds():
     os.write(1, b"raw write to fd 1\n")
     subprocess.run(["echo", "from a child process"], check=True)

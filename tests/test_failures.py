@@ -221,6 +221,19 @@ def test_ctrl_c_during_a_call_stops_the_function(system, scratch):
         client.wait()
 
 
+def test_recorded_runs_inherit_nothing_from_synchronous_calls(system, scratch):
+    clean = rr.function(tasks.observe, system=system).run(run_name="before").result(timeout=30)
+    agent_pid = rr.function(tasks.pollute, system=system)(str(scratch))
+    # The synchronous call did change the agent's process...
+    assert rr.function(tasks.observe, system=system)() == ("leaked", str(scratch), True)
+    # ...and the recorded runs started after it see none of it.
+    for name in ("after-1", "after-2"):
+        run = rr.function(tasks.observe, system=system).run(run_name=name)
+        assert run.result(timeout=30) == clean
+        assert run.config["pid"] != agent_pid
+    assert clean[0] is None and clean[2] is False
+
+
 def test_worker_lost_is_found_without_the_agent_that_started_it(system, scratch):
     script = (
         "import remoterun as rr, remote_tasks as t\n"

@@ -20,7 +20,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import layout, protocol, worker
+from . import forkserver, layout, protocol, worker
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
@@ -207,7 +207,7 @@ class Agent:
                 started = runs.start(request, record, on_exit=lambda pid, status: exited.set())
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
         if started is not None:
-            self._after_reply.append(worker.prepare_spare)
+            self._after_reply.append(forkserver.prepare_spare)
             if request.get("wait"):
                 self._follow_until(runs, name, started.done_fd, exited)
             os.close(started.done_fd)
@@ -329,6 +329,8 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    # Before any user code runs: recorded runs are forked from this clean process.
+    forkserver.server()
     agent = Agent(read_fd, write_fd)
     _exit_when_client_hangs_up(read_fd)
     try:

@@ -5,7 +5,8 @@ under a per-name ``flock``: whether a cached run is a hit, which attempt is arch
 starts the one execution when many clients ask at once, whether a RUNNING run's worker is
 still alive. The client sends one request and gets one answer.
 
-Recorded runs are forked from the agent into a session and process group of their own
+Recorded runs are forked (by the agent's fork server, a process that no user code has
+touched: see ``forkserver.py``) into a session and process group of their own
 (``setsid``), so they outlive the agent, the SSH connection and the client; the forked
 worker writes its outcome into the folder itself, ``config.json`` last.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gc
 import json
 import os
 import signal
@@ -24,11 +24,14 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import cloudpickle
 
 from . import layout, protocol
+
+if TYPE_CHECKING:
+    from .forkserver import SpareWorker
 
 HOSTNAME = socket.gethostname()
 # The error type recorded for a return value that cannot be pickled; the client raises
@@ -359,6 +362,8 @@ class HostRuns:
         parent, always precedes the worker's outcome: the worker only learns of the run
         after it.
         """
+        from .forkserver import take_spare
+
         name = request["name"]
         worker = take_spare()
         config = dict(config)
@@ -380,10 +385,10 @@ class HostRuns:
         return worker
 
     def _watch(self, name: str, pid: int, on_exit: Callable[[int, int], None] | None) -> None:
-        """Reap the worker when it exits and mark it lost if it left no outcome."""
+        """When the worker exits, mark it lost if it left no outcome."""
+        from .forkserver import server
 
-        def wait() -> None:
-            _, status = os.waitpid(pid, 0)
+        def exited(pid: int, status: int) -> None:
             with self.lock(name):
                 config = self.read_config(name)
                 if config and config.get("status") == layout.RUNNING and config.get("pid") == pid:
@@ -391,7 +396,7 @@ class HostRuns:
             if on_exit is not None:
                 on_exit(pid, status)
 
-        threading.Thread(target=wait, name=f"reap-{pid}", daemon=True).start()
+        server().watch(pid, exited)
 
     # ------------------------------------------------------------------ cancel
 
@@ -453,100 +458,6 @@ def fingerprint_differences(config: dict, request: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the worker
-
-
-class SpareWorker:
-    """A worker process forked before a run needs it.
-
-    It has its own session already and has closed everything of the agent's, so a
-    recorded run starts without waiting for a fork. It exits on EOF if no run comes.
-    (Pre-touching its memory while idle, with a GC pass, was measured: it helps a run
-    that comes much later but slows back-to-back runs on two cores, 5.6 -> 12 ms.)
-    """
-
-    def __init__(self) -> None:
-        req_r, req_w = os.pipe()
-        done_r, done_w = os.pipe()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        gc.freeze()  # the child's collections then leave the agent's objects untouched
-        pid = os.fork()
-        if pid == 0:  # the spare
-            os.close(req_w)
-            os.close(done_r)
-            code = 1
-            try:
-                code = _spare_main(req_r, done_w)
-            finally:
-                os._exit(code)
-        gc.unfreeze()
-        os.close(req_r)
-        os.close(done_w)
-        self.pid = pid
-        self.proc_start = process_start_time(pid)
-        self.done_fd = done_r
-        self._req_w = req_w
-
-    def alive(self) -> bool:
-        try:
-            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
-                return False
-        except ChildProcessError:
-            return False
-        return process_start_time(self.pid) is not None
-
-    def hand_over(self, request: dict) -> None:
-        """Send the run's request; the worker starts on it at once."""
-
-        def write(data: bytes | memoryview) -> None:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(self._req_w, view) :]
-
-        try:
-            protocol.FrameWriter(write).send(protocol.REQUEST, 0, protocol.dumps(request))
-        finally:
-            self._req_w = _close(self._req_w)
-
-    def discard(self) -> None:
-        """Let a spare go that will not run anything (it exits on EOF)."""
-        self._req_w = _close(self._req_w)
-        self.done_fd = _close(self.done_fd)
-
-
-def _close(fd: int) -> int:
-    """Close ``fd`` unless it is -1 (closed already); return -1 to store in its place,
-    so that no fd is closed twice (a second close could hit an fd reused meanwhile)."""
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    return -1
-
-
-_spare: SpareWorker | None = None
-
-
-def take_spare() -> SpareWorker:
-    """The agent's spare worker (forked now if there is none or it died)."""
-    global _spare
-    spare, _spare = _spare, None
-    if spare is not None and spare.alive():
-        return spare
-    if spare is not None:
-        spare.discard()
-    return SpareWorker()
-
-
-def prepare_spare() -> None:
-    """Fork the next spare worker; the agent calls this after replying, off the clock."""
-    global _spare
-    if _spare is None:
-        _spare = SpareWorker()
 
 
 def _spare_main(req_r: int, done_w: int) -> int:
