@@ -302,27 +302,6 @@ def _failure_record(exc: BaseException) -> dict:
     return record
 
 
-def _exit_when_client_hangs_up(fd: int) -> None:
-    """Leave as soon as the client's end of the protocol closes, even mid-call.
-
-    A client interrupted during a synchronous call (Ctrl-C) drops its connection; the call
-    it abandoned runs here, in the agent, and nothing would otherwise stop it: sshd closes
-    the session's pipes but sends no signal. Polling for no events still reports POLLHUP
-    and reads nothing, so the protocol stream is left alone. Recorded runs live in their
-    own sessions and are not affected.
-    """
-
-    def watch() -> None:
-        poller = select.poll()
-        poller.register(fd, 0)
-        while True:
-            for _, events in poller.poll():
-                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                    os._exit(0)
-
-    threading.Thread(target=watch, name="remoterun-hangup", daemon=True).start()
-
-
 def main() -> None:
     # Move the protocol off fds 0 and 1 before anything can print.
     read_fd, write_fd = os.dup(0), os.dup(1)
@@ -332,7 +311,6 @@ def main() -> None:
     # Before any user code runs: recorded runs are forked from this clean process.
     forkserver.server()
     agent = Agent(read_fd, write_fd)
-    _exit_when_client_hangs_up(read_fd)
     try:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]

@@ -38,8 +38,10 @@ class AgentConnection:
         close: Callable[[], None],
         label: str,
         alive: Callable[[], bool] | None = None,
+        stop: Callable[[], None] | None = None,
     ):
         self._alive = alive
+        self._stop = stop
         self._read_exact = protocol.exact_reader(read)
         self._writer = protocol.FrameWriter(write)
         self._close = close
@@ -90,8 +92,13 @@ class AgentConnection:
             self.close()
             raise AgentError(f"lost the agent on {self.label}: {exc}") from exc
         except BaseException:
-            # Interrupted mid-request (Ctrl-C): the stream is out of step; drop it, which
-            # also stops a synchronous call running in that agent.
+            # Interrupted mid-request (Ctrl-C): the stream is out of step, and a synchronous
+            # call may still run in the agent. Stop the agent, then drop the stream.
+            if self._stop is not None:
+                try:
+                    self._stop()
+                except Exception as exc:  # best effort: the interruption is what matters
+                    logger.warning("could not stop the agent on %s: %s", self.label, exc)
             self.close()
             raise
 

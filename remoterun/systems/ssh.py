@@ -442,12 +442,20 @@ class SSHHost(System):
         def close() -> None:
             channel.close()
 
+        def stop() -> None:
+            # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
+            # would run on in the agent. Recorded runs are in sessions of their own.
+            pid = conn.facts.get("pid")
+            if isinstance(pid, int):
+                _exec(client, f"kill -KILL {pid}", timeout=self.connect_timeout)
+
         conn = AgentConnection(
             channel.recv,
             channel.sendall,
             close,
             label=self.host_label(),
             alive=lambda: not (channel.closed or channel.eof_received),
+            stop=stop,
         )
         try:
             facts = conn.handshake()
