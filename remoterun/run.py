@@ -53,6 +53,8 @@ class RunStatus(str, enum.Enum):
 
 _POLL_FIRST = 0.001
 _POLL_MAX = 0.1
+# How long a run that was seen may read as absent before wait() says it is gone.
+_GONE_AFTER = 1.0
 
 
 class Run:
@@ -159,11 +161,20 @@ class Run:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
+        # A run seen once does not vanish, but its record can read as absent for a moment
+        # while the name is executed again elsewhere: look again before saying it is gone.
+        missing_since = None
         while True:
             if self._config is None or self._config.get("status") not in layout.TERMINAL:
                 # The poll that finds the run terminal brings its outcome along: one round
                 # trip less for result() on a remote system.
+                seen = self._config is not None
                 reply = self._read_status(want_outcome=True)
+                if reply["config"] is None and seen:
+                    missing_since = missing_since or time.monotonic()
+                    if time.monotonic() - missing_since < _GONE_AFTER:
+                        time.sleep(_POLL_FIRST)
+                        continue
                 self._config = reply["config"]
                 self._outcome = reply
             status = RunStatus((self._config or {}).get("status", layout.NOT_STARTED))

@@ -216,16 +216,25 @@ class HostRuns:
         self.write_config(name, config)
         return config
 
-    def outcome(self, name: str, config: dict) -> dict:
-        """A terminal run's ``result`` or ``error_pickle`` bytes, for a reply."""
-        if config.get("status") == layout.COMPLETED:
-            return {"result": self.read_file(name, layout.RESULT)}
-        return {"error_pickle": self.read_file(name, layout.ERROR)}
+    def outcome(self, name: str, config: dict, folder: str | None = None) -> dict:
+        """A terminal run's ``result`` or ``error_pickle`` bytes, for a reply; read from
+        ``folder`` (an archived attempt's) instead of the run's own when given."""
+        folder = folder or self.path(name)
+        filename = layout.RESULT if config.get("status") == layout.COMPLETED else layout.ERROR
+        try:
+            with open(os.path.join(folder, filename), "rb") as f:
+                data: bytes | None = f.read()
+        except FileNotFoundError:
+            data = None
+        return {"result": data} if filename == layout.RESULT else {"error_pickle": data}
 
     def with_outcome(self, name: str, config: dict | None) -> dict:
-        """``{"config": config}`` plus, for a terminal run, its outcome, the two read as one
-        state: when the run was re-executed between the reads, both are read again under
-        the lock (a re-execution archives the old files and writes new ones under it)."""
+        """``{"config": config}`` plus, for a terminal run, the outcome of that very attempt.
+
+        When the name was executed again between the reads, the attempt's files have been
+        archived (a re-execution moves them under the lock before it writes anything):
+        they are read from there, so config and outcome always belong together.
+        """
         reply: dict[str, Any] = {"config": config}
         if not config or config.get("status") not in layout.TERMINAL:
             return reply
@@ -233,11 +242,34 @@ class HostRuns:
         if self.read_config(name) == config:
             return reply
         with self.lock(name):
-            config = self.read_config(name)
+            if self.read_config(name) == config:
+                return {"config": config, **self.outcome(name, config)}
+            folder = self._archived(name, config)
+            if folder is not None:
+                return {"config": config, **self.outcome(name, config, folder)}
+            config = self.read_config(name)  # gone altogether: say what is there now
             reply = {"config": config}
             if config and config.get("status") in layout.TERMINAL:
                 reply.update(self.outcome(name, config))
         return reply
+
+    def _archived(self, name: str, config: dict) -> str | None:
+        """The ``attempts/<n>/`` folder holding the attempt whose record is ``config``."""
+        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
+        numbers = [str(config.get("attempt") or 1)]
+        try:
+            numbers += sorted((d for d in os.listdir(attempts) if d.isdigit()), key=int)
+        except FileNotFoundError:
+            return None
+        for number in numbers:
+            folder = os.path.join(attempts, number)
+            try:
+                with open(os.path.join(folder, layout.CONFIG), "rb") as f:
+                    if json.loads(f.read()) == config:
+                        return folder
+            except (FileNotFoundError, ValueError):
+                continue
+        return None
 
     # ------------------------------------------------------------------ claims
 
