@@ -7,6 +7,7 @@
     ├── InvalidRunNameError        (also ValueError) a run name or path that is not allowed
     ├── RunNotFoundError           (also LookupError) no run of that name at that place
     ├── RunNotFinishedError        the run is not terminal where a terminal run is needed
+    ├── RunExistsError             another run holds that name where a run is copied to
     ├── CacheMismatchError         a cached run was made from other arguments
     ├── SerializationError         (also TypeError) an argument or value cannot be pickled
     ├── RunStorageError            (also OSError) a run folder cannot be read or written
@@ -37,6 +38,10 @@ class RunNotFoundError(RemoterunError, LookupError):
 
 class RunNotFinishedError(RemoterunError):
     """An operation needs a terminal run and the run is still going."""
+
+
+class RunExistsError(RemoterunError):
+    """A copy's destination holds another run of the same name (pass overwrite=True)."""
 
 
 class CacheMismatchError(RemoterunError):

@@ -13,7 +13,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 from .agent import layout
-from .errors import InvalidRunNameError, RunStorageError
+from .errors import InvalidRunNameError, RunExistsError, RunNotFoundError, RunStorageError
 
 # Filesystems on which "write a temporary name, then rename" is atomic. Elsewhere (object
 # stores) a single PUT of the whole object already is.
@@ -118,6 +118,10 @@ class RunFolder:
     # ------------------------------------------------------------------ writing
 
     def makedirs(self) -> None:
+        """Create the folder on filesystems that have folders. Object stores have none,
+        and s3fs would create a missing *bucket* here: a typo must fail, not do that."""
+        if not set(_protocols(self.fs)) & (_RENAMING_PROTOCOLS | {"memory"}):
+            return
         try:
             self.fs.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -144,6 +148,124 @@ class RunFolder:
         self.write_bytes(
             layout.CONFIG, json.dumps(config, indent=1, sort_keys=True, default=str).encode()
         )
+
+
+# --------------------------------------------------------------------------- copying
+
+# Copies larger than this show a progress bar (on a terminal).
+_PROGRESS_FROM = 32 << 20
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two records are of the same execution (a copy of it, maybe older)."""
+    keys = ("name", "start_time", "host", "pid", "attempt")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def copy_folder(
+    src: RunFolder, dst: RunFolder, *, overwrite: bool = False, progress: bool | None = None
+) -> dict:
+    """Copy a terminal run's whole folder (``attempts/`` included) to ``dst``; return its
+    config. Files first, each checked for size, ``config.json`` last: a copy cut short
+    never looks like a run. A destination holding another run of the name is refused
+    unless ``overwrite``; one holding this same run is brought up to date.
+    """
+    import logging
+
+    config_bytes = src.read_bytes(layout.CONFIG)
+    if config_bytes is None:
+        raise RunNotFoundError(f"no run at {src.url}")
+    config = json.loads(config_bytes)
+    existing = dst.read_config()
+    if existing is not None and not same_run(existing, config):
+        if not overwrite:
+            raise RunExistsError(
+                f"{dst.url} holds another run named {dst.name!r} (started "
+                f"{existing.get('start_time')} on {existing.get('host')}); pass "
+                "overwrite=True to replace it, or copy to another path"
+            )
+        try:
+            dst.fs.rm(dst.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    try:
+        found = src.fs.find(src.path, detail=True)
+    except OSError as exc:
+        raise RunStorageError(f"cannot list {src.url}: {exc}") from exc
+    files = {
+        posixpath.relpath(path, src.path): int(info.get("size") or 0)
+        for path, info in found.items()
+        if info.get("type", "file") != "directory"
+        and not posixpath.basename(path).startswith(".")  # temporary files being written
+    }
+    files.pop(layout.CONFIG, None)
+    # Archived attempts' records before the files they describe would be no better:
+    # order plain files, then attempts' configs, then the run's own config.
+    order = sorted(files, key=lambda rel: (posixpath.basename(rel) == layout.CONFIG, rel))
+    total = sum(files.values())
+    logging.getLogger(__name__).debug(
+        "copying %s (%d files, %d bytes) to %s through this process",
+        src.url,
+        len(files),
+        total,
+        dst.url,
+    )
+    bar = _progress(total, f"copy {src.name}", progress)
+    try:
+        dst.makedirs()
+        for rel in order:
+            _copy_file(src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}", bar)
+        for rel in order:
+            size = dst.fs.size(f"{dst.path}/{rel}")
+            if size != files[rel]:
+                raise RunStorageError(
+                    f"copy of {src.url}/{rel} is {size} bytes at {dst.url}, not {files[rel]}; "
+                    "the run's config was not written there: copy again"
+                )
+        dst.write_bytes(layout.CONFIG, config_bytes)
+    except OSError as exc:
+        if isinstance(exc, RunStorageError):
+            raise
+        raise RunStorageError(f"cannot copy {src.url} to {dst.url}: {exc}") from exc
+    finally:
+        if bar is not None:
+            bar.close()
+    return config
+
+
+def _progress(total: int, label: str, progress: bool | None) -> Any:
+    if progress is False or (progress is None and total < _PROGRESS_FROM):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None)
+
+
+def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, bar: Any) -> None:
+    """One file between any two filesystems with the backends' own transfers (multipart
+    on S3, pipelined on SFTP), never whole in memory: through a local temporary file
+    when neither side is local."""
+    src_local = bool(set(_protocols(src_fs)) & {"file", "local"})
+    dst_local = bool(set(_protocols(dst_fs)) & {"file", "local"})
+    if dst_local:
+        os.makedirs(posixpath.dirname(dst), exist_ok=True)
+    if src_local and dst_local:
+        import shutil
+
+        shutil.copyfile(src, dst)
+    elif src_local:
+        dst_fs.put_file(src, dst)
+    elif dst_local:
+        src_fs.get_file(src, dst)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="remoterun-copy-") as tmp:
+            staged = os.path.join(tmp, "file")
+            src_fs.get_file(src, staged)
+            dst_fs.put_file(staged, dst)
+    if bar is not None:
+        bar.update(src_fs.size(src))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

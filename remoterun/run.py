@@ -287,6 +287,43 @@ class Run:
             self._config = self.system.cancel(self.name, root=self.root, grace=grace)
         return self.status
 
+    # ------------------------------------------------------------------ moving
+
+    def to(
+        self,
+        system: Any = "here",
+        path: str | None = None,
+        *,
+        wait: bool = False,
+        overwrite: bool = False,
+        storage_options: dict | None = None,
+        progress: bool | None = None,
+    ) -> Run:
+        """Copy the whole run folder (earlier attempts included) to another place; return
+        the Run there.
+
+        ``system``: ``"here"``, a cluster or any System (the run goes in its root, or at
+        ``path`` on its filesystem); ``"s3"`` with ``path="bucket/prefix/<name>"``; or an
+        fsspec URL: the run's own folder when its last part is the run's name, else the
+        folder that will hold it. A RUNNING run is refused unless ``wait=True``; another
+        run of the same name at the destination is refused unless ``overwrite=True``.
+        """
+        from .folder import copy_folder
+
+        status = self.refresh().status
+        if not status.terminal:
+            if not wait:
+                raise RunNotFinishedError(
+                    f"run {self.name!r} is {status}: copy it once it is finished, or pass "
+                    "wait=True to wait for it"
+                )
+            self.wait()
+        target, folder = _destination(system, path, self.name, storage_options or {})
+        if folder.url == self.url:
+            return self
+        copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
+        return Run(folder, target)
+
     def attempts(self) -> list[Run]:
         """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
         return [Run(self.folder.attempt(n)) for n in self.folder.attempts()]
@@ -304,6 +341,37 @@ class Run:
         recorder, self._context = self._context, None
         if recorder is not None:
             self._config = recorder.finish(exc)
+
+
+def _destination(
+    system: Any, path: str | None, name: str, storage_options: dict
+) -> tuple[System, RunFolder]:
+    """Where ``run.to(system, path)`` puts the run named ``name``."""
+    from .systems import resolve
+    from .systems.storage import StorageSystem
+
+    if system == "s3":
+        if not path:
+            raise RemoterunError(
+                f"run.to('s3') needs path='bucket/prefix/{name}', the run's folder in S3"
+            )
+        system, path = "s3://" + path.split("://", 1)[-1].lstrip("/"), None
+    is_url = isinstance(system, str) and ("://" in system or system.startswith(("/", ".", "~")))
+    if is_url and path is None:
+        url = os.path.expanduser(system).rstrip("/")
+        root = url.rpartition("/")[0] if url.rpartition("/")[2] == name else url
+        target = StorageSystem(root, **storage_options)
+        return target, target.folder(name)
+    target = resolve(system).placement(name)
+    if path is None:
+        return target, target.folder(name)
+    root, base = split_run_url(path)
+    if base != name:
+        raise RemoterunError(
+            f"path {path!r} is the run's own folder, so its last part must be the run's "
+            f"name: {root}/{base}/{name}, or {root}/{name}"
+        )
+    return target, target.folder(name, root)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

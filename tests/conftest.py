@@ -123,3 +123,25 @@ def client_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     return env
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto S3 server process on 127.0.0.1, for the whole session."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    from servers import MotoS3Server
+
+    server = MotoS3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``s3://<new bucket>`` on the moto server, reached through the usual AWS variables."""
+    for key, value in moto_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"rr-{uuid.uuid4().hex[:12]}"
+    moto_server.filesystem().mkdir(bucket)
+    return f"s3://{bucket}"

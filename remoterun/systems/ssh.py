@@ -203,6 +203,11 @@ for _name in (
     "mkdir",
     "exists",
     "size",
+    "find",
+    "get_file",
+    "put_file",
+    "rm",
+    "rmdir",
 ):
     setattr(_SharedSFTPFileSystem, _name, _one_at_a_time(_name))
 
