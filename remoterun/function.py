@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import logging
 import os
 import sys
 import sysconfig
@@ -26,15 +27,18 @@ from .agent import layout
 from .errors import (
     CacheMismatchError,
     RemoterunError,
+    RunExistsError,
     RunNotFinishedError,
     SerializationError,
     exception_from_record,
 )
 from .folder import check_run_name
-from .run import Run, failure_from_config
+from .run import Run, _loads, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output
 from .systems.connection import AgentConnection, AgentFailure
+
+logger = logging.getLogger(__name__)
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
 
@@ -51,6 +55,7 @@ class RemoteFunction:
         cache: bool = False,
         on_mismatch: str = "error",
         ignore: Sequence[str] = (),
+        share: Any = None,
     ):
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
@@ -66,6 +71,7 @@ class RemoteFunction:
         self.cache = cache
         self.on_mismatch = on_mismatch
         self.ignore = tuple(ignore)
+        self.share = _share_list(share)
         self._system_spec = system
         self._system: System | None = None
         self._run_type = "function"
@@ -81,6 +87,7 @@ class RemoteFunction:
             "cache": self.cache,
             "on_mismatch": self.on_mismatch,
             "ignore": self.ignore,
+            "share": self.share,
         }
         return (_rebuild, (self.fn, self._system_spec, options))
 
@@ -100,6 +107,7 @@ class RemoteFunction:
             cache=self.cache,
             on_mismatch=self.on_mismatch,
             ignore=self.ignore,
+            share=self.share,
         )
         return other
 
@@ -137,9 +145,14 @@ class RemoteFunction:
             wait=True,
             on_output=print_output,
         )
+        if reply["action"] == "shared":
+            return _loads_shared(reply)
         if reply["action"] == "attach":
             return self._run_handle(reply).result()
-        return self._outcome(reply)
+        value = self._outcome(reply)
+        if reply["action"] == "start" and self.share:
+            self._publish(self._run_handle(reply))
+        return value
 
     def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
         """The Run of that name if it is COMPLETED or RUNNING, else start it; as
@@ -147,7 +160,12 @@ class RemoteFunction:
         reply = self._submit(
             args, kwargs, self._cached_name(args, kwargs, run_name), mode="get", wait=False
         )
-        return self._run_handle(reply)
+        if reply["action"] == "shared":
+            return reply["run"]
+        run = self._run_handle(reply)
+        if reply["action"] == "start" and self.share:
+            run._on_completed = self._publish  # published once it has COMPLETED
+        return run
 
     def map(
         self,
@@ -302,6 +320,10 @@ class RemoteFunction:
             reply["system"] = system
             action = reply["action"]
             if action == "need_payload":
+                # A miss here: a teammate may have published the run to a shared store.
+                shared = self._shared_hit(request)
+                if shared is not None:
+                    return shared
                 request.update(self._payload(args, kwargs))
                 request.pop("payload_omitted", None)
                 continue
@@ -323,6 +345,52 @@ class RemoteFunction:
                 "get_or_call / get_or_run, or cancel it before starting it again"
             )
         return reply
+
+    # ------------------------------------------------------------------ shared stores
+
+    def _shared_hit(self, request: dict) -> dict | None:
+        """A COMPLETED run of the request's name and fingerprint in a shared store, as a
+        reply with ``action="shared"``; None when no store has one."""
+        from .agent.worker import fingerprint_differences
+        from .systems.storage import StorageSystem
+
+        name = request["name"]
+        for url in self.share:
+            store = StorageSystem(url)
+            folder = store.folder(name)
+            reply = store.status(name, want_outcome=True)
+            config = reply.get("config")
+            if not config or config.get("status") != layout.COMPLETED:
+                continue
+            differences = fingerprint_differences(config, request)
+            if differences and self.on_mismatch != "ignore":
+                logger.info(
+                    "%s holds %s made from other arguments (%s): not used",
+                    url,
+                    name,
+                    ", ".join(differences),
+                )
+                continue
+            logger.debug("cache hit for %s in the shared store %s", name, url)
+            return {
+                "action": "shared",
+                "name": name,
+                "config": config,
+                "result": reply.get("result"),
+                "run": Run(folder, store, config),
+            }
+        return None
+
+    def _publish(self, run: Run) -> None:
+        """Copy a run this function executed to its shared stores. A store that already
+        holds another run of the name (a teammate was first) keeps it."""
+        for url in self.share:
+            try:
+                run.to(url)
+            except RunExistsError:
+                logger.info("%s already holds a run named %s: kept", url, run.name)
+            except RemoterunError as exc:
+                logger.warning("could not publish run %s to %s: %s", run.name, url, exc)
 
     def _run_handle(self, reply: dict) -> Run:
         system = reply["system"]
@@ -411,6 +479,7 @@ def function(
     cache: bool = False,
     on_mismatch: str = "error",
     ignore: Sequence[str] = (),
+    share: Any = None,
 ) -> Any:
     """Make ``fn`` a RemoteFunction; as a decorator with or without arguments.
 
@@ -422,11 +491,42 @@ def function(
         on_mismatch: what ``get_or_*`` do when a recorded run of that name was made from
             other arguments: ``"error"`` (raise CacheMismatchError), ``"rerun"``, ``"ignore"``.
         ignore: parameter names left out of the argument fingerprint.
+        share: shared stores (a folder URL such as ``"s3://team/runs"``, or a list): on a
+            miss in the system's own runs, ``get_or_*`` take a COMPLETED run of the name
+            from there instead of executing, and publish the runs they execute there.
     """
-    options = dict(system=system, name=name, cache=cache, on_mismatch=on_mismatch, ignore=ignore)
+    options = dict(
+        system=system,
+        name=name,
+        cache=cache,
+        on_mismatch=on_mismatch,
+        ignore=ignore,
+        share=share,
+    )
     if fn is None:
         return lambda f: RemoteFunction(f, **options)
     return RemoteFunction(fn, **options)
+
+
+def _share_list(share: Any) -> tuple[str, ...]:
+    if share is None:
+        return ()
+    items = [share] if isinstance(share, str) or not isinstance(share, Iterable) else share
+    urls = []
+    for item in items:
+        url = getattr(item, "url", item)
+        if not isinstance(url, str):
+            raise TypeError(f"share= takes folder URLs (or storage systems), not {item!r}")
+        urls.append(url.rstrip("/"))
+    return tuple(urls)
+
+
+def _loads_shared(reply: dict) -> Any:
+    run = reply["run"]
+    data = reply.get("result")
+    if data is None:
+        data = run._read_required(layout.RESULT)
+    return _loads(data, "result", run)
 
 
 # --------------------------------------------------------------------------- pickling

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import io
+import logging
 import os
 import posixpath
 import sys
@@ -27,6 +28,8 @@ from .errors import (
     exception_from_record,
 )
 from .folder import RunFolder, check_run_name, split_run_url
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import fsspec
@@ -80,6 +83,9 @@ class Run:
         self._attempt = attempt
         self._outcome: dict | None = None  # result/error bytes from the last terminal poll
         self._context: _ContextRecorder | None = None
+        # Called once, with this Run, when wait() first sees it COMPLETED (publishing to
+        # the shared stores of the function that started it).
+        self._on_completed: Any = None
 
     # ------------------------------------------------------------------ identity
 
@@ -179,6 +185,9 @@ class Run:
                 self._outcome = reply
             status = RunStatus((self._config or {}).get("status", layout.NOT_STARTED))
             if status.terminal:
+                if status is RunStatus.COMPLETED and self._on_completed is not None:
+                    hook, self._on_completed = self._on_completed, None
+                    hook(self)
                 return status
             if self._config is None:
                 raise RunNotFoundError(f"no run at {self.url}")
@@ -321,8 +330,27 @@ class Run:
         target, folder = _destination(system, path, self.name, storage_options or {})
         if folder.url == self.url:
             return self
-        copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
+        if not self._copy_from_host(folder, storage_options or {}, overwrite):
+            copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
         return Run(folder, target)
+
+    def _copy_from_host(self, folder: RunFolder, storage_options: dict, overwrite: bool) -> bool:
+        """Copy from the run's own host straight to an object store, when the run is on a
+        cluster and the host can reach the store; whether that was done."""
+        copy_direct = getattr(self.system, "copy_direct", None)
+        if copy_direct is None or _is_local(folder.fs) or "memory" in _protocols(folder.fs):
+            return False
+        why = copy_direct(self.name, self.root, folder.url, storage_options, overwrite)
+        if why is None:
+            logger.debug("%s copied %s to %s itself", self.system, self.name, folder.url)
+            return True
+        logger.debug(
+            "%s cannot copy to %s itself (%s): streaming through this client",
+            self.system,
+            folder.url,
+            why,
+        )
+        return False
 
     def attempts(self) -> list[Run]:
         """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
@@ -374,9 +402,13 @@ def _destination(
     return target, target.folder(name, root)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
-    protocols = (protocol,) if isinstance(protocol, str) else protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = _protocols(fs)
     return "file" in protocols or "local" in protocols
 
 

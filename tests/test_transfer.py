@@ -148,3 +148,39 @@ def test_copy_keeps_the_record_byte_for_byte(tmp_path):
     assert (tmp_path / "exact" / "config.json").read_bytes() == src
     assert json.loads(src)["status"] == "COMPLETED"
     assert copy.url == f"file://{tmp_path}/exact"
+
+
+def test_a_host_that_reaches_s3_copies_without_the_client(
+    ssh_server, moto_server, s3, marker, caplog
+):
+    import sysconfig
+
+    # The host's Python with fsspec and s3fs: this machine's packages, which the test
+    # user may read (the interpreter of this venv lives where that user may not).
+    cluster = make_cluster(
+        ssh_server,
+        python="/usr/bin/python3",
+        env={"PYTHONPATH": sysconfig.get_paths()["purelib"]},
+    )
+    try:
+        original = _make_run(cluster, marker)
+        with caplog.at_level("DEBUG", logger="remoterun"):
+            copy = original.to(f"{s3}/direct/trip", storage_options=moto_server.storage_options())
+        assert "copied trip to" in caplog.text and "itself" in caplog.text
+        assert "through this process" not in caplog.text  # no bytes through the client
+        _same_run(copy, original)
+    finally:
+        cluster.close()
+
+
+def test_a_host_without_s3fs_has_the_client_copy(ssh_server, s3, marker, caplog):
+    cluster = make_cluster(ssh_server)  # a bare Python: no fsspec there
+    try:
+        original = _make_run(cluster, marker)
+        with caplog.at_level("DEBUG", logger="remoterun"):
+            copy = original.to(f"{s3}/streamed/trip")
+        assert "streaming through this client" in caplog.text
+        assert "ModuleNotFoundError" in caplog.text
+        _same_run(copy, original)
+    finally:
+        cluster.close()

@@ -492,6 +492,22 @@ class SSHHost(System):
             logger.info("lost the agent on %s; reconnecting", self.host_label())
             return super()._request(op, on_output)
 
+    def copy_direct(
+        self, name: str, root: str, dst_url: str, storage_options: dict, overwrite: bool
+    ) -> str | None:
+        """Have the host copy its run folder to ``dst_url`` itself; None when it did, else
+        why it could not (the client then copies)."""
+        op = {
+            "op": "copy_out",
+            "root": root,
+            "name": name,
+            "dst": dst_url,
+            "storage_options": storage_options,
+            "overwrite": overwrite,
+        }
+        reply = self.request(op, run_name=name)
+        return None if reply["copied"] else reply["why"]
+
     # ------------------------------------------------------------------ storage
 
     @property
