@@ -801,6 +801,14 @@ class SSHCluster(System):
     def __reduce__(self) -> tuple:
         return (_rebuild_cluster, (self.name, self._options))
 
+    def save(self) -> str:
+        """Keep this cluster's definition in ``$REMOTERUN_HOME/clusters/<name>.json`` (key
+        file paths, never keys), so that ``rr.cluster(name)`` and the ``remoterun`` command
+        find it; return the file's path."""
+        from . import save_cluster
+
+        return save_cluster(self.name, self._options)
+
     def __repr__(self) -> str:
         return f"<SSHCluster {self.name!r} hosts={[h.host_label() for h in self.hosts]}>"
 

@@ -1,0 +1,304 @@
+"""The ``remoterun`` command: list, show, follow, cancel, copy and remove runs.
+
+A SYSTEM is ``here`` (the default), a cluster saved with ``cluster.save()``, or a folder
+path / fsspec URL holding run folders. A RUN is a name on ``--system`` (``-s``), or the URL
+of a run's own folder (``s3://bucket/runs/exp1``).
+
+Exit codes: 0 done, 1 a run failed or was not found (or a system answered with an
+error), 2 the command line was wrong.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import Any, Callable
+
+try:
+    import click
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise SystemExit(
+        f"the remoterun command needs the cli extra: pip install 'remoterun[cli]' ({exc})"
+    ) from None
+
+import remoterun as rr
+from remoterun.errors import RemoterunError, RunNotFoundError
+
+FAILED = 1
+
+
+def _system(spec: str) -> Any:
+    from remoterun.systems import resolve, saved_cluster
+
+    if spec in ("here", "local") or "://" in spec or spec.startswith(("/", ".", "~")):
+        return resolve(spec)
+    if saved_cluster(spec) is None:
+        raise click.UsageError(
+            f"no system named {spec!r}: use 'here', a folder path or URL, or a cluster "
+            "saved with cluster.save() (see 'remoterun clusters')"
+        )
+    return rr.cluster(spec)
+
+
+def _run(spec: str, system: str) -> rr.Run:
+    """The run that RUN names: a run folder's URL or path, else a name on ``system``."""
+    if "://" in spec or "/" in spec:
+        found = rr.run(path=spec)
+        if found.refresh()._config is None:
+            raise RunNotFoundError(f"no run at {found.url}")
+        return found
+    return _system(system).get_run(spec)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"remoterun: {message}", err=True)
+    sys.exit(FAILED)
+
+
+def _handled(body: Callable[..., Any]) -> Callable[..., Any]:
+    """Report remoterun's own errors as one line and exit code 1, not as a traceback."""
+    import functools
+
+    @functools.wraps(body)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return body(*args, **kwargs)
+        except click.UsageError:
+            raise
+        except (RemoterunError, FileNotFoundError, PermissionError) as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _table(columns: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines (with a header) when piped."""
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*columns, box=None, header_style="bold")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    click.echo("\t".join(columns))
+    for row in rows:
+        click.echo("\t".join(row))
+
+
+def _when(text: str | None) -> str:
+    if not text:
+        return "-"
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(config: dict) -> str:
+    try:
+        start = datetime.datetime.fromisoformat(config["start_time"].replace("Z", "+00:00"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "-"
+    end_text = config.get("end_time")
+    end = (
+        datetime.datetime.fromisoformat(end_text.replace("Z", "+00:00"))
+        if end_text
+        else datetime.datetime.now(datetime.timezone.utc)
+    )
+    seconds = max((end - start).total_seconds(), 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    size = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{size:.1f}TB"
+
+
+def _folder_size(run: rr.Run) -> int | None:
+    try:
+        return int(run.folder.fs.du(run.folder.path))
+    except Exception:  # a size is a nicety; listing must not fail for it
+        return None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(rr.__version__, prog_name="remoterun")
+def main() -> None:
+    """Runs recorded by remoterun: list, show, follow, cancel, copy, remove.
+
+    SYSTEM is 'here' (default), a cluster saved with cluster.save(), or a folder
+    path / URL such as s3://bucket/runs. Exit codes: 0 ok, 1 failed or not found, 2 usage.
+    """
+
+
+system_option = click.option(
+    "-s", "--system", default="here", show_default=True, help="where the run is"
+)
+
+
+@main.command("ls")
+@click.argument("system", default="here")
+@click.option("--no-size", is_flag=True, help="skip folder sizes (faster on S3)")
+@_handled
+def ls(system: str, no_size: bool) -> None:
+    """List the runs of SYSTEM: name, status, function, start, duration, size."""
+    runs = _system(system).runs()
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.config.get("start_time") or "", r.name)):
+        config = run.config
+        rows.append(
+            [
+                run.name,
+                str(config.get("status", "?")),
+                str(config.get("fn_name") or config.get("run_type") or "-"),
+                _when(config.get("start_time")),
+                _duration(config),
+                "-" if no_size else _size(_folder_size(run)),
+            ]
+        )
+    _table(["name", "status", "function", "start", "duration", "size"], rows)
+
+
+@main.command()
+@click.argument("run")
+@system_option
+@click.option("--json", "as_json", is_flag=True, help="the whole config.json")
+@_handled
+def show(run: str, system: str, as_json: bool) -> None:
+    """Show a run's record and lineage."""
+    found = _run(run, system)
+    config = found.config
+    if as_json:
+        click.echo(json.dumps(config, indent=1, sort_keys=True, default=str))
+        return
+    fields = [
+        ("name", found.name),
+        ("url", found.url),
+        ("status", config.get("status")),
+        ("function", config.get("fn_name") or "-"),
+        ("commands", "; ".join(config.get("cmds") or []) or "-"),
+        ("host", config.get("host")),
+        ("started", _when(config.get("start_time"))),
+        ("ended", _when(config.get("end_time"))),
+        ("duration", _duration(config)),
+        ("attempt", config.get("attempt")),
+        ("error", config.get("error") or "-"),
+        ("tags", json.dumps(config.get("tags") or {})),
+        ("metrics", json.dumps(config.get("metrics") or {})),
+    ]
+    for key, value in fields:
+        click.echo(f"{key:<9} {value}")
+    for key in ("upstream", "downstream"):
+        links = config.get(key) or []
+        click.echo(f"{key:<9} {len(links)} run(s)")
+        for link in links:
+            click.echo(f"  {link}")
+    if config.get("status") == "FAILED":
+        sys.exit(FAILED)
+
+
+@main.command()
+@click.argument("run")
+@system_option
+@click.option("-f", "--follow", is_flag=True, help="keep following while the run is going")
+@click.option("--stderr", "stream", flag_value="stderr", help="stderr instead of stdout")
+@click.option("--stdout", "stream", flag_value="stdout", default=True, hidden=True)
+@_handled
+def logs(run: str, system: str, follow: bool, stream: str) -> None:
+    """Print a run's output; with -f, follow it until the run ends."""
+    found = _run(run, system)
+    for chunk in found.logs(follow=follow, stream=stream):
+        click.echo(chunk, nl=False)
+        sys.stdout.flush()
+    if found.refresh().status is rr.RunStatus.FAILED:
+        sys.exit(FAILED)
+
+
+@main.command()
+@click.argument("run")
+@system_option
+@click.option("--grace", default=3.0, show_default=True, help="seconds between TERM and KILL")
+@_handled
+def cancel(run: str, system: str, grace: float) -> None:
+    """Stop a running run's processes and record it CANCELLED."""
+    found = _run(run, system)
+    status = found.cancel(grace=grace)
+    click.echo(f"{found.name}: {status}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@system_option
+@click.option("--overwrite", is_flag=True, help="replace another run of the name at DST")
+@click.option("--wait", is_flag=True, help="wait for a running run to finish first")
+@_handled
+def cp(src: str, dst: str, system: str, overwrite: bool, wait: bool) -> None:
+    """Copy the run SRC (a name on --system, or a run folder URL) to DST (a SYSTEM, or a
+    run folder URL ending in the run's name)."""
+    found = _run(src, system)
+    from remoterun.systems import saved_cluster
+
+    target: Any = dst
+    if saved_cluster(dst) is not None:
+        target = rr.cluster(dst)
+    copied = found.to(target, wait=wait, overwrite=overwrite, progress=None)
+    click.echo(copied.url)
+
+
+@main.command()
+@click.argument("run")
+@system_option
+@click.option("--force", is_flag=True, help="remove it even while it is RUNNING")
+@_handled
+def rm(run: str, system: str, force: bool) -> None:
+    """Remove a run's folder (with its earlier attempts)."""
+    found = _run(run, system)
+    status = found.refresh().status
+    if not status.terminal and not force:
+        _fail(f"run {found.name!r} is {status}: cancel it first, or pass --force")
+    try:
+        found.folder.fs.rm(found.folder.path, recursive=True)
+    except FileNotFoundError:
+        raise RunNotFoundError(f"no run at {found.url}") from None
+    click.echo(f"removed {found.url}")
+
+
+@main.command()
+@click.option("--timeout", default=5.0, show_default=True, help="seconds to wait per host")
+@_handled
+def clusters(timeout: float) -> None:
+    """The clusters saved on this machine, and whether each answers."""
+    from remoterun.systems import saved_cluster, saved_clusters
+
+    rows = []
+    for name in saved_clusters():
+        options = saved_cluster(name) or {}
+        hosts = options.get("hosts") or [options.get("host") or name]
+        try:
+            cluster = rr.cluster(name, **{**options, "connect_timeout": timeout})
+            cluster.parallelism()
+            state = "answers"
+            cluster.close()
+        except RemoterunError as exc:
+            state = f"no answer: {str(exc).splitlines()[0]}"
+        rows.append([name, ", ".join(str(h) for h in hosts), state])
+    _table(["cluster", "hosts", "state"], rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
