@@ -93,6 +93,30 @@ class RunFolder:
         data = self.read_bytes(layout.CONFIG)
         return None if data is None else json.loads(data)
 
+    def read_record(self, want_outcome: bool = False) -> dict:
+        """``{"config": ...}``, plus for a terminal run ``result`` or ``error_pickle``
+        bytes when ``want_outcome``: on object stores, the files are fetched at once
+        (one round trip instead of two)."""
+        if not want_outcome:
+            return {"config": self.read_config()}
+        paths = [self.file(f) for f in (layout.CONFIG, layout.RESULT, layout.ERROR)]
+        try:
+            found = self.fs.cat(paths, on_error="omit")
+        except FileNotFoundError:
+            found = {}
+        except OSError as exc:
+            raise RunStorageError(f"cannot read {self.url}: {exc}") from exc
+        found = {posixpath.basename(k): v for k, v in found.items()}
+        data = found.get(layout.CONFIG)
+        config = None if data is None else json.loads(data)
+        reply: dict = {"config": config}
+        if config and config.get("status") in layout.TERMINAL:
+            if config["status"] == layout.COMPLETED:
+                reply["result"] = found.get(layout.RESULT)
+            else:
+                reply["error_pickle"] = found.get(layout.ERROR)
+        return reply
+
     def read_log(self, filename: str, offset: int = 0) -> bytes:
         """The bytes of a log file from ``offset`` on (empty if it does not exist yet)."""
         path = self.file(filename)

@@ -147,7 +147,7 @@ class Run:
             from .agent.worker import HostRuns
 
             return {"config": HostRuns(self.root).status(self.name)}
-        return {"config": self.folder.read_config()}
+        return self.folder.read_record(want_outcome)
 
     @property
     def status(self) -> RunStatus:

@@ -112,15 +112,7 @@ class System:
         ``error_pickle`` bytes, saving a second read.
         """
         if not self.executes:
-            folder = self.folder(name, root)
-            config = folder.read_config()
-            reply: dict[str, Any] = {"config": config}
-            if want_outcome and config and config.get("status") in layout.TERMINAL:
-                if config["status"] == layout.COMPLETED:
-                    reply["result"] = folder.read_bytes(layout.RESULT)
-                else:
-                    reply["error_pickle"] = folder.read_bytes(layout.ERROR)
-            return reply
+            return self.folder(name, root).read_record(want_outcome)
         op = {"op": "status", "root": root or self.root, "name": check_run_name(name)}
         op["want_outcome"] = want_outcome
         return self.request(op, run_name=name)
