@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import functools
 import io
-import logging
 import os
 import posixpath
 import sys
@@ -28,8 +27,6 @@ from .errors import (
     exception_from_record,
 )
 from .folder import RunFolder, check_run_name, split_run_url
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import fsspec
@@ -340,6 +337,9 @@ class Run:
         copy_direct = getattr(self.system, "copy_direct", None)
         if copy_direct is None or _is_local(folder.fs) or "memory" in _protocols(folder.fs):
             return False
+        import logging  # here, not at import: `import remoterun` stays light
+
+        logger = logging.getLogger(__name__)
         why = copy_direct(self.name, self.root, folder.url, storage_options, overwrite)
         if why is None:
             logger.debug("%s copied %s to %s itself", self.system, self.name, folder.url)
