@@ -35,7 +35,7 @@ from .errors import (
 from .folder import check_run_name
 from .run import Run, _loads, failure_from_config
 from .systems import resolve
-from .systems.base import System, print_output
+from .systems.base import System, print_output, share_list
 from .systems.connection import AgentConnection, AgentFailure
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class RemoteFunction:
         self.cache = cache
         self.on_mismatch = on_mismatch
         self.ignore = tuple(ignore)
-        self.share = _share_list(share)
+        self.share = share_list(share)
         self._system_spec = system
         self._system: System | None = None
         self._run_type = "function"
@@ -150,7 +150,7 @@ class RemoteFunction:
         if reply["action"] == "attach":
             return self._run_handle(reply).result()
         value = self._outcome(reply)
-        if reply["action"] == "start" and self.share:
+        if reply["action"] == "start" and self._shares():
             self._publish(self._run_handle(reply))
         return value
 
@@ -163,7 +163,7 @@ class RemoteFunction:
         if reply["action"] == "shared":
             return reply["run"]
         run = self._run_handle(reply)
-        if reply["action"] == "start" and self.share:
+        if reply["action"] == "start" and self._shares():
             run._on_completed = self._publish  # published once it has COMPLETED
         return run
 
@@ -348,6 +348,11 @@ class RemoteFunction:
 
     # ------------------------------------------------------------------ shared stores
 
+    def _shares(self) -> tuple[str, ...]:
+        """The function's shared stores, then its system's."""
+        system_shares = getattr(self.system, "share", ())
+        return tuple(dict.fromkeys(self.share + tuple(system_shares)))
+
     def _shared_hit(self, request: dict) -> dict | None:
         """A COMPLETED run of the request's name and fingerprint in a shared store, as a
         reply with ``action="shared"``; None when no store has one."""
@@ -355,7 +360,7 @@ class RemoteFunction:
         from .systems.storage import StorageSystem
 
         name = request["name"]
-        for url in self.share:
+        for url in self._shares():
             store = StorageSystem(url)
             folder = store.folder(name)
             reply = store.status(name, want_outcome=True)
@@ -384,7 +389,7 @@ class RemoteFunction:
     def _publish(self, run: Run) -> None:
         """Copy a run this function executed to its shared stores. A store that already
         holds another run of the name (a teammate was first) keeps it."""
-        for url in self.share:
+        for url in self._shares():
             try:
                 run.to(url)
             except RunExistsError:
@@ -506,19 +511,6 @@ def function(
     if fn is None:
         return lambda f: RemoteFunction(f, **options)
     return RemoteFunction(fn, **options)
-
-
-def _share_list(share: Any) -> tuple[str, ...]:
-    if share is None:
-        return ()
-    items = [share] if isinstance(share, str) or not isinstance(share, Iterable) else share
-    urls = []
-    for item in items:
-        url = getattr(item, "url", item)
-        if not isinstance(url, str):
-            raise TypeError(f"share= takes folder URLs (or storage systems), not {item!r}")
-        urls.append(url.rstrip("/"))
-    return tuple(urls)
 
 
 def _loads_shared(reply: dict) -> Any:

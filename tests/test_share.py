@@ -61,3 +61,12 @@ def test_a_shared_run_from_other_arguments_is_not_used(s3, marker, tmp_path):
     assert other.get_or_call(marker, 2, run_name="argued") == 4  # executed, not taken
     assert tasks.executions(marker) == 2
     assert rr.run(path=f"{s3}/team/argued").result() == 2  # the first publisher's kept
+
+
+def test_a_system_shares_for_every_function_on_it(s3, marker, tmp_path):
+    alice = rr.LocalSystem(root=str(tmp_path / "alice"), share=f"{s3}/team")
+    bob = rr.LocalSystem(root=str(tmp_path / "bob"), share=[f"{s3}/team"])
+    assert rr.function(tasks.record_call, system=alice).get_or_call(marker, 3, run_name="s") == 6
+    assert rr.function(tasks.record_call, system=bob).get_or_call(marker, 3, run_name="s") == 6
+    assert tasks.executions(marker) == 1
+    assert not (tmp_path / "bob" / "s").exists()

@@ -49,6 +49,9 @@ class System:
     name: str = "system"
     #: Whether this system can execute functions and commands.
     executes: bool = False
+    #: Shared stores (folder URLs) that every function on this system looks in on a
+    #: cache miss and publishes its runs to, after its own ``share=``.
+    share: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ primitives
 
@@ -187,6 +190,20 @@ class System:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} root={self.root!r}>"
+
+
+def share_list(share: Any) -> tuple[str, ...]:
+    """``share=`` as a tuple of folder URLs (one URL, a storage system, or a list)."""
+    if share is None:
+        return ()
+    items = [share] if isinstance(share, str) or not hasattr(share, "__iter__") else share
+    urls = []
+    for item in items:
+        url = getattr(item, "url", item)
+        if not isinstance(url, str):
+            raise TypeError(f"share= takes folder URLs (or storage systems), not {item!r}")
+        urls.append(url.rstrip("/"))
+    return tuple(urls)
 
 
 def unknown_system(spec: object) -> RemoterunError:

@@ -13,12 +13,12 @@ import subprocess
 import sys
 import threading
 import weakref
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import fsspec
 
 from ..errors import SystemUnavailableError
-from .base import System
+from .base import System, share_list
 from .connection import AgentConnection, ConnectionPool
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,8 +52,16 @@ class LocalSystem(System):
 
     executes = True
 
-    def __init__(self, *, root: str | None = None, python: str | None = None, max_idle: int = 8):
+    def __init__(
+        self,
+        *,
+        root: str | None = None,
+        python: str | None = None,
+        max_idle: int = 8,
+        share: Any = None,
+    ):
         self.name = "here"
+        self.share = share_list(share)
         self._root = root
         self._python = python or sys.executable
         self._pool = ConnectionPool(self._open_agent, max_idle=max_idle)
@@ -64,7 +72,7 @@ class LocalSystem(System):
     def __reduce__(self) -> tuple:
         if self is _default:
             return (local, ())
-        return (_rebuild, (self._root, self._python))
+        return (_rebuild, (self._root, self._python, self.share))
 
     @property
     def root(self) -> str:
@@ -145,8 +153,8 @@ class LocalSystem(System):
         self._pool.close()
 
 
-def _rebuild(root: str | None, python: str) -> LocalSystem:
-    return LocalSystem(root=root, python=python)
+def _rebuild(root: str | None, python: str, share: tuple = ()) -> LocalSystem:
+    return LocalSystem(root=root, python=python, share=share)
 
 
 _default: LocalSystem | None = None

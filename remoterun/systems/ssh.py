@@ -30,7 +30,7 @@ import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
 from ..errors import AgentError, HostKeyError, SystemUnavailableError
-from .base import System
+from .base import System, share_list
 from .connection import AgentConnection, ConnectionPool
 
 if TYPE_CHECKING:
@@ -751,6 +751,7 @@ class SSHCluster(System):
         ssh_config: str | None = None,
         max_sessions: int = 10,
         proxy_jump: str | None = None,
+        share: Any = None,
     ):
         """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
         or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
@@ -772,6 +773,8 @@ class SSHCluster(System):
                 ``"none"`` ignores a ProxyJump from ~/.ssh/config. Each hop's own
                 ~/.ssh/config entry and known_hosts apply.
             ssh_config: the ssh_config file to read instead of ~/.ssh/config.
+            share: shared stores (folder URLs) for every function run here: see
+                ``rr.function(share=...)``.
         """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")
@@ -795,7 +798,10 @@ class SSHCluster(System):
             max_sessions=max_sessions,
             proxy_jump=proxy_jump,
         )
-        self._options = dict(common, host=host, hosts=list(hosts) if hosts else None)
+        self.share = share_list(share)
+        self._options = dict(
+            common, host=host, hosts=list(hosts) if hosts else None, share=list(self.share)
+        )
         self.hosts = [SSHHost(name, **_host_options(entry, common)) for entry in aliases]
 
     def __reduce__(self) -> tuple:
