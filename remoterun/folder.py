@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import secrets
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .agent import layout
@@ -84,9 +85,9 @@ class RunFolder:
             return self.fs.cat_file(self.file(filename))
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except storage_errors() as exc:
             raise RunStorageError(
-                f"cannot read {self.fs.unstrip_protocol(self.file(filename))}: {exc}"
+                f"cannot read {self.fs.unstrip_protocol(self.file(filename))}: {_why(exc)}"
             ) from exc
 
     def read_config(self) -> dict | None:
@@ -104,8 +105,8 @@ class RunFolder:
             found = self.fs.cat(paths, on_error="omit")
         except FileNotFoundError:
             found = {}
-        except OSError as exc:
-            raise RunStorageError(f"cannot read {self.url}: {exc}") from exc
+        except storage_errors() as exc:
+            raise RunStorageError(f"cannot read {self.url}: {_why(exc)}") from exc
         found = {posixpath.basename(k): v for k, v in found.items()}
         data = found.get(layout.CONFIG)
         config = None if data is None else json.loads(data)
@@ -247,10 +248,10 @@ def copy_folder(
                     "the run's config was not written there: copy again"
                 )
         dst.write_bytes(layout.CONFIG, config_bytes)
-    except OSError as exc:
+    except storage_errors() as exc:
         if isinstance(exc, RunStorageError):
             raise
-        raise RunStorageError(f"cannot copy {src.url} to {dst.url}: {exc}") from exc
+        raise RunStorageError(f"cannot copy {src.url} to {dst.url}: {_why(exc)}") from exc
     finally:
         if bar is not None:
             bar.close()
@@ -290,6 +291,29 @@ def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, bar: Any) -> None:
             dst_fs.put_file(staged, dst)
     if bar is not None:
         bar.update(src_fs.size(src))
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a filesystem backend raises for a storage failure: OSError, and botocore's
+    own errors, which s3fs lets through for missing credentials or a bad endpoint. (An
+    ``except`` evaluates this only once an exception is being matched.)"""
+    errors: list[type[BaseException]] = [OSError]
+    if "botocore" in sys.modules:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    return tuple(errors)
+
+
+def _why(exc: BaseException) -> str:
+    text = f"{exc}" or type(exc).__name__
+    if "credentials" in text.lower():
+        profile = os.environ.get("AWS_PROFILE") or "default"
+        text += (
+            f" (profile {profile!r}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE, or pass storage_options={'key': ..., 'secret': ...}"
+        )
+    return text
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

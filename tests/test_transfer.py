@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import remote_tasks as tasks
-from conftest import make_cluster
+from conftest import client_env, make_cluster
 
 import remoterun as rr
 from remoterun import folder as folder_module
@@ -184,3 +186,30 @@ def test_a_host_without_s3fs_has_the_client_copy(ssh_server, s3, marker, caplog)
         _same_run(copy, original)
     finally:
         cluster.close()
+
+
+def test_no_credentials_names_the_bucket_and_the_profile(moto_server, tmp_path):
+    env = client_env()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        env.pop(key, None)
+    env.update(
+        REMOTERUN_HOME=str(tmp_path / "home"),
+        AWS_ENDPOINT_URL=moto_server.endpoint_url,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",  # never ask an instance metadata address
+        AWS_PROFILE="team",
+    )
+    code = (
+        "import remoterun as rr, remote_tasks as t\n"
+        "rr.function(t.add)(1, run_name='nocred')\n"
+        "try:\n"
+        "    rr.local().get_run('nocred').to('s3://locked-bucket/runs')\n"
+        "except rr.RunStorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "s3://locked-bucket/runs/nocred" in done.stdout, done.stderr
+    assert "profile" in done.stdout and "team" in done.stdout
