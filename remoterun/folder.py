@@ -102,12 +102,18 @@ class RunFolder:
             return {"config": self.read_config()}
         paths = [self.file(f) for f in (layout.CONFIG, layout.RESULT, layout.ERROR)]
         try:
-            found = self.fs.cat(paths, on_error="omit")
+            got = self.fs.cat(paths, on_error="return")
         except FileNotFoundError:
-            found = {}
+            got = {}
         except storage_errors() as exc:
             raise RunStorageError(f"cannot read {self.url}: {_why(exc)}") from exc
-        found = {posixpath.basename(k): v for k, v in found.items()}
+        found = {}
+        for key, value in got.items():
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, BaseException):  # credentials, permissions, network
+                raise RunStorageError(f"cannot read {self.url}: {_why(value)}") from value
+            found[posixpath.basename(key)] = value
         data = found.get(layout.CONFIG)
         config = None if data is None else json.loads(data)
         reply: dict = {"config": config}
@@ -211,6 +217,13 @@ def copy_folder(
             )
         try:
             dst.fs.rm(dst.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    elif existing is not None:
+        # The same run, copied before: its files are about to be rewritten in place, so
+        # its record goes first; it comes back last, as on a first copy.
+        try:
+            dst.fs.rm_file(dst.file(layout.CONFIG))
         except FileNotFoundError:
             pass
     try:

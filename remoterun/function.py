@@ -348,20 +348,23 @@ class RemoteFunction:
 
     # ------------------------------------------------------------------ shared stores
 
-    def _shares(self) -> tuple[str, ...]:
+    def _shares(self) -> list[System]:
         """The function's shared stores, then its system's."""
-        system_shares = getattr(self.system, "share", ())
-        return tuple(dict.fromkeys(self.share + tuple(system_shares)))
+        from .systems.storage import StorageSystem
+
+        pairs = dict(self.share)
+        for url, options in getattr(self.system, "share", ()):
+            pairs.setdefault(url, options)
+        return [StorageSystem(url, **options) for url, options in pairs.items()]
 
     def _shared_hit(self, request: dict) -> dict | None:
         """A COMPLETED run of the request's name and fingerprint in a shared store, as a
         reply with ``action="shared"``; None when no store has one."""
         from .agent.worker import fingerprint_differences
-        from .systems.storage import StorageSystem
 
         name = request["name"]
-        for url in self._shares():
-            store = StorageSystem(url)
+        for store in self._shares():
+            url = store.url
             folder = store.folder(name)
             reply = store.status(name, want_outcome=True)
             config = reply.get("config")
@@ -389,13 +392,13 @@ class RemoteFunction:
     def _publish(self, run: Run) -> None:
         """Copy a run this function executed to its shared stores. A store that already
         holds another run of the name (a teammate was first) keeps it."""
-        for url in self._shares():
+        for store in self._shares():
             try:
-                run.to(url)
+                run.to(store)  # into <url>/<name>, with the store's storage options
             except RunExistsError:
-                logger.info("%s already holds a run named %s: kept", url, run.name)
+                logger.info("%s already holds a run named %s: kept", store.url, run.name)
             except RemoterunError as exc:
-                logger.warning("could not publish run %s to %s: %s", run.name, url, exc)
+                logger.warning("could not publish run %s to %s: %s", run.name, store.url, exc)
 
     def _run_handle(self, reply: dict) -> Run:
         system = reply["system"]

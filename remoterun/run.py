@@ -327,7 +327,8 @@ class Run:
         target, folder = _destination(system, path, self.name, storage_options or {})
         if folder.url == self.url:
             return self
-        if not self._copy_from_host(folder, storage_options or {}, overwrite):
+        options = storage_options or getattr(target, "storage_options", None) or {}
+        if not self._copy_from_host(folder, options, overwrite):
             copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
         return Run(folder, target)
 
@@ -335,7 +336,11 @@ class Run:
         """Copy from the run's own host straight to an object store, when the run is on a
         cluster and the host can reach the store; whether that was done."""
         copy_direct = getattr(self.system, "copy_direct", None)
-        if copy_direct is None or _is_local(folder.fs) or "memory" in _protocols(folder.fs):
+        if (
+            copy_direct is None
+            or not set(_protocols(folder.fs)) & _OBJECT_STORES
+            or posixpath.basename(self.folder.path) != self.name  # an archived attempt
+        ):
             return False
         import logging  # here, not at import: `import remoterun` stays light
 
@@ -400,6 +405,11 @@ def _destination(
             f"name: {root}/{base}/{name}, or {root}/{name}"
         )
     return target, target.folder(name, root)
+
+
+# Destinations a cluster host may write to itself. Never another SSH host: the host's own
+# fsspec would connect there without this client's host-key checks or ProxyJump.
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -70,3 +70,13 @@ def test_a_system_shares_for_every_function_on_it(s3, marker, tmp_path):
     assert rr.function(tasks.record_call, system=bob).get_or_call(marker, 3, run_name="s") == 6
     assert tasks.executions(marker) == 1
     assert not (tmp_path / "bob" / "s").exists()
+
+
+def test_a_share_root_named_like_the_run_holds_it_one_level_down(s3, moto_server, marker):
+    from remoterun.systems.storage import StorageSystem
+
+    store = StorageSystem(f"{s3}/prep", **moto_server.storage_options())
+    fn = rr.function(tasks.record_call, share=store)
+    assert fn.get_or_call(marker, 4, run_name="prep") == 8
+    assert rr.run(path=f"{s3}/prep/prep").result() == 8
+    assert fn.share == ((f"{s3}/prep", moto_server.storage_options()),)

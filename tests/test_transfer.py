@@ -153,7 +153,7 @@ def test_copy_keeps_the_record_byte_for_byte(tmp_path):
 
 
 def test_a_host_that_reaches_s3_copies_without_the_client(
-    ssh_server, moto_server, s3, marker, caplog
+    ssh_server, moto_server, s3, marker, caplog, tmp_path
 ):
     import sysconfig
 
@@ -171,6 +171,12 @@ def test_a_host_that_reaches_s3_copies_without_the_client(
         assert "copied trip to" in caplog.text and "itself" in caplog.text
         assert "through this process" not in caplog.text  # no bytes through the client
         _same_run(copy, original)
+        # Another run of the name there is refused from the host as it is from here.
+        options = moto_server.storage_options()
+        rr.function(tasks.add, system=rr.LocalSystem(root=str(tmp_path / "o")))(1, run_name="trip")
+        rr.LocalSystem(root=str(tmp_path / "o")).get_run("trip").to(f"{s3}/taken/trip")
+        with pytest.raises(rr.RunExistsError, match="overwrite=True"):
+            original.to(f"{s3}/taken/trip", storage_options=options)
     finally:
         cluster.close()
 

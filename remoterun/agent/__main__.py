@@ -273,7 +273,8 @@ class Agent:
             config = copy_folder(src, dst, overwrite=request["overwrite"], progress=False)
         except Exception as exc:
             if type(exc).__name__ in ("RunExistsError", "RunNotFoundError"):
-                raise  # the client's copy would say the same
+                # The client's copy would say the same: it raises this as its own type.
+                return {"copied": False, "refused": type(exc).__name__, "why": str(exc)}
             return {"copied": False, "why": f"{type(exc).__name__}: {exc}"}
         return {"copied": True, "config": config}
 

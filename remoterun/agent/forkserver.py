@@ -3,32 +3,45 @@
 The agent runs synchronous calls in its own process, and what they leave behind
 (imported modules, ``os.environ``, the working directory, threads, a CUDA context, which
 does not survive a fork) must not reach the recorded runs it starts later. So the agent
-forks this server first thing, before any user code runs; workers are forked from it
-ahead of need (a *spare*, waiting for its run), and it reaps them and reports how they
-exited.
+starts this server as a new interpreter (``python -m remoterun.agent.forkserver FD``),
+never as a fork of itself; workers are forked from it ahead of need (a *spare*, waiting
+for its run), and it reaps them and reports how they exited.
 
 Messages go over a ``SOCK_SEQPACKET`` socket pair, one datagram each. To the server:
 ``b"s"``, fork a spare. To the agent: ``b"spare <pid> <start time>"`` with two fds (the
 write end of the spare's request pipe and the read end of its done pipe), and
-``b"exit <pid> <wait status>"``.
+``b"exit <pid> <wait status>"``, and ``b"fail 0 <errno>"`` when it could not fork.
+A start time of ``-`` means unknown.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import queue
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from typing import Callable
 
 from . import protocol
 from .worker import _open_fds, _spare_main, process_start_time
 
 _MESSAGE = 64
+# What the agent started with, before any user code ran: the server, and so every
+# worker, gets these, even a server started again after the first one died.
+_START_ENV = dict(os.environ)
+_START_CWD = os.getcwd()
+_START_PATH = list(sys.path)
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
+    "from remoterun.agent.forkserver import main; main()"
+)
 ExitCallback = Callable[[int, int], None]
 
 
@@ -46,9 +59,9 @@ class SpareWorker:
         self.done_fd = done_fd
 
     def alive(self) -> bool:
-        if self.proc_start is None or self._server.exited(self.pid):
+        if self._server.exited(self.pid):
             return False
-        return process_start_time(self.pid) == self.proc_start
+        return process_start_time(self.pid) == self.proc_start is not None
 
     def hand_over(self, request: dict) -> None:
         """Send the run's request; the worker starts on it at once."""
@@ -85,24 +98,25 @@ class ForkServer:
 
     def __init__(self) -> None:
         agent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        pid = os.fork()
-        if pid == 0:  # the server
-            code = 1
-            try:
-                agent_end.close()
-                code = _serve(server_end)
-            finally:
-                os._exit(code)
-        server_end.close()
-        self.pid = pid
+        # The new interpreter imports what this one did, from where it did: its sys.path
+        # is set from the agent's, not through PYTHONPATH, which runs would inherit.
+        command = [sys.executable, "-c", _BOOT, str(server_end.fileno()), json.dumps(_START_PATH)]
+        try:
+            self._proc = subprocess.Popen(
+                command,
+                pass_fds=[server_end.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=_START_ENV,
+                cwd=_START_CWD,
+            )
+        finally:
+            server_end.close()
+        self.pid = self._proc.pid
         self._sock = agent_end
         self._lock = threading.Lock()
-        self._spares: queue.Queue[SpareWorker | None] = queue.Queue()
+        self._spares: queue.Queue[SpareWorker | OSError | None] = queue.Queue()
         self._asked = False  # a spare is on its way
         self._exits: dict[int, int] = {}  # exits of workers nobody watches yet
         self._watchers: dict[int, ExitCallback] = {}
@@ -130,6 +144,8 @@ class ForkServer:
                 spare = self._spares.get()
             if spare is None:
                 raise ForkServerGone("the agent's fork server has exited")
+            if isinstance(spare, OSError):
+                raise spare
             if spare.alive():
                 return spare
             spare.discard()
@@ -150,20 +166,38 @@ class ForkServer:
             return pid in self._exits
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        finally:
+            self._lost()
+
+    def _read_messages(self) -> None:
         while True:
             try:
                 message, fds, _, _ = socket.recv_fds(self._sock, _MESSAGE, 2)
             except OSError:
-                message, fds = b"", []
+                return
             if not message:
-                break
+                return
+            for fd in fds:  # received fds are inheritable: keep them out of subprocesses
+                os.set_inheritable(fd, False)
             kind, pid_text, value = message.split()
             pid = int(pid_text)
             if kind == b"spare":
-                spare = SpareWorker(self, pid, int(value) or None, fds[0], fds[1])
+                if len(fds) != 2:
+                    for fd in fds:
+                        _close(fd)
+                    raise RuntimeError("the fork server sent a spare without its pipes")
+                start = None if value == b"-" else int(value)
+                spare = SpareWorker(self, pid, start, fds[0], fds[1])
                 with self._lock:
                     self._asked = False
                 self._spares.put(spare)
+            elif kind == b"fail":
+                with self._lock:
+                    self._asked = False
+                errno = int(value)
+                self._spares.put(OSError(errno, f"cannot fork a worker: {os.strerror(errno)}"))
             elif kind == b"exit":
                 with self._lock:
                     on_exit = self._watchers.pop(pid, None)
@@ -173,12 +207,30 @@ class ForkServer:
                     threading.Thread(
                         target=on_exit, args=(pid, int(value)), name=f"reap-{pid}", daemon=True
                     ).start()
-        self._lost()
 
     def _lost(self) -> None:
         with self._lock:
+            if self.gone:
+                return
             self.gone = True
+            watchers, self._watchers = self._watchers, {}
         self._spares.put(None)  # wakes a take() waiting for a spare that will never come
+        try:
+            self._proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+        # Nobody reports these workers' exits any more: watch for them by polling.
+        for pid, on_exit in watchers.items():
+            threading.Thread(
+                target=_poll_exit, args=(pid, on_exit), name=f"poll-{pid}", daemon=True
+            ).start()
+
+
+def _poll_exit(pid: int, on_exit: ExitCallback) -> None:
+    start = process_start_time(pid)
+    while start is not None and process_start_time(pid) == start:
+        time.sleep(0.1)
+    on_exit(pid, -1)
 
 
 class ForkServerGone(RuntimeError):
@@ -217,7 +269,13 @@ def _serve(sock: socket.socket) -> int:
         if sock in readable:
             if not sock.recv(_MESSAGE):
                 return 0  # the agent has exited; running workers carry on without us
-            _fork_spare(sock, (wake_r, wake_w))
+            try:
+                _fork_spare(sock, (wake_r, wake_w))
+            except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: say so, and go on serving
+                try:
+                    sock.send(f"fail 0 {exc.errno or 0}".encode())
+                except OSError:
+                    return 1
 
 
 def _reap(sock: socket.socket) -> None:
@@ -236,8 +294,18 @@ def _reap(sock: socket.socket) -> None:
 
 def _fork_spare(sock: socket.socket, wake: tuple[int, int]) -> None:
     req_r, req_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
+    try:
+        done_r, done_w = os.pipe()
+    except OSError:
+        os.close(req_r)
+        os.close(req_w)
+        raise
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (req_r, req_w, done_r, done_w):
+            os.close(fd)
+        raise
     if pid == 0:  # the spare
         code = 1
         try:
@@ -251,9 +319,10 @@ def _fork_spare(sock: socket.socket, wake: tuple[int, int]) -> None:
             os._exit(code)
     os.close(req_r)
     os.close(done_w)
-    start = process_start_time(pid) or 0
+    start = process_start_time(pid)
+    text = "-" if start is None else str(start)
     try:
-        socket.send_fds(sock, [f"spare {pid} {start}".encode()], [req_w, done_r])
+        socket.send_fds(sock, [f"spare {pid} {text}".encode()], [req_w, done_r])
     except OSError:
         pass  # the agent is gone; the spare exits on EOF
     os.close(req_w)
@@ -284,3 +353,8 @@ def take_spare() -> SpareWorker:
 def prepare_spare() -> None:
     """Have the next spare forked; the agent calls this after replying, off the clock."""
     server().prepare()
+
+
+def main() -> None:
+    """Entry point of the server's interpreter: ``sys.argv[1]`` is its socket's fd."""
+    sys.exit(_serve(socket.socket(fileno=int(sys.argv[1]))))

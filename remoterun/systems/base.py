@@ -51,7 +51,7 @@ class System:
     executes: bool = False
     #: Shared stores (folder URLs) that every function on this system looks in on a
     #: cache miss and publishes its runs to, after its own ``share=``.
-    share: tuple[str, ...] = ()
+    share: tuple[tuple[str, dict], ...] = ()
 
     # ------------------------------------------------------------------ primitives
 
@@ -192,18 +192,34 @@ class System:
         return f"<{type(self).__name__} {self.name!r} root={self.root!r}>"
 
 
-def share_list(share: Any) -> tuple[str, ...]:
-    """``share=`` as a tuple of folder URLs (one URL, a storage system, or a list)."""
+def share_list(share: Any) -> tuple[tuple[str, dict], ...]:
+    """``share=`` as ``((url, storage_options), ...)``: it takes a folder URL, a storage
+    system (``rr.systems.storage.StorageSystem(url, endpoint_url=...)``, whose options are
+    kept), a ``(url, options)`` pair, or a list of these."""
     if share is None:
         return ()
-    items = [share] if isinstance(share, str) or not hasattr(share, "__iter__") else share
-    urls = []
-    for item in items:
-        url = getattr(item, "url", item)
-        if not isinstance(url, str):
-            raise TypeError(f"share= takes folder URLs (or storage systems), not {item!r}")
-        urls.append(url.rstrip("/"))
-    return tuple(urls)
+    single = isinstance(share, str) or not hasattr(share, "__iter__") or _is_pair(share)
+    found: dict[str, dict] = {}
+    for item in [share] if single else share:
+        if isinstance(item, str):
+            url, options = item, {}
+        elif _is_pair(item):
+            url, options = item[0], dict(item[1])
+        elif isinstance(getattr(item, "url", None), str):
+            url, options = item.url, dict(getattr(item, "storage_options", {}) or {})
+        else:
+            raise TypeError(f"share= takes folder URLs or storage systems, not {item!r}")
+        found.setdefault(url.rstrip("/"), options)
+    return tuple(found.items())
+
+
+def _is_pair(item: Any) -> bool:
+    return (
+        isinstance(item, (list, tuple))
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], dict)
+    )
 
 
 def unknown_system(spec: object) -> RemoterunError:

@@ -144,11 +144,7 @@ class ConnectionPool:
         conn = self._take()
         try:
             if conn is None:
-                try:
-                    conn = self._opener()
-                except BaseException:
-                    self._give_back(None)
-                    raise
+                conn = self._opener()  # on failure, the finally below gives the slot back
             yield conn
         finally:
             self._give_back(conn)

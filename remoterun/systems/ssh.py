@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
-from ..errors import AgentError, HostKeyError, SystemUnavailableError
+from ..errors import (
+    AgentError,
+    HostKeyError,
+    RunExistsError,
+    RunNotFoundError,
+    SystemUnavailableError,
+)
 from .base import System, share_list
 from .connection import AgentConnection, ConnectionPool
 
@@ -246,8 +252,10 @@ class SSHHost(System):
         max_sessions: int = 10,
         proxy_jump: str | None = None,
     ):
-        if max_sessions < 2:
-            raise ValueError("max_sessions must be at least 2 (one SFTP, one agent)")
+        if max_sessions < 3:
+            raise ValueError(
+                "max_sessions must be at least 3 (one for SFTP, one for control, one agent)"
+            )
         self.alias = alias
         self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
         self.endpoint = _endpoint(alias, user, port, key, ssh_config, self.known_hosts)
@@ -277,10 +285,11 @@ class SSHHost(System):
         self._python_abs: str | None = None
         self.facts: dict = {}
         self.down_until = 0.0
-        # One session of the connection is SFTP's; the rest may be agents.
+        # One session of the connection is SFTP's, one is kept for control (stopping an
+        # agent whose call was interrupted); the rest may be agents.
         self.max_sessions = max_sessions
         self._pool = ConnectionPool(
-            self._open_agent, max_idle=max_sessions - 1, max_open=max_sessions - 1
+            self._open_agent, max_idle=max_sessions - 2, max_open=max_sessions - 2
         )
 
     def __repr__(self) -> str:
@@ -306,7 +315,7 @@ class SSHHost(System):
     def parallelism(self) -> int:
         if not self.facts:
             self._request({"op": "ping"})
-        return min(self.cpus, self.max_sessions - 1)
+        return min(self.cpus, self.max_sessions - 2)
 
     # ------------------------------------------------------------------ connecting
 
@@ -506,6 +515,10 @@ class SSHHost(System):
             "overwrite": overwrite,
         }
         reply = self.request(op, run_name=name)
+        if reply.get("refused") == "RunExistsError":
+            raise RunExistsError(reply["why"])
+        if reply.get("refused") == "RunNotFoundError":
+            raise RunNotFoundError(reply["why"])
         return None if reply["copied"] else reply["why"]
 
     # ------------------------------------------------------------------ storage
@@ -800,7 +813,10 @@ class SSHCluster(System):
         )
         self.share = share_list(share)
         self._options = dict(
-            common, host=host, hosts=list(hosts) if hosts else None, share=list(self.share)
+            common,
+            host=host,
+            hosts=list(hosts) if hosts else None,
+            share=[list(p) for p in self.share],
         )
         self.hosts = [SSHHost(name, **_host_options(entry, common)) for entry in aliases]
 
