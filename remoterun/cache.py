@@ -149,15 +149,201 @@ def _code_digest(code: types.CodeType, out: Any, skip_doc: bool) -> None:
             out.update(repr(const).encode())
 
 
-def code_fingerprint(fn: Callable) -> str:
-    """A digest of the function's own bytecode: comments, docstring and line numbers do
-    not count, anything else in the function's body does."""
-    fn = inspect.unwrap(fn)
-    code = getattr(fn, "__code__", None)
+@functools.lru_cache(maxsize=4096)
+def _own_digest(code: types.CodeType, skip_doc: bool) -> str:
     h = _hasher()
-    if code is None:
-        h.update(f"{type(fn).__module__}.{type(fn).__qualname__}".encode())
-    else:
-        h.update(f"{fn.__module__}.{fn.__qualname__}".encode())
-        _code_digest(code, h, skip_doc=fn.__doc__ is not None)
+    _code_digest(code, h, skip_doc)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def library_prefixes() -> tuple[str, ...]:
+    """Folders of installed code: the stdlib and site-packages of this interpreter."""
+    import os
+    import sys
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    prefixes = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _library(module_name: str) -> str | None:
+    """``"<package> <version>"`` when ``module_name`` is library code (stdlib, installed
+    packages, remoterun itself), else None: the user's own code, fingerprinted by content."""
+    import os
+    import sys
+
+    top = module_name.split(".")[0]
+    if top in ("builtins", "remoterun") or top in getattr(sys, "stdlib_module_names", ()):
+        return f"{top} {_version_of(top)}"
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if module_name == "__main__" or not path:
+        return None if module_name == "__main__" or module is None else f"{top} builtin"
+    if os.path.realpath(path).startswith(library_prefixes()):
+        return f"{top} {_version_of(top)}"
+    return None
+
+
+def _version_of(top: str) -> str:
+    import sys
+
+    if top in getattr(sys, "stdlib_module_names", ()) or top == "builtins":
+        return "python " + ".".join(map(str, sys.version_info[:2]))
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib import metadata
+
+        return metadata.version(top)
+    except Exception:
+        return "?"
+
+
+_SIMPLE = (int, float, complex, str, bytes, bool, type(None), frozenset, tuple, list, dict, set)
+
+
+class _Walk:
+    """What a function's code reaches: each user function and class by its normalised
+    code, module-level constants by value, library code by package and version."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, str] = {}
+        self._seen: set[int] = set()
+
+    def visit(self, obj: Any, where: str = "") -> None:
+        if isinstance(obj, (staticmethod, classmethod)):
+            obj = obj.__func__
+        if isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        if isinstance(obj, property):
+            for part in (obj.fget, obj.fset, obj.fdel):
+                if part is not None:
+                    self.visit(part)
+            return
+        if isinstance(obj, functools.partial):
+            self.visit(obj.func)
+            self._value(f"{where}<partial args>", (obj.args, obj.keywords))
+            return
+        if id(obj) in self._seen:
+            return
+        if isinstance(obj, types.FunctionType):
+            self._seen.add(id(obj))
+            self._function(obj)
+        elif isinstance(obj, type):
+            self._seen.add(id(obj))
+            self._class(obj)
+        elif isinstance(obj, types.ModuleType):
+            library = _library(obj.__name__)
+            if library is not None:
+                self.components[f"lib:{library.split()[0]}"] = library
+        elif isinstance(obj, types.BuiltinFunctionType):
+            module = getattr(obj, "__module__", None) or "builtins"
+            library = _library(module)
+            if library is not None:
+                self.components[f"lib:{library.split()[0]}"] = library
+
+    def _function(self, fn: types.FunctionType) -> None:
+        module = fn.__module__ or "?"
+        library = _library(module)
+        if library is not None:
+            self.components[f"lib:{library.split()[0]}"] = library
+            return
+        key = f"{module}.{fn.__qualname__}"
+        code = fn.__code__
+        self.components[key] = _own_digest(code, fn.__doc__ is not None)
+        defaults = (fn.__defaults__, fn.__kwdefaults__)
+        if defaults != (None, None):
+            self._value(f"{key}<defaults>", defaults)
+        names = set(_names(code))
+        globals_ = fn.__globals__
+        for name in sorted(names):
+            if name not in globals_:
+                continue
+            value = globals_[name]
+            if isinstance(value, types.ModuleType) and _library(value.__name__) is None:
+                # A module of the user's own: follow the attributes the code reads.
+                for attr in sorted(names):
+                    if attr in vars(value):
+                        self._global(value.__name__, attr, vars(value)[attr])
+            else:
+                self._global(module, name, value)
+        for i, cell in enumerate(fn.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            self._global(module, f"{fn.__qualname__}<closure {i}>", value)
+
+    def _class(self, cls: type) -> None:
+        module = cls.__module__ or "?"
+        library = _library(module)
+        if library is not None:
+            self.components[f"lib:{library.split()[0]}"] = library
+            return
+        key = f"{module}.{cls.__qualname__}"
+        bases = [f"{b.__module__}.{b.__qualname__}" for b in cls.__bases__]
+        self.components[key] = _digest((bases, sorted(vars(cls)))).hex()
+        for base in cls.__bases__:
+            self.visit(base)
+        for name, attr in sorted(vars(cls).items()):
+            dunder = name.startswith("__") and name.endswith("__")
+            if isinstance(attr, (types.FunctionType, staticmethod, classmethod, property)):
+                self.visit(attr)
+            elif isinstance(attr, _SIMPLE) and not dunder:  # __module__, __doc__: not code
+                self._value(f"{key}.{name}", attr)
+
+    def _global(self, module: str, name: str, value: Any) -> None:
+        if isinstance(value, (types.FunctionType, type, types.ModuleType, functools.partial)):
+            self.visit(value, f"{module}.{name}")
+        elif isinstance(value, (types.BuiltinFunctionType, types.MethodType)):
+            self.visit(value)
+        elif isinstance(value, _SIMPLE):
+            self._value(f"{module}.{name}", value)
+        else:  # an instance: its class's code counts, not its state
+            self.visit(type(value))
+
+    def _value(self, key: str, value: Any) -> None:
+        try:
+            self.components[key] = value_fingerprint(value)
+        except Exception:
+            self.components[key] = f"unhashable {type(value).__qualname__}"
+
+
+def _names(code: types.CodeType) -> Iterable[str]:
+    yield from code.co_names
+    yield from code.co_freevars
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)
+
+
+def code_components(fn: Callable) -> dict[str, str]:
+    """``{component: digest}`` of everything the function's code reaches, transitively:
+    ``module.qualname`` of each user function and class (bytecode, names and constants;
+    comments, docstrings and line numbers do not count), ``module.NAME`` of each
+    module-level constant it reads (by value), and ``lib:<package>`` (by version) for
+    stdlib and installed code, which is not looked into."""
+    walk = _Walk()
+    target = inspect.unwrap(fn)
+    if not isinstance(target, (types.FunctionType, type, functools.partial)):
+        target = type(target)  # a callable instance: its class's code
+    walk.visit(target)
+    return walk.components
+
+
+def code_fingerprint(fn: Callable, components: dict[str, str] | None = None) -> str:
+    """One digest of :func:`code_components`, named after the function itself, so that
+    identical functions in two modules do not share cached runs."""
+    target = inspect.unwrap(fn)
+    parts = code_components(target) if components is None else components
+    h = _hasher()
+    name = getattr(target, "__qualname__", type(target).__qualname__)
+    h.update(f"{getattr(target, '__module__', '?')}.{name}\n".encode())
+    for key in sorted(parts):
+        h.update(f"{key}={parts[key]}\n".encode())
     return h.hexdigest()

@@ -29,11 +29,12 @@ from .errors import (
     RemoterunError,
     RunExistsError,
     RunNotFinishedError,
+    RunNotFoundError,
     SerializationError,
     exception_from_record,
 )
 from .folder import check_run_name
-from .run import Run, _loads, failure_from_config
+from .run import Run, RunStatus, _loads, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output, share_list
 from .systems.connection import AgentConnection, AgentFailure
@@ -56,6 +57,7 @@ class RemoteFunction:
         on_mismatch: str = "error",
         ignore: Sequence[str] = (),
         share: Any = None,
+        version: str | None = None,
     ):
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
@@ -76,7 +78,7 @@ class RemoteFunction:
         self._system: System | None = None
         self._run_type = "function"
         self._cmds: list[str] = []
-        self._code_fingerprint: str | None = None
+        self.version = version
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {self.name} on {self._system_spec or 'here'}>"
@@ -88,6 +90,7 @@ class RemoteFunction:
             "on_mismatch": self.on_mismatch,
             "ignore": self.ignore,
             "share": self.share,
+            "version": self.version,
         }
         return (_rebuild, (self.fn, self._system_spec, options))
 
@@ -108,6 +111,7 @@ class RemoteFunction:
             on_mismatch=self.on_mismatch,
             ignore=self.ignore,
             share=self.share,
+            version=self.version,
         )
         return other
 
@@ -166,6 +170,33 @@ class RemoteFunction:
         if reply["action"] == "start" and self._shares():
             run._on_completed = self._publish  # published once it has COMPLETED
         return run
+
+    def explain(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Explanation:
+        """Whether ``get_or_call(*args, **kwargs)`` would be a cache hit, and if not, what
+        changed against the nearest earlier COMPLETED run of this function: which
+        function or constant of the code, which argument, the version. Executes nothing.
+        """
+        name = self._cached_name(args, kwargs, run_name)
+        system = self.system.placement(name)
+        wanted = self._record(args, kwargs, system)["fingerprint"]
+        try:
+            run = system.get_run(name)
+        except RunNotFoundError:
+            run = None
+        if run is not None and run.status is RunStatus.COMPLETED:
+            reasons = _fingerprint_changes(run.config.get("fingerprint") or {}, wanted)
+            if not any(r.startswith("argument") for r in reasons) or not (args or kwargs):
+                return Explanation(True, name, run.url, [])
+        earlier = [
+            r
+            for r in system.runs()
+            if r.config.get("fn_name") == self.name and r.config.get("status") == "COMPLETED"
+        ]
+        if not earlier:
+            return Explanation(False, name, None, [f"no earlier COMPLETED run of {self.name}"])
+        nearest = max(earlier, key=lambda r: r.config.get("end_time") or "")
+        reasons = _fingerprint_changes(nearest.config.get("fingerprint") or {}, wanted)
+        return Explanation(False, name, nearest.url, reasons or ["the run name differs"])
 
     def map(
         self,
@@ -430,16 +461,25 @@ class RemoteFunction:
         ).hexdigest()
         return f"{self.name}-{digest}"
 
-    def _code(self) -> str:
-        if self._code_fingerprint is None:
-            self._code_fingerprint = cache.code_fingerprint(self.fn)
-        return self._code_fingerprint
+    def _code(self, components: dict[str, str] | None = None) -> str:
+        """The code fingerprint: of ``version=`` when given, else of everything the
+        function's code reaches (computed at each call, so that an edited helper counts;
+        each function's own part is cached per code object)."""
+        if self.version is not None:
+            return hashlib.blake2b(f"version:{self.version}".encode(), digest_size=16).hexdigest()
+        return cache.code_fingerprint(self.fn, components)
+
+    def _code_record(self) -> dict[str, Any]:
+        if self.version is not None:
+            return {"code": self._code(), "version": self.version}
+        components = cache.code_components(self.fn)
+        return {"code": self._code(components), "components": components}
 
     def _record(self, args: tuple, kwargs: dict, system: System) -> dict:
         from . import __version__
         from .run import _creator, current_run
 
-        fingerprint: dict[str, Any] = {"code": self._code()}
+        fingerprint: dict[str, Any] = self._code_record()
         if self._run_type == "function":
             fingerprint.update(
                 cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
@@ -488,6 +528,7 @@ def function(
     on_mismatch: str = "error",
     ignore: Sequence[str] = (),
     share: Any = None,
+    version: str | None = None,
 ) -> Any:
     """Make ``fn`` a RemoteFunction; as a decorator with or without arguments.
 
@@ -502,6 +543,8 @@ def function(
         share: shared stores (a folder URL such as ``"s3://team/runs"``, or a list): on a
             miss in the system's own runs, ``get_or_*`` take a COMPLETED run of the name
             from there instead of executing, and publish the runs they execute there.
+        version: stands for the code in the fingerprint (``cache=True`` names): bump it
+            to invalidate, keep it to reuse runs across code edits.
     """
     options = dict(
         system=system,
@@ -510,10 +553,60 @@ def function(
         on_mismatch=on_mismatch,
         ignore=ignore,
         share=share,
+        version=version,
     )
     if fn is None:
         return lambda f: RemoteFunction(f, **options)
     return RemoteFunction(fn, **options)
+
+
+class Explanation:
+    """What ``fn.explain(...)`` found: ``hit``, the ``run_name`` the call would use, the
+    run it was compared with (``compared_to``) and the ``reasons`` for a miss."""
+
+    def __init__(self, hit: bool, run_name: str, compared_to: str | None, reasons: list[str]):
+        self.hit = hit
+        self.run_name = run_name
+        self.compared_to = compared_to
+        self.reasons = reasons
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def __repr__(self) -> str:
+        return f"<Explanation hit={self.hit} run_name={self.run_name!r} reasons={self.reasons}>"
+
+    def __str__(self) -> str:
+        if self.hit:
+            return f"hit: run {self.run_name!r} at {self.compared_to}"
+        against = f" (against {self.compared_to})" if self.compared_to else ""
+        lines = [f"miss: run {self.run_name!r} would execute{against}"]
+        return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two recorded fingerprints, in words."""
+    reasons = []
+    if old.get("version") != new.get("version"):
+        reasons.append(f"version: {old.get('version')!r} -> {new.get('version')!r}")
+    before, after = old.get("components"), new.get("components")
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(before.keys() | after.keys()):
+            if key not in before:
+                reasons.append(f"code: {key} is new")
+            elif key not in after:
+                reasons.append(f"code: {key} is no longer used")
+            elif before[key] != after[key]:
+                what = "value" if not key.startswith("lib:") else "version"
+                kind = "changed" if what == "value" else f"{before[key]} -> {after[key]}"
+                reasons.append(f"code: {key} {kind}")
+    elif old.get("code") != new.get("code") and "version" not in new:
+        reasons.append("code: changed (the earlier run recorded no details)")
+    old_params, new_params = old.get("params") or {}, new.get("params") or {}
+    for key in sorted(old_params.keys() | new_params.keys()):
+        if old_params.get(key) != new_params.get(key):
+            reasons.append(f"argument {key!r} differs")
+    return reasons
 
 
 def _loads_shared(reply: dict) -> Any:

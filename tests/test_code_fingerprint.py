@@ -1,0 +1,159 @@
+"""Code fingerprints: what a content-cached step's name depends on (issue 5)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from remoterun import cache
+
+PIPELINE = '''
+import json
+
+SCALE = 3
+
+def leaf(x):
+    return x * SCALE
+
+def middle(x):
+    return leaf(x) + 1
+
+def step(x):
+    """Top of the chain."""
+    return json.dumps(middle(x))
+'''
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    """Write, import and re-import a module of the user's own, as an editor would."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = []
+
+    def load(source: str, name: str = "rr_pipeline_mod"):
+        path = Path(tmp_path, f"{name}.py")
+        path.write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        sys.modules.pop(name, None)
+        names.append(name)
+        return importlib.import_module(name)
+
+    yield load
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_a_comment_or_docstring_edit_keeps_the_fingerprint(module):
+    before = cache.code_fingerprint(module(PIPELINE).step)
+    edited = PIPELINE.replace('"""Top of the chain."""', '"""Another docstring."""')
+    edited = edited.replace("def leaf(x):", "# a comment\n\n\ndef leaf(x):  # why not")
+    assert cache.code_fingerprint(module(edited).step) == before
+
+
+def test_a_helper_two_calls_deep_changes_it_and_is_named(module):
+    first = module(PIPELINE)
+    before = cache.code_components(first.step)
+    second = module(PIPELINE.replace("return x * SCALE", "return x * SCALE * 2"))
+    after = cache.code_components(second.step)
+    assert cache.code_fingerprint(second.step) != cache.code_fingerprint(first.step)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert changed == ["rr_pipeline_mod.leaf"]
+
+
+def test_a_module_constant_changes_it(module):
+    before = cache.code_components(module(PIPELINE).step)
+    after = cache.code_components(module(PIPELINE.replace("SCALE = 3", "SCALE = 4")).step)
+    assert before["rr_pipeline_mod.SCALE"] != after["rr_pipeline_mod.SCALE"]
+    assert [k for k in before if before[k] != after[k]] == ["rr_pipeline_mod.SCALE"]
+
+
+def test_library_code_counts_by_version_only(module):
+    components = cache.code_components(module(PIPELINE).step)
+    assert components["lib:json"].startswith("json python ")
+    assert not any(k.startswith("json.") for k in components)
+
+
+def test_identical_functions_in_two_modules_do_not_share(module):
+    a = module(PIPELINE, "rr_pipeline_a")
+    b = module(PIPELINE, "rr_pipeline_b")
+    assert cache.code_fingerprint(a.step) != cache.code_fingerprint(b.step)
+
+
+def test_recursion_between_functions_terminates(module):
+    mod = module(
+        """
+        def even(n):
+            return True if n == 0 else odd(n - 1)
+
+        def odd(n):
+            return False if n == 0 else even(n - 1)
+        """
+    )
+    assert set(cache.code_components(mod.even)) == {"rr_pipeline_mod.even", "rr_pipeline_mod.odd"}
+
+
+def test_classes_closures_and_methods_are_followed(module):
+    source = """
+        class Model:
+            def fit(self, x):
+                return x + 1
+
+        def make(k):
+            model = Model()
+
+            def run(x):
+                return model.fit(x) * k
+            return run
+        """
+    before = cache.code_components(module(source).make(2))
+    after = cache.code_components(module(source.replace("x + 1", "x + 2")).make(2))
+    assert before["rr_pipeline_mod.Model.fit"] != after["rr_pipeline_mod.Model.fit"]
+    other_k = cache.code_components(module(source).make(3))
+    assert other_k != before  # a closure's value is part of the code it runs
+
+
+def test_a_fifty_function_tree_is_quick(module):
+    lines = ["def f49(x):\n    return x\n"]
+    lines += [f"def f{i}(x):\n    return f{i + 1}(x) + f{min(i + 2, 49)}(x)\n" for i in range(49)]
+    mod = module("\n".join(lines))
+    cache.code_fingerprint(mod.f0)
+    start = time.perf_counter()
+    for _ in range(20):
+        components = cache.code_components(mod.f0)
+    assert len(components) == 50
+    # Not a timing test: the benchmark measures it. This only guards against a walk
+    # that revisits shared helpers exponentially (2**49 paths here).
+    assert time.perf_counter() - start < 5
+
+
+def test_explain_names_what_changed(module):
+    import remoterun as rr
+
+    first = rr.function(module(PIPELINE).step, cache=True)
+    assert first.get_or_call(2) == "7"
+    assert first.explain(2).hit
+    edited = rr.function(module(PIPELINE.replace("+ 1", "+ 10")).step, cache=True)
+    why = edited.explain(2)
+    assert not why.hit
+    assert why.reasons == ["code: rr_pipeline_mod.middle changed"]
+    assert "middle changed" in str(why)
+    other_arg = first.explain(5)
+    assert not other_arg.hit and other_arg.reasons == ["argument 'x' differs"]
+    assert edited.get_or_call(2) == "16"  # executes: a new name
+
+
+def test_version_stands_for_the_code(module):
+    import remoterun as rr
+
+    first = rr.function(module(PIPELINE).step, cache=True, version="1")
+    assert first.get_or_call(2) == "7"
+    edited = rr.function(module(PIPELINE.replace("+ 1", "+ 10")).step, cache=True, version="1")
+    assert edited.explain(2).hit
+    assert edited.get_or_call(2) == "7"  # the run of version 1, not executed again
+    bumped = rr.function(module(PIPELINE).step, cache=True, version="2")
+    assert bumped.explain(2).reasons == ["version: '1' -> '2'"]
