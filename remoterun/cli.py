@@ -198,6 +198,7 @@ def show(run: str, system: str, as_json: bool) -> None:
         ("attempt", config.get("attempt")),
         ("error", config.get("error") or "-"),
         ("tags", json.dumps(config.get("tags") or {})),
+        ("params", json.dumps(config.get("params") or {})),
         ("metrics", json.dumps(config.get("metrics") or {})),
     ]
     for key, value in fields:

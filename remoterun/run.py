@@ -357,6 +357,113 @@ class Run:
         )
         return False
 
+    # ------------------------------------------------------------------ metrics, tags
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """``{"loss": [0.5, 0.3], "acc": 0.9}``: logged with ``log_metric``."""
+        return dict(self.refresh().config.get("metrics") or {})
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        return dict(self.refresh().config.get("tags") or {})
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.refresh().config.get("params") or {})
+
+    def log_metric(
+        self,
+        key: str,
+        value: float,
+        *,
+        step: int | None = None,
+        overwrite: bool = False,
+        single_value: bool = False,
+    ) -> None:
+        """Append ``value`` to the metric ``key`` (a list), with its ``step`` if given;
+        ``overwrite=True`` starts the list again, ``single_value=True`` keeps just the
+        number. Stored in ``config.json``, so every copy of the run has it."""
+        import math
+        import numbers
+
+        _check_key(key, "metric")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"metric {key!r} must be a number, not {type(value).__name__} ({value!r}); "
+                "record text with set_tag()"
+            )
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if isinstance(number, float) and not math.isfinite(number):
+            number = repr(number)  # JSON has no NaN or infinity: kept as "nan", "inf"
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step of metric {key!r} must be an int, not {step!r}")
+
+        def update(config: dict) -> None:
+            metrics = config.setdefault("metrics", {})
+            steps = config.setdefault("metric_steps", {})
+            if single_value:
+                metrics[key] = number
+                steps.pop(key, None)
+                return
+            old = metrics.get(key)
+            values = [] if overwrite or not isinstance(old, list) else old
+            metrics[key] = values + [number]
+            if step is not None or key in steps:
+                old_steps = [] if overwrite else steps.get(key, [None] * len(values))
+                steps[key] = old_steps + [step]
+
+        self._update_config(update)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        """Set the tag ``key`` (text, a number or a bool; anything else as its ``str``)."""
+        _check_key(key, "tag")
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            value = str(value)
+        self._update_config(lambda config: config.setdefault("tags", {}).__setitem__(key, value))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Record the run's parameters (values kept as JSON when they can be, else as
+        their ``repr``)."""
+        import json
+
+        clean = {}
+        for key, value in params.items():
+            _check_key(key, "param")
+            try:
+                json.dumps(value)
+                clean[key] = value
+            except (TypeError, ValueError):
+                clean[key] = repr(value)
+        self._update_config(lambda config: config.setdefault("params", {}).update(clean))
+
+    def _update_config(self, change: Any) -> None:
+        """Change the run's record in place: under its lock on this machine (the worker
+        writes its outcome under the same lock, re-reading the record first), in the
+        block's own record for a ``with rr.run(...)`` block."""
+        if self._context is not None and self._context.config:
+            change(self._context.config)
+            self.folder.write_config(self._context.config)
+            self._config = dict(self._context.config)
+            return
+        if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
+            from .agent.worker import HostRuns
+
+            runs = HostRuns(self.root)
+            with runs.lock(self.name):
+                config = runs.read_config(self.name)
+                if config is None:
+                    raise RunNotFoundError(f"no run at {self.url}")
+                change(config)
+                runs.write_config(self.name, config)
+        else:  # an object store: the last writer wins
+            config = self.folder.read_config()
+            if config is None:
+                raise RunNotFoundError(f"no run at {self.url}")
+            change(config)
+            self.folder.write_config(config)
+        self._config = config
+
     def attempts(self) -> list[Run]:
         """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
         return [Run(self.folder.attempt(n)) for n in self.folder.attempts()]
@@ -374,6 +481,11 @@ class Run:
         recorder, self._context = self._context, None
         if recorder is not None:
             self._config = recorder.finish(exc)
+
+
+def _check_key(key: Any, what: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"a {what} name must be a non-empty string, not {key!r}")
 
 
 def _destination(

@@ -110,6 +110,22 @@ def observe():
     )
 
 
+def log_some_metrics():
+    import remoterun as rr
+
+    run = rr.current_run()
+    run.log_metric("loss", 0.5, step=1)
+    run.log_metric("loss", 0.25, step=2)
+    run.log_metric("acc", 0.9, single_value=True)
+    run.set_tag("kind", "toy")
+    run.log_params({"lr": 0.1, "layers": [2, 3]})
+    try:
+        run.log_metric("loss", "low")
+    except TypeError as exc:
+        return str(exc)
+    return "accepted a string"
+
+
 def write_to_fds():
     os.write(1, b"raw write to fd 1\n")
     subprocess.run(["echo", "from a child process"], check=True)

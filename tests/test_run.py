@@ -171,3 +171,27 @@ def test_current_run_inside_a_remote_function(system):
     fn = rr.function(tasks.describe_current_run, system=system)
     assert fn() is None  # an unrecorded call is no run
     assert fn(run_name="self-aware") == ("self-aware", "RUNNING", {"args": [], "kwargs": {}})
+
+
+def test_metrics_tags_and_params_are_kept_in_the_record(system, tmp_path):
+    run = rr.function(tasks.log_some_metrics, system=system).run(run_name="measured")
+    assert "must be a number" in run.result(timeout=30)
+    assert run.metrics == {"loss": [0.5, 0.25], "acc": 0.9}
+    assert run.config["metric_steps"] == {"loss": [1, 2]}
+    assert run.tags == {"kind": "toy"}
+    assert run.params == {"lr": 0.1, "layers": [2, 3]}
+    assert run.status is rr.RunStatus.COMPLETED  # the outcome did not overwrite them
+    copy = run.to(f"memory://{tmp_path.name}/runs")
+    assert copy.metrics == run.metrics and copy.tags == run.tags
+
+
+def test_metrics_in_a_recorded_block(tmp_path):
+    with rr.run(path=str(tmp_path / "block")) as run:
+        rr.current_run().log_metric("loss", 1.0)
+        rr.current_run().log_metric("loss", 2.0, overwrite=True)
+        run.set_tag("note", object)  # not JSON: kept as its str
+        with pytest.raises(TypeError, match="must be a number"):
+            run.log_metric("loss", True)
+    loaded = rr.run(path=str(tmp_path / "block"))
+    assert loaded.metrics == {"loss": [2.0]}
+    assert loaded.tags == {"note": str(object)}
