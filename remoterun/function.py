@@ -335,7 +335,9 @@ class RemoteFunction:
             "exclusive": generated,
             "lookup": mode == "get" and not args and not kwargs,
             "on_mismatch": self.on_mismatch,
-            "record": self._record(args, kwargs, system),
+            # A hit needs only the arguments' fingerprint; the code's (a walk over all
+            # the code the function reaches) is added when the run is to be recorded.
+            "record": self._record(args, kwargs, system, with_code=mode != "get"),
         }
         if mode == "get":
             # A cache hit needs neither the function nor the inputs: send them only when
@@ -356,6 +358,7 @@ class RemoteFunction:
                 if shared is not None:
                     return shared
                 request.update(self._payload(args, kwargs))
+                request["record"]["fingerprint"].update(self._code_record())
                 request.pop("payload_omitted", None)
                 continue
             if action == "exists" and generated:
@@ -475,11 +478,11 @@ class RemoteFunction:
         components = cache.code_components(self.fn)
         return {"code": self._code(components), "components": components}
 
-    def _record(self, args: tuple, kwargs: dict, system: System) -> dict:
+    def _record(self, args: tuple, kwargs: dict, system: System, with_code: bool = True) -> dict:
         from . import __version__
         from .run import _creator, current_run
 
-        fingerprint: dict[str, Any] = self._code_record()
+        fingerprint: dict[str, Any] = self._code_record() if with_code else {}
         if self._run_type == "function":
             fingerprint.update(
                 cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
