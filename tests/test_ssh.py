@@ -429,3 +429,11 @@ def test_many_threads_fit_in_the_default_max_sessions(default_sshd):
     assert results.count("rrtest_c") == 16
     assert len(cluster.hosts[0]._pool._idle) <= 8
     cluster.close()
+
+
+def test_a_run_handle_outlives_its_cluster_closing(cluster):
+    run = rr.function(tasks.add, system=cluster).run(1, run_name="kept-handle")
+    assert run.result(timeout=30) == 3
+    cluster.close()
+    assert run.refresh().stdout() == "adding 1 and 2\n"
+    assert run.folder.read_bytes("result.pkl") is not None

@@ -218,6 +218,23 @@ for _name in (
     setattr(_SharedSFTPFileSystem, _name, _one_at_a_time(_name))
 
 
+class _HostFileSystem:
+    """The host's SFTP filesystem as of each call: a Run handle keeps working after its
+    cluster reconnects or was closed (it connects again), instead of holding a
+    filesystem over a dead connection."""
+
+    protocol = ("sftp", "ssh")
+
+    def __init__(self, host: SSHHost):
+        self._host = host
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host.filesystem(), name)
+
+    def __repr__(self) -> str:
+        return f"<SFTP of {self._host.host_label()}>"
+
+
 # --------------------------------------------------------------------------- one host
 
 
@@ -545,6 +562,12 @@ class SSHHost(System):
                     self._fs = _SharedSFTPFileSystem(client, self.host_label())
                 fs = self._fs
         return fs
+
+    def folder(self, name: str, root: str | None = None) -> Any:
+        from ..folder import RunFolder, check_run_name
+
+        check_run_name(name)
+        return RunFolder(_HostFileSystem(self), f"{(root or self.root).rstrip('/')}/{name}")
 
     def close(self) -> None:
         self._pool.close()
