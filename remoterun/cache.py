@@ -238,20 +238,20 @@ class _Walk:
             self._seen.add(id(obj))
             self._class(obj)
         elif isinstance(obj, types.ModuleType):
-            library = _library(obj.__name__)
-            if library is not None:
-                self.components[f"lib:{library.split()[0]}"] = library
+            self._library(obj.__name__)
         elif isinstance(obj, types.BuiltinFunctionType):
-            module = getattr(obj, "__module__", None) or "builtins"
-            library = _library(module)
-            if library is not None:
-                self.components[f"lib:{library.split()[0]}"] = library
+            self._library(getattr(obj, "__module__", None) or "builtins")
 
-    def _function(self, fn: types.FunctionType) -> None:
-        module = fn.__module__ or "?"
+    def _library(self, module: str) -> bool:
+        """Record library code by package and version; whether ``module`` is library code."""
         library = _library(module)
         if library is not None:
             self.components[f"lib:{library.split()[0]}"] = library
+        return library is not None
+
+    def _function(self, fn: types.FunctionType) -> None:
+        module = fn.__module__ or "?"
+        if self._library(module):
             return
         key = f"{module}.{fn.__qualname__}"
         code = fn.__code__
@@ -281,9 +281,7 @@ class _Walk:
 
     def _class(self, cls: type) -> None:
         module = cls.__module__ or "?"
-        library = _library(module)
-        if library is not None:
-            self.components[f"lib:{library.split()[0]}"] = library
+        if self._library(module):
             return
         key = f"{module}.{cls.__qualname__}"
         bases = [f"{b.__module__}.{b.__qualname__}" for b in cls.__bases__]

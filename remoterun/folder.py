@@ -151,7 +151,7 @@ class RunFolder:
     def makedirs(self) -> None:
         """Create the folder on filesystems that have folders. Object stores have none,
         and s3fs would create a missing *bucket* here: a typo must fail, not do that."""
-        if not set(_protocols(self.fs)) & (_RENAMING_PROTOCOLS | {"memory"}):
+        if not set(protocols(self.fs)) & (_RENAMING_PROTOCOLS | {"memory"}):
             return
         try:
             self.fs.makedirs(self.path, exist_ok=True)
@@ -162,7 +162,7 @@ class RunFolder:
         """Write a whole file so that no reader ever sees a part of it."""
         path = self.file(filename)
         try:
-            if set(_protocols(self.fs)) & _RENAMING_PROTOCOLS:
+            if set(protocols(self.fs)) & _RENAMING_PROTOCOLS:
                 tmp = self.file(f".{filename}.{secrets.token_hex(4)}.tmp")
                 self.fs.pipe_file(tmp, data)
                 try:
@@ -252,7 +252,9 @@ def copy_folder(
     try:
         dst.makedirs()
         for rel in order:
-            _copy_file(src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}", bar)
+            _copy_file(src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}")
+            if bar is not None:
+                bar.update(files[rel])
         for rel in order:
             size = dst.fs.size(f"{dst.path}/{rel}")
             if size != files[rel]:
@@ -279,12 +281,12 @@ def _progress(total: int, label: str, progress: bool | None) -> Any:
     return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None)
 
 
-def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, bar: Any) -> None:
+def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str) -> None:
     """One file between any two filesystems with the backends' own transfers (multipart
     on S3, pipelined on SFTP), never whole in memory: through a local temporary file
     when neither side is local."""
-    src_local = bool(set(_protocols(src_fs)) & {"file", "local"})
-    dst_local = bool(set(_protocols(dst_fs)) & {"file", "local"})
+    src_local = bool(set(protocols(src_fs)) & {"file", "local"})
+    dst_local = bool(set(protocols(dst_fs)) & {"file", "local"})
     if dst_local:
         os.makedirs(posixpath.dirname(dst), exist_ok=True)
     if src_local and dst_local:
@@ -302,8 +304,6 @@ def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, bar: Any) -> None:
             staged = os.path.join(tmp, "file")
             src_fs.get_file(src, staged)
             dst_fs.put_file(staged, dst)
-    if bar is not None:
-        bar.update(src_fs.size(src))
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
@@ -329,7 +329,7 @@ def _why(exc: BaseException) -> str:
     return text
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 

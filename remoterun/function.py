@@ -14,7 +14,6 @@ import inspect
 import logging
 import os
 import sys
-import sysconfig
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -625,14 +624,6 @@ def _loads_shared(reply: dict) -> Any:
 _by_value_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
-def _library_prefixes() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    prefixes = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix}
-    return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
-
-
 _user_package_cache: dict[str, str | None] = {}
 
 
@@ -658,7 +649,7 @@ def _find_user_package(module_name: str) -> str | None:
     path = getattr(module, "__file__", None)
     if not path:
         return None
-    if os.path.realpath(path).startswith(_library_prefixes()):
+    if os.path.realpath(path).startswith(cache.library_prefixes()):
         return None
     return top if top in sys.modules else None
 

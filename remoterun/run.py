@@ -26,7 +26,7 @@ from .errors import (
     RunStorageError,
     exception_from_record,
 )
-from .folder import RunFolder, check_run_name, split_run_url
+from .folder import RunFolder, check_run_name, protocols, split_run_url
 
 if TYPE_CHECKING:
     import fsspec
@@ -338,7 +338,7 @@ class Run:
         copy_direct = getattr(self.system, "copy_direct", None)
         if (
             copy_direct is None
-            or not set(_protocols(folder.fs)) & _OBJECT_STORES
+            or not set(protocols(folder.fs)) & _OBJECT_STORES
             or posixpath.basename(self.folder.path) != self.name  # an archived attempt
         ):
             return False
@@ -524,14 +524,8 @@ def _destination(
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = _protocols(fs)
-    return "file" in protocols or "local" in protocols
+    return bool({"file", "local"} & set(protocols(fs)))
 
 
 def _loads(data: bytes, what: str, run: Run) -> Any:
