@@ -64,6 +64,8 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
         for d in digests:
             out.update(d)
         out.update(b"}")
+    elif hasattr(t, "__remoterun_fingerprint__"):  # a Run: which run, not its bytes
+        out.update(b"R" + obj.__remoterun_fingerprint__().encode() + b";")
     else:
         data = cloudpickle.dumps(obj)
         out.update(b"p" + str(len(data)).encode() + b":" + data)

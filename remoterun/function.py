@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import cache
+from . import cache, lineage
 from .agent import layout
 from .errors import (
     CacheMismatchError,
@@ -33,7 +33,7 @@ from .errors import (
     exception_from_record,
 )
 from .folder import check_run_name
-from .run import Run, RunStatus, _loads, failure_from_config
+from .run import Run, RunStatus, _loads, current_run, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output, share_list
 from .systems.connection import AgentConnection, AgentFailure
@@ -77,6 +77,8 @@ class RemoteFunction:
         self._system: System | None = None
         self._run_type = "function"
         self._cmds: list[str] = []
+        # Fields added to the record of every run (a re-run names its source).
+        self._extra_record: dict[str, Any] = {}
         self.version = version
 
     def __repr__(self) -> str:
@@ -122,6 +124,7 @@ class RemoteFunction:
         With ``run_name`` the call is recorded as that run (an earlier run of the name is
         kept under ``attempts/``); without, nothing is written.
         """
+        _settle_run_arguments(self.fn, args, kwargs)
         return self._call(args, kwargs, run_name=run_name, stream=True)
 
     def run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
@@ -129,8 +132,11 @@ class RemoteFunction:
 
         The run is detached: it goes on if this process exits.
         """
+        _settle_run_arguments(self.fn, args, kwargs)
         reply = self._submit(args, kwargs, run_name, mode="new", wait=False)
-        return self._run_handle(reply)
+        run = self._run_handle(reply)
+        _link(lineage_kind(reply), run)
+        return run
 
     def get_or_call(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Any:
         """The result of the run ``run_name`` if it COMPLETED, else execute and record it.
@@ -140,6 +146,7 @@ class RemoteFunction:
         from the recorded run's (see ``on_mismatch``). With ``cache=True`` the name may be
         left out: it is derived from the code and the arguments.
         """
+        _settle_run_arguments(self.fn, args, kwargs)
         reply = self._submit(
             args,
             kwargs,
@@ -149,25 +156,33 @@ class RemoteFunction:
             on_output=print_output,
         )
         if reply["action"] == "shared":
-            return _loads_shared(reply)
+            value = _loads_shared(reply)
+            _link(lineage.USED, reply["run"])
+            return value
         if reply["action"] == "attach":
-            return self._run_handle(reply).result()
+            return self._run_handle(reply).result()  # linked as used by result()
         value = self._outcome(reply)
         if reply["action"] == "start" and self._shares():
             self._publish(self._run_handle(reply))
+        if current_run() is not None:
+            _link(lineage_kind(reply), self._run_handle(reply))
         return value
 
     def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
         """The Run of that name if it is COMPLETED or RUNNING, else start it; as
         ``get_or_call`` but returns at once."""
+        _settle_run_arguments(self.fn, args, kwargs)
         reply = self._submit(
             args, kwargs, self._cached_name(args, kwargs, run_name), mode="get", wait=False
         )
         if reply["action"] == "shared":
+            _link(lineage.USED, reply["run"])
             return reply["run"]
         run = self._run_handle(reply)
         if reply["action"] == "start" and self._shares():
             run._on_completed = self._publish  # published once it has COMPLETED
+        # A run attached to while RUNNING is linked as used once its result is read.
+        _link(lineage_kind(reply), run)
         return run
 
     def explain(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Explanation:
@@ -175,6 +190,7 @@ class RemoteFunction:
         changed against the nearest earlier COMPLETED run of this function: which
         function or constant of the code, which argument, the version. Executes nothing.
         """
+        _settle_run_arguments(self.fn, args, kwargs)
         name = self._cached_name(args, kwargs, run_name)
         system = self.system.placement(name)
         wanted = self._record(args, kwargs, system)["fingerprint"]
@@ -273,11 +289,18 @@ class RemoteFunction:
         on_output = print_output if stream else None
         if run_name is not None:
             reply = self._submit(args, kwargs, run_name, mode="new", wait=True, on_output=on_output)
+            _link(lineage_kind(reply), self._run_handle(reply))
             return self._outcome(reply)
         fn_bytes, fn_key = self._pickle_function()
+        system = self.system
+        # Runs passed as arguments are read on the host when it is known to hold them.
+        target = system.placement(None) if len(getattr(system, "hosts", ())) <= 1 else None
+        args, kwargs, _ = _pass_run_arguments(args, kwargs, target)
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
         op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
+        if any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values())):
+            op["run_args"] = True
         with self.system._connection() as conn:  # the least-loaded host's agent
             try:
                 reply = self._request_on(conn, op, fn_bytes, on_output)
@@ -324,7 +347,7 @@ class RemoteFunction:
             check_run_name(run_name)
         # The host that holds the run decides it; a generated name goes where load is least.
         system = self.system.placement(run_name)
-        payload = None if mode == "get" else self._payload(args, kwargs)
+        payload = None if mode == "get" else self._payload(args, kwargs, system)
         request: dict[str, Any] = {
             "op": "submit",
             "root": system.root,
@@ -356,7 +379,7 @@ class RemoteFunction:
                 shared = self._shared_hit(request)
                 if shared is not None:
                     return shared
-                request.update(self._payload(args, kwargs))
+                request.update(self._payload(args, kwargs, system))
                 request["record"]["fingerprint"].update(self._code_record())
                 request.pop("payload_omitted", None)
                 continue
@@ -383,11 +406,13 @@ class RemoteFunction:
 
     def _shares(self) -> list[System]:
         """The function's shared stores, then its system's."""
-        from .systems.storage import StorageSystem
-
         pairs = dict(self.share)
         for url, options in getattr(self.system, "share", ()):
             pairs.setdefault(url, options)
+        if not pairs:
+            return []
+        from .systems.storage import StorageSystem
+
         return [StorageSystem(url, **options) for url, options in pairs.items()]
 
     def _shared_hit(self, request: dict) -> dict | None:
@@ -479,7 +504,7 @@ class RemoteFunction:
 
     def _record(self, args: tuple, kwargs: dict, system: System, with_code: bool = True) -> dict:
         from . import __version__
-        from .run import _creator, current_run
+        from .run import _creator
 
         fingerprint: dict[str, Any] = self._code_record() if with_code else {}
         if self._run_type == "function":
@@ -487,7 +512,7 @@ class RemoteFunction:
                 cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
             )
         parent = current_run()
-        return {
+        record = {
             "run_type": self._run_type,
             "fn_name": self.name,
             "cmds": list(self._cmds),
@@ -496,10 +521,26 @@ class RemoteFunction:
             "remoterun_version": __version__,
             "system": system.name,
             "parent": parent.url if parent is not None else None,
+            **self._extra_record,
         }
+        used = [
+            (run.url, run.config.get("attempt"))
+            for run in (*args, *kwargs.values())
+            if isinstance(run, Run)
+        ]
+        if used:
+            record.update(lineage.record_fields(used))
+        return record
 
-    def _payload(self, args: tuple, kwargs: dict) -> dict[str, bytes]:
-        return {"fn": self._pickle_function()[0], "inputs": _pickle_inputs(self.fn, args, kwargs)}
+    def _payload(self, args: tuple, kwargs: dict, system: System) -> dict[str, Any]:
+        args, kwargs, _ = _pass_run_arguments(args, kwargs, system)
+        payload: dict[str, Any] = {
+            "fn": self._pickle_function()[0],
+            "inputs": _pickle_inputs(self.fn, args, kwargs),
+        }
+        if any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values())):
+            payload["run_args"] = True
+        return payload
 
     def _pickle_function(self) -> tuple[bytes, str]:
         data = _dumps_by_value(self.fn, self.fn, "the function")
@@ -609,6 +650,66 @@ def _fingerprint_changes(old: dict, new: dict) -> list[str]:
         if old_params.get(key) != new_params.get(key):
             reasons.append(f"argument {key!r} differs")
     return reasons
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def lineage_kind(reply: dict) -> str | None:
+    """How a submit's run relates to the run that made the request: it was started
+    (``produced``), found COMPLETED (``used``), or neither yet (attached to)."""
+    action = reply.get("action")
+    if action == "start":
+        return lineage.PRODUCED
+    if action in ("hit", "shared"):
+        return lineage.USED
+    return None
+
+
+def _link(kind: str | None, run: Run) -> None:
+    if kind is not None and current_run() is not None:
+        lineage.note(kind, run)
+
+
+def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:
+    """Wait for the runs passed as arguments to finish; raise if one did not complete."""
+    if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
+        return
+    for name, value in cache.bind_arguments(fn, args, kwargs).items():
+        if not isinstance(value, Run):
+            continue
+        status = value.wait()
+        if status is not RunStatus.COMPLETED:
+            raise RemoterunError(
+                f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} is run "
+                f"{value.name!r}, which {status}: it has no result to pass on "
+                f"({value.config.get('error') or status}). Nothing was started."
+            ) from value.exception()
+
+
+def _pass_run_arguments(
+    args: tuple, kwargs: dict, target: System | None
+) -> tuple[tuple, dict, list[Run]]:
+    """The arguments as they travel: a (finished) Run becomes a reference that the host
+    reads from its own disk when ``target`` holds the run's folder, else its result,
+    read here. Also returns the Runs that were passed."""
+    if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
+        return args, kwargs, []
+    used: list[Run] = []
+
+    def passed(value: Any) -> Any:
+        if not isinstance(value, Run):
+            return value
+        used.append(value)
+        if target is not None and target.reads_locally(value.folder):
+            return layout.RunArgument(value.folder.path, value.config.get("attempt"), value.url)
+        return value._result_value()
+
+    return (
+        tuple(passed(a) for a in args),
+        {k: passed(v) for k, v in kwargs.items()},
+        used,
+    )
 
 
 def _loads_shared(reply: dict) -> Any:

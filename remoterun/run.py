@@ -164,6 +164,10 @@ class Run:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
+        if self._config is None or self._config.get("status") not in layout.TERMINAL:
+            from .lineage import check_not_self
+
+            check_not_self(self)
         # A run seen once does not vanish, but its record can read as absent for a moment
         # while the name is executed again elsewhere: look again before saying it is gone.
         missing_since = None
@@ -205,6 +209,15 @@ class Run:
         remote traceback) when it FAILED, RunCancelledError when CANCELLED,
         TimeoutError when ``timeout`` passes first.
         """
+        value = self._result_value(timeout)
+        if current_run() is not None:
+            from .lineage import USED, note
+
+            note(USED, self)
+        return value
+
+    def _result_value(self, timeout: float | None = None) -> Any:
+        """``result()`` without linking the run as used by the current run."""
         self.wait(timeout)
         outcome = self._outcome or {}
         if self.config.get("status") == layout.COMPLETED:
@@ -231,7 +244,27 @@ class Run:
         """The call's arguments: ``{"args": [...], "kwargs": {...}}``."""
         data = self._read_required(layout.INPUTS)
         inputs = _loads(data, "inputs", self)
-        return {"args": list(inputs.get("args", ())), "kwargs": dict(inputs.get("kwargs", {}))}
+        args = [self._argument_run(a) for a in inputs.get("args", ())]
+        kwargs = {k: self._argument_run(v) for k, v in inputs.get("kwargs", {}).items()}
+        return {"args": args, "kwargs": kwargs}
+
+    def _argument_run(self, value: Any) -> Any:
+        """A run passed as an argument (recorded as a reference) as a Run again."""
+        if isinstance(value, layout.RunArgument):
+            from .lineage import resolve
+
+            return resolve(self, value.url, value.attempt) or value
+        if type(value) in (list, tuple):
+            return type(value)(self._argument_run(v) for v in value)
+        if type(value) is dict:
+            return {k: self._argument_run(v) for k, v in value.items()}
+        return value
+
+    def __remoterun_fingerprint__(self) -> str:
+        """What stands for this run when it is an argument: its name and which attempt,
+        wherever its folder is (a copy in S3 fingerprints as the original)."""
+        config = self.config
+        return f"run:{self.name}:{config.get('attempt')}:{config.get('end_time')}"
 
     def _read_required(self, filename: str) -> bytes:
         data = self.folder.read_bytes(filename)
@@ -442,9 +475,10 @@ class Run:
         writes its outcome under the same lock, re-reading the record first), in the
         block's own record for a ``with rr.run(...)`` block."""
         if self._context is not None and self._context.config:
-            change(self._context.config)
-            self.folder.write_config(self._context.config)
-            self._config = dict(self._context.config)
+            with self._context.lock:  # threads of the block may link runs at once
+                change(self._context.config)
+                self.folder.write_config(self._context.config)
+                self._config = dict(self._context.config)
             return
         if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
             from .agent.worker import HostRuns
@@ -463,6 +497,109 @@ class Run:
             change(config)
             self.folder.write_config(config)
         self._config = config
+
+    # ------------------------------------------------------------------ lineage
+
+    def parent(self) -> Run | None:
+        """The run that started this one, or None."""
+        from .lineage import resolve
+
+        url = self.config.get("parent")
+        return resolve(self, url) if url else None
+
+    def children(self) -> list[Run]:
+        """The runs this run started (its ``downstream``), in order."""
+        from .lineage import PRODUCED, linked
+
+        return linked(self, PRODUCED)
+
+    def upstream(self) -> list[Run]:
+        """The finished runs whose results this run used: cache hits, results it read,
+        runs passed to it as arguments."""
+        from .lineage import USED, linked
+
+        return linked(self, USED)
+
+    def steps(self) -> list[Run]:
+        """Every run this run started or used and, through the runs it started, theirs:
+        a pipeline's steps, whether they executed or came from the cache."""
+        from .lineage import steps
+
+        return steps(self)
+
+    def find_step(self, name: str) -> Run:
+        """The step (see ``steps``) whose run name is ``name``, else the only step of the
+        function ``name``. Raises RunNotFoundError when there is none."""
+        from .lineage import find_step
+
+        return find_step(self, name)
+
+    def graph(self, max_runs: int = 1000) -> Any:
+        """The runs linked to this one, both ways and transitively, as a ``RunGraph``
+        (``nodes``, ``edges``, ``to_dot()`` for Graphviz)."""
+        from .lineage import graph
+
+        return graph(self, max_runs)
+
+    # ------------------------------------------------------------------ re-running
+
+    def rerun(self, run_name: str | None = None, system: Any = None) -> Run:
+        """Execute the recorded function (``function.pkl``) again with the recorded inputs,
+        as a new run on ``system`` (default: this run's own system, else this machine);
+        return it at once, RUNNING. Its record names this run as its ``source``.
+
+        Unpickles the recorded function here: re-run only runs you trust.
+        """
+        from .function import RemoteFunction
+
+        config = self.config
+        if config.get("run_type") == "context":
+            raise RemoterunError(
+                f"run {self.name!r} recorded a `with rr.run(...)` block: there is no "
+                "function to re-run"
+            )
+        data = self.folder.read_bytes(layout.FUNCTION)
+        if data is None:
+            raise RunStorageError(
+                f"run {self.name!r} has no {layout.FUNCTION} at {self.url}: it cannot be re-run"
+            )
+        fn = _loads(data, "function", self)
+        if system is None:
+            system = self.system if self.system is not None and self.system.executes else "here"
+        remote = RemoteFunction(fn, system=system, name=config.get("fn_name") or None)
+        remote._run_type = config.get("run_type") or "function"
+        remote._cmds = list(config.get("cmds") or [])
+        remote._extra_record = {"source": self.url, "source_attempt": config.get("attempt")}
+        inputs = self.inputs()
+        return remote.run(*inputs["args"], run_name=run_name, **inputs["kwargs"])
+
+    def export(self, path: str, *, format: str | None = None) -> str:
+        """Write the run's record (``config.json`` plus its URL) to ``path`` (a file path or
+        fsspec URL) as YAML or JSON, by ``format`` or the path's extension; return
+        ``path``. YAML needs PyYAML; without it the file is written as JSON, which YAML
+        readers read too."""
+        import json
+
+        kind = (format or posixpath.splitext(path)[1].lstrip(".") or "json").lower()
+        if kind not in ("json", "yaml", "yml"):
+            raise ValueError(f"export writes json or yaml, not {kind!r}")
+        record = {"url": self.url, **self.refresh().config}
+        text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+        if kind != "json":
+            try:
+                import yaml
+            except ImportError:
+                pass
+            else:
+                text = yaml.safe_dump(record, sort_keys=True, default_flow_style=False)
+        import fsspec
+
+        try:
+            with fsspec.open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        except (OSError, ValueError) as exc:
+            raise RunStorageError(f"cannot write {path}: {exc}") from exc
+        return path
 
     def attempts(self) -> list[Run]:
         """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
@@ -647,10 +784,22 @@ class _ContextRecorder:
     def __init__(self, run: Run):
         self.run = run
         self.config: dict = {}
+        self.lock = threading.Lock()
         self._sinks: list[Any] = []
         self._streams: tuple[TextIO, TextIO] | None = None
 
     def start(self) -> None:
+        outer = current_run()
+        if outer is not None and outer.url == self.run.url:
+            raise RunNotFinishedError(f"run {self.run.name!r} is already open as a block")
+        self._parent = outer.url if outer is not None else None
+        self._start()
+        if outer is not None:
+            from .lineage import PRODUCED, note
+
+            note(PRODUCED, self.run, self.config.get("attempt"), outer=outer)
+
+    def _start(self) -> None:
         folder = self.run.folder
         if _is_local(folder.fs):
             # The same lock and liveness check recorded runs take on this machine, so a
@@ -701,11 +850,13 @@ class _ContextRecorder:
             "python": sys.version.split()[0],
             "remoterun_version": __version__,
             "creator": _creator(),
+            "parent": self._parent,
             "fingerprint": {},
             "error": None,
             "error_traceback": None,
             "upstream": [],
             "downstream": [],
+            "links": [],
             "attempt": attempt,
             "tags": {},
             "metrics": {},

@@ -180,3 +180,41 @@ class LoadsBadly:
 
     def __reduce__(self):
         return (_refuse_to_load, ())
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def make_list(n):
+    return list(range(n))
+
+
+def total(xs):
+    return sum(xs)
+
+
+def scaled_total(xs, factor):
+    return sum(xs) * factor
+
+
+def nested_pipeline(root, n):
+    """A remote function calling remote functions on its own host: a three-step
+    pipeline whose steps are cached and linked to it."""
+    import remoterun as rr
+
+    here = rr.LocalSystem(root=root)
+    make = rr.function(make_list, system=here, cache=True)
+    add_up = rr.function(total, system=here, cache=True)
+    scale = rr.function(scaled_total, system=here, cache=True)
+    data = make.get_or_run(n)
+    summed = add_up.get_or_call(data)
+    return scale.get_or_call(data, summed)
+
+
+def wait_for_myself(root):
+    """Asks for the run executing it: must be refused, not wait forever."""
+    import remoterun as rr
+
+    me = rr.current_run()
+    fn = rr.function(total, system=rr.LocalSystem(root=root))
+    return fn.get_or_call(run_name=me.name)  # a lookup by name: attaches to itself

@@ -151,6 +151,8 @@ class Agent:
         """Call a function here, in the agent: the synchronous fast path (no folder)."""
         fn, inputs = self._load(request, "inputs")
         try:
+            if request.get("run_args"):
+                inputs = layout.resolve_run_arguments(inputs)
             value = fn(*inputs["args"], **inputs["kwargs"])
         except BaseException as exc:
             raise _Failure("remote", "", exc, skip_frames=1) from exc

@@ -89,3 +89,57 @@ def write_atomic(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+class RunArgument:
+    """A finished run passed as an argument to a remote function, standing in for its
+    result: the host that executes the call reads the result from the run's folder on
+    its own disk, so the bytes do not travel through the client. ``url`` is how the
+    client named the run (lineage), ``path`` its folder on the executing host."""
+
+    __slots__ = ("path", "attempt", "url")
+
+    def __init__(self, path: str, attempt: int | None, url: str):
+        self.path = path
+        self.attempt = attempt
+        self.url = url
+
+    def __reduce__(self) -> tuple:
+        return (RunArgument, (self.path, self.attempt, self.url))
+
+    def __repr__(self) -> str:
+        return f"RunArgument({self.url!r}, attempt={self.attempt})"
+
+    def load(self) -> object:
+        """The run's result, read from its folder (that attempt's, when it was archived)."""
+        import json
+
+        import cloudpickle
+
+        folder = self.path
+        try:
+            with open(os.path.join(folder, CONFIG), "rb") as f:
+                current = json.loads(f.read()).get("attempt")
+        except FileNotFoundError:
+            current = None
+        if self.attempt is not None and current not in (self.attempt, None):
+            folder = os.path.join(folder, ATTEMPTS, str(self.attempt))
+        try:
+            with open(os.path.join(folder, RESULT), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"the run passed as an argument ({self.url}, attempt {self.attempt}) has no "
+                f"result at {folder} on this host: was it removed?"
+            ) from None
+        return cloudpickle.loads(data)
+
+
+def resolve_run_arguments(inputs: dict) -> dict:
+    """The call's inputs with each RunArgument argument replaced by the run's result."""
+    args = [a.load() if isinstance(a, RunArgument) else a for a in inputs.get("args", ())]
+    kwargs = {
+        k: v.load() if isinstance(v, RunArgument) else v
+        for k, v in inputs.get("kwargs", {}).items()
+    }
+    return {"args": args, "kwargs": kwargs}

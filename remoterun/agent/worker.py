@@ -543,6 +543,8 @@ def _run(runs: HostRuns, request: dict) -> int:
     try:
         fn = cloudpickle.loads(request["fn"])
         inputs = cloudpickle.loads(request["inputs"]) if request.get("inputs") else {}
+        if request.get("run_args"):
+            inputs = layout.resolve_run_arguments(inputs)
         value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
         try:
             result_bytes = cloudpickle.dumps(value)

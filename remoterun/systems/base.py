@@ -14,8 +14,6 @@ import posixpath
 import sys
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
-import fsspec
-
 from ..agent import layout, protocol
 from ..errors import (
     RemoterunError,
@@ -27,6 +25,8 @@ from ..folder import RunFolder, check_run_name
 from .connection import AgentConnection, AgentFailure, OutputHandler
 
 if TYPE_CHECKING:
+    import fsspec
+
     from ..run import Run
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ class System:
         """Answer a ``get`` submit that is a plain cache hit without a round trip, where
         this system can read its run folders in-process; None to ask the system."""
         return None
+
+    def reads_locally(self, folder: RunFolder) -> bool:
+        """Whether code executing on this system reads ``folder`` from its own disk."""
+        return False
 
     def placement(self, run_name: str | None) -> System:
         """The system that executes and holds the run ``run_name`` (for None: an

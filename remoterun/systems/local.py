@@ -13,13 +13,14 @@ import subprocess
 import sys
 import threading
 import weakref
-from typing import Any, ContextManager
-
-import fsspec
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from ..errors import SystemUnavailableError
 from .base import System, share_list
 from .connection import AgentConnection, ConnectionPool
+
+if TYPE_CHECKING:
+    import fsspec
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _live: weakref.WeakSet[LocalSystem] = weakref.WeakSet()
@@ -81,10 +82,18 @@ class LocalSystem(System):
         return os.path.join(default_home(), "runs")
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("file")
+        from ..folder import local_filesystem
+
+        # fsspec's, or a small stand-in on a host without fsspec (nested calls there)
+        return local_filesystem()
 
     def host_label(self) -> str:
         return self._facts.get("host") or "localhost"
+
+    def reads_locally(self, folder: Any) -> bool:
+        from ..folder import protocols
+
+        return bool({"file", "local"} & set(protocols(folder.fs)))
 
     # ------------------------------------------------------------------ agents
 

@@ -24,6 +24,7 @@ import socket
 import tarfile
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 import paramiko
@@ -231,8 +232,24 @@ class _HostFileSystem:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host.filesystem(), name)
 
+    def unstrip_protocol(self, path: str) -> str:  # a run's URL needs no SFTP channel
+        return f"ssh://{self._host.host_label()}{path if path.startswith('/') else '/' + path}"
+
     def __repr__(self) -> str:
         return f"<SFTP of {self._host.host_label()}>"
+
+
+# Hosts of the clusters this process holds, so that a lineage link to an ssh:// URL finds
+# the connection (and its host-key checks) to read it with.
+_open_hosts: weakref.WeakValueDictionary[int, SSHHost] = weakref.WeakValueDictionary()
+
+
+def open_host(label: str) -> SSHHost | None:
+    """A host of a live cluster of this process whose label is ``user@host:port``."""
+    for host in list(_open_hosts.values()):
+        if host.host_label() == label:
+            return host
+    return None
 
 
 # --------------------------------------------------------------------------- one host
@@ -308,6 +325,7 @@ class SSHHost(System):
         self._pool = ConnectionPool(
             self._open_agent, max_idle=max_sessions - 2, max_open=max_sessions - 2
         )
+        _open_hosts[id(self)] = self
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
@@ -320,6 +338,10 @@ class SSHHost(System):
 
     def host_label(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
+
+    def reads_locally(self, folder: Any) -> bool:
+        host = getattr(folder.fs, "_host", None)
+        return host is not None and host.host_label() == self.host_label()
 
     @property
     def busy(self) -> int:
