@@ -2,7 +2,8 @@
 
 The argument fingerprint hashes each bound parameter on its own, so a mismatch can name
 the parameter that differs. Values of common built-in types are encoded canonically (a
-set hashes the same whatever the hash seed); other objects by their cloudpickle bytes.
+set hashes the same whatever the hash seed); numpy arrays and pandas frames by content;
+a Run by which run (and attempt) it is; other objects by their cloudpickle bytes.
 """
 
 from __future__ import annotations
@@ -66,9 +67,42 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
         out.update(b"}")
     elif hasattr(t, "__remoterun_fingerprint__"):  # a Run: which run, not its bytes
         out.update(b"R" + obj.__remoterun_fingerprint__().encode() + b";")
+    elif t.__module__.startswith(("numpy", "pandas")) and _encode_by_content(obj, out):
+        pass
     else:
         data = cloudpickle.dumps(obj)
         out.update(b"p" + str(len(data)).encode() + b":" + data)
+
+
+def _encode_by_content(obj: Any, out: Any) -> bool:
+    """numpy arrays and pandas frames, series and indexes by their content (dtype, shape,
+    labels, values), hashed in place without pickling a copy; whether ``obj`` was one.
+    Neither library is imported here: ``obj`` comes from one that is."""
+    name = type(obj).__name__
+    if name == "ndarray" and type(obj).__module__ == "numpy":
+        if obj.dtype.hasobject:
+            return False  # Python objects inside: by their pickle
+        import numpy
+
+        data = numpy.ascontiguousarray(obj)
+        out.update(f"A{data.dtype.str}{data.shape};".encode())
+        out.update(memoryview(data).cast("B"))
+        return True
+    if type(obj).__module__.startswith("pandas") and name in ("DataFrame", "Series", "Index"):
+        import pandas
+
+        try:
+            rows = pandas.util.hash_pandas_object(obj, index=name != "Index")
+        except TypeError:  # unhashable cells (lists, dicts): by the pickle
+            return False
+        out.update(f"P{name}{obj.shape};".encode())
+        labels = obj.columns if name == "DataFrame" else [getattr(obj, "name", None)]
+        dtypes = obj.dtypes if name == "DataFrame" else [obj.dtype]
+        _encode([str(label) for label in labels], out)
+        _encode([str(dtype) for dtype in dtypes], out)
+        out.update(memoryview(rows.to_numpy()).cast("B"))
+        return True
+    return False
 
 
 def _first(pair: tuple[bytes, Any]) -> bytes:

@@ -157,3 +157,45 @@ def test_version_stands_for_the_code(module):
     assert edited.get_or_call(2) == "7"  # the run of version 1, not executed again
     bumped = rr.function(module(PIPELINE).step, cache=True, version="2")
     assert bumped.explain(2).reasons == ["version: '1' -> '2'"]
+
+
+def test_numpy_arrays_count_by_content():
+    np = pytest.importorskip("numpy")
+    a = np.arange(12, dtype="float64").reshape(3, 4)
+    same = np.asfortranarray(a)  # other memory order, and other pickle bytes
+    assert cache.value_fingerprint(same) == cache.value_fingerprint(a)
+    assert cache.value_fingerprint(a.astype("float32")) != cache.value_fingerprint(a)
+    assert cache.value_fingerprint(a.reshape(4, 3)) != cache.value_fingerprint(a)
+    changed = a.copy()
+    changed[2, 3] += 1e-9
+    assert cache.value_fingerprint(changed) != cache.value_fingerprint(a)
+    objects = np.array([{"a": 1}, None], dtype=object)  # by pickle, still stable
+    assert cache.value_fingerprint(objects) == cache.value_fingerprint(objects.copy())
+
+
+def test_pandas_frames_count_by_content():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    assert cache.value_fingerprint(df.copy()) == cache.value_fingerprint(df)
+    assert cache.value_fingerprint(df.rename(columns={"a": "c"})) != cache.value_fingerprint(df)
+    assert cache.value_fingerprint(df.astype({"a": "int32"})) != cache.value_fingerprint(df)
+    assert cache.value_fingerprint(df.set_axis([7, 8, 9])) != cache.value_fingerprint(df)
+    edited = df.copy()
+    edited.loc[1, "b"] = "Y"
+    assert cache.value_fingerprint(edited) != cache.value_fingerprint(df)
+    assert cache.value_fingerprint(df["a"]) != cache.value_fingerprint(df["a"].rename("c"))
+    lists = pd.DataFrame({"a": [[1], [2]]})  # unhashable cells: by pickle
+    assert cache.value_fingerprint(lists) == cache.value_fingerprint(lists.copy())
+
+
+def test_a_content_cached_call_with_an_array_hits(tmp_path):
+    np = pytest.importorskip("numpy")
+    import remoterun as rr
+
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    total = rr.function(np.sum, system=here, name="total", cache=True)
+    data = np.arange(1000)
+    assert total.get_or_call(data) == 499500
+    assert total.explain(np.asfortranarray(data.copy())).hit
+    assert not total.explain(data + 1).hit
+    assert len(here.runs()) == 1
