@@ -27,11 +27,17 @@ MeasureFn = Callable[[harness.Context], "list[harness.Row]"]
 
 
 def all_measures() -> dict[str, MeasureFn]:
+    import cache_bench
     import local_bench
     import s3_bench
     import ssh_bench
 
-    return {**local_bench.MEASURES, **ssh_bench.MEASURES, **s3_bench.MEASURES}
+    return {
+        **local_bench.MEASURES,
+        **cache_bench.MEASURES,
+        **ssh_bench.MEASURES,
+        **s3_bench.MEASURES,
+    }
 
 
 def select(measures: dict[str, MeasureFn], only: str | None) -> dict[str, MeasureFn]:

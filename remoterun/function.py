@@ -147,13 +147,15 @@ class RemoteFunction:
         left out: it is derived from the code and the arguments.
         """
         _settle_run_arguments(self.fn, args, kwargs)
+        arg_fp = self._arguments_fingerprint(args, kwargs)  # hashed once per call
         reply = self._submit(
             args,
             kwargs,
-            self._cached_name(args, kwargs, run_name),
+            self._cached_name(args, kwargs, run_name, arg_fp),
             mode="get",
             wait=True,
             on_output=print_output,
+            arg_fp=arg_fp,
         )
         if reply["action"] == "shared":
             value = _loads_shared(reply)
@@ -172,9 +174,9 @@ class RemoteFunction:
         """The Run of that name if it is COMPLETED or RUNNING, else start it; as
         ``get_or_call`` but returns at once."""
         _settle_run_arguments(self.fn, args, kwargs)
-        reply = self._submit(
-            args, kwargs, self._cached_name(args, kwargs, run_name), mode="get", wait=False
-        )
+        arg_fp = self._arguments_fingerprint(args, kwargs)
+        name = self._cached_name(args, kwargs, run_name, arg_fp)
+        reply = self._submit(args, kwargs, name, mode="get", wait=False, arg_fp=arg_fp)
         if reply["action"] == "shared":
             _link(lineage.USED, reply["run"])
             return reply["run"]
@@ -191,9 +193,10 @@ class RemoteFunction:
         function or constant of the code, which argument, the version. Executes nothing.
         """
         _settle_run_arguments(self.fn, args, kwargs)
-        name = self._cached_name(args, kwargs, run_name)
+        arg_fp = self._arguments_fingerprint(args, kwargs)
+        name = self._cached_name(args, kwargs, run_name, arg_fp)
         system = self.system.placement(name)
-        wanted = self._record(args, kwargs, system)["fingerprint"]
+        wanted = self._record(args, kwargs, system, arg_fp=arg_fp)["fingerprint"]
         try:
             run = system.get_run(name)
         except RunNotFoundError:
@@ -341,6 +344,7 @@ class RemoteFunction:
         mode: str,
         wait: bool,
         on_output: Callable[[int, bytes], None] | None = None,
+        arg_fp: dict[str, Any] | None = None,
     ) -> dict:
         generated = run_name is None
         if not generated:
@@ -359,7 +363,7 @@ class RemoteFunction:
             "on_mismatch": self.on_mismatch,
             # A hit needs only the arguments' fingerprint; the code's (a walk over all
             # the code the function reaches) is added when the run is to be recorded.
-            "record": self._record(args, kwargs, system, with_code=mode != "get"),
+            "record": self._record(args, kwargs, system, with_code=mode != "get", arg_fp=arg_fp),
         }
         if mode == "get":
             # A cache hit needs neither the function nor the inputs: send them only when
@@ -474,7 +478,14 @@ class RemoteFunction:
             raise failure_from_config(config, reply.get("error_pickle"), run)
         return run.result()
 
-    def _cached_name(self, args: tuple, kwargs: dict, run_name: str | None) -> str:
+    def _arguments_fingerprint(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+        if self._run_type != "function":
+            return None
+        return cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+
+    def _cached_name(
+        self, args: tuple, kwargs: dict, run_name: str | None, arg_fp: dict | None = None
+    ) -> str:
         if run_name is not None:
             return run_name
         if not self.cache:
@@ -482,7 +493,9 @@ class RemoteFunction:
                 f"{self.name}.get_or_call/get_or_run need a run_name=, or the function must "
                 "be made with rr.function(..., cache=True) to derive one from code and arguments"
             )
-        fingerprint = cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+        fingerprint = arg_fp or cache.argument_fingerprint(
+            self.fn, args, kwargs, ignore=self.ignore
+        )
         digest = hashlib.blake2b(
             (self._code() + fingerprint["args"]).encode(), digest_size=6
         ).hexdigest()
@@ -502,14 +515,21 @@ class RemoteFunction:
         components = cache.code_components(self.fn)
         return {"code": self._code(components), "components": components}
 
-    def _record(self, args: tuple, kwargs: dict, system: System, with_code: bool = True) -> dict:
+    def _record(
+        self,
+        args: tuple,
+        kwargs: dict,
+        system: System,
+        with_code: bool = True,
+        arg_fp: dict[str, Any] | None = None,
+    ) -> dict:
         from . import __version__
         from .run import _creator
 
         fingerprint: dict[str, Any] = self._code_record() if with_code else {}
         if self._run_type == "function":
             fingerprint.update(
-                cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+                arg_fp or cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
             )
         parent = current_run()
         record = {
