@@ -1,4 +1,4 @@
-"""The ``remoterun`` command: list, show, follow, cancel, copy and remove runs.
+"""The ``remoterun`` command: list, show, graph, follow, cancel, copy and remove runs.
 
 A SYSTEM is ``here`` (the default), a cluster saved with ``cluster.save()``, or a folder
 path / fsspec URL holding run folders. A RUN is a name on ``--system`` (``-s``), or the URL
@@ -210,6 +210,18 @@ def show(run: str, system: str, as_json: bool) -> None:
             click.echo(f"  {link}")
     if config.get("status") == "FAILED":
         sys.exit(FAILED)
+
+
+@main.command()
+@click.argument("run")
+@system_option
+@click.option("--dot", is_flag=True, help="print it in Graphviz's dot language")
+@_handled
+def graph(run: str, system: str, dot: bool) -> None:
+    """Show the runs linked to a run: the steps it produced and the runs it used."""
+    found = _run(run, system)
+    linked = found.graph()
+    click.echo(linked.to_dot() if dot else str(linked), nl=not dot)
 
 
 @main.command()

@@ -234,6 +234,13 @@ class RemoteFunction:
         items = list(zip(*iterables))
         if not items:
             return []
+        if any(isinstance(a, Run) for item in items for a in item):
+            # Runs among the items travel as their results, read here once each.
+            values: dict[str, Any] = {}
+            items = [
+                tuple(_value_of_run(a, values) if isinstance(a, Run) else a for a in item)
+                for item in items
+            ]
         system = self.system
         slots = max(1, system.parallelism())
         size = chunk_size or max(1, min(64, -(-len(items) // (slots * 4))))
@@ -730,6 +737,17 @@ def _pass_run_arguments(
         {k: passed(v) for k, v in kwargs.items()},
         used,
     )
+
+
+def _value_of_run(run: Run, values: dict[str, Any]) -> Any:
+    if run.url not in values:
+        if run.wait() is not RunStatus.COMPLETED:
+            raise RemoterunError(
+                f"run {run.name!r} is {run.status}: it has no result to map over. "
+                "Nothing was started."
+            )
+        values[run.url] = run._result_value()
+    return values[run.url]
 
 
 def _loads_shared(reply: dict) -> Any:

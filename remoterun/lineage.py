@@ -118,11 +118,17 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
         if host is None:
             return None
         run = Run(host.folder(name, "/" + posixpath.dirname(rest.split("/", 1)[1])), host)
-    else:
+    elif scheme in _STORES:
         options = getattr(holder.folder.fs, "storage_options", None) or {}
         same = scheme in _protocols(holder)
         run = Run(RunFolder.from_url(url, **(options if same else {})))
+    else:  # a link never makes remoterun reach out to an arbitrary kind of URL
+        return None
     return _at_attempt(run, attempt)
+
+
+# Where a link may point besides file:// and ssh://: stores that hold runs.
+_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 
 
 def _protocols(run: Run) -> tuple[str, ...]:

@@ -107,3 +107,17 @@ def test_saved_cluster_by_name(ssh_server):
     assert "saved-box" in answered.stdout and "answers" in answered.stdout
     assert cli("cp", "-s", "saved-box", "remote-one", "here").returncode == 0
     assert rr.local().get_run("remote-one").result() == 4
+
+
+def test_graph_of_a_pipeline_block(remoterun_home):
+    make = rr.function(tasks.make_list, cache=True)
+    add_up = rr.function(tasks.total, cache=True)
+    with rr.run(name="pipeline"):
+        add_up.get_or_call(make.get_or_run(3))
+    done = cli("graph", "pipeline")
+    assert done.returncode == 0, done.stderr
+    assert "pipeline [context, COMPLETED]" in done.stdout
+    assert "pipeline --produced--> make_list-" in done.stdout
+    assert "--used by--> total-" in done.stdout
+    dot = cli("graph", "pipeline", "--dot")
+    assert dot.stdout.startswith("digraph runs {") and dot.stdout.count(" -> ") == 3

@@ -164,6 +164,18 @@ def test_rerun_executes_the_recorded_function_again(system, tmp_path):
     assert (tmp_path / "answer-here" / "config.json").exists()
 
 
+def test_rerun_of_a_recorded_command(system):
+    system.run(["echo again"], run_name="echoed", stream=False)
+    again = system.get_run("echoed").rerun()
+    assert again.result(timeout=30) == [(0, "again\n", "")]
+    assert again.config["run_type"] == "command" and again.config["cmds"] == ["echo again"]
+
+
+def test_map_over_runs_maps_over_their_results(system):
+    runs = [rr.function(tasks.make_list, system=system).run(n, run_name=f"l{n}") for n in (2, 3)]
+    assert rr.function(tasks.total, system=system).map(runs) == [1, 3]
+
+
 def test_rerun_of_a_run_with_a_run_argument_on_another_system(system, tmp_path):
     data = rr.function(tasks.make_list, system=system).run(4, run_name="four")
     summed = rr.function(tasks.total, system=system).run(data, run_name="sum-four")
