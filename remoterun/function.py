@@ -205,10 +205,14 @@ class RemoteFunction:
             reasons = _fingerprint_changes(run.config.get("fingerprint") or {}, wanted)
             if not any(r.startswith("argument") for r in reasons) or not (args or kwargs):
                 return Explanation(True, name, run.url, [])
+        qualname = _qualified_name(self.fn)
         earlier = [
             r
             for r in system.runs()
-            if r.config.get("fn_name") == self.name and r.config.get("status") == "COMPLETED"
+            if r.config.get("fn_name") == self.name
+            and r.config.get("status") == "COMPLETED"
+            # the same function, not another of the same name (older records lack it)
+            and r.config.get("fn_qualname", qualname) == qualname
         ]
         if not earlier:
             return Explanation(False, name, None, [f"no earlier COMPLETED run of {self.name}"])
@@ -542,6 +546,7 @@ class RemoteFunction:
         record = {
             "run_type": self._run_type,
             "fn_name": self.name,
+            "fn_qualname": _qualified_name(self.fn),
             "cmds": list(self._cmds),
             "fingerprint": fingerprint,
             "creator": _creator(),
@@ -572,6 +577,14 @@ class RemoteFunction:
     def _pickle_function(self) -> tuple[bytes, str]:
         data = _dumps_by_value(self.fn, self.fn, "the function")
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _qualified_name(fn: Callable) -> str:
+    """``module.qualname`` of the function (of a callable object's class)."""
+    target = inspect.unwrap(fn)
+    if not hasattr(target, "__qualname__"):
+        target = type(target)
+    return f"{getattr(target, '__module__', None) or '?'}.{target.__qualname__}"
 
 
 def _progress_bar(total: int, name: str, wanted: bool | None) -> Any:

@@ -199,3 +199,14 @@ def test_a_content_cached_call_with_an_array_hits(tmp_path):
     assert total.explain(np.asfortranarray(data.copy())).hit
     assert not total.explain(data + 1).hit
     assert len(here.runs()) == 1
+
+
+def test_explain_compares_with_runs_of_the_same_function_only(module):
+    import remoterun as rr
+
+    a = rr.function(module(PIPELINE, "rr_pipeline_a").step, cache=True)
+    assert a.get_or_call(2) == "7"
+    b = rr.function(module(PIPELINE, "rr_pipeline_b").step, cache=True)  # also "step"
+    why = b.explain(2)
+    assert not why.hit and why.compared_to is None
+    assert why.reasons == ["no earlier COMPLETED run of step"]
