@@ -66,6 +66,11 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
             out.update(d)
         out.update(b"}")
     elif hasattr(t, "__remoterun_fingerprint__"):  # a Run: which run, not its bytes
+        if depth > 0:
+            raise ValueError(
+                "a Run inside a list, tuple or dict is not read for the call: pass it as "
+                "an argument of its own, or pass run.result()"
+            )
         out.update(b"R" + obj.__remoterun_fingerprint__().encode() + b";")
     elif t.__module__.startswith(("numpy", "pandas")) and _encode_by_content(obj, out):
         pass
@@ -75,32 +80,42 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
 
 
 def _encode_by_content(obj: Any, out: Any) -> bool:
-    """numpy arrays and pandas frames, series and indexes by their content (dtype, shape,
-    labels, values), hashed in place without pickling a copy; whether ``obj`` was one.
-    Neither library is imported here: ``obj`` comes from one that is."""
+    """numpy arrays and pandas frames, series and indexes by their content, hashed in
+    place without pickling a copy; whether ``obj`` was one. What counts: the type, shape
+    and dtype (field names, byte order, units, categories), labels with their types, and
+    the values. Object columns and arrays (Python objects inside) go by their pickle.
+    Neither library is imported here unless ``obj`` comes from it."""
     name = type(obj).__name__
-    if name == "ndarray" and type(obj).__module__ == "numpy":
+    module = type(obj).__module__
+    if name == "ndarray" and module == "numpy":
         if obj.dtype.hasobject:
-            return False  # Python objects inside: by their pickle
+            return False
         import numpy
 
-        data = numpy.ascontiguousarray(obj)
-        out.update(f"A{data.dtype.str}{data.shape};".encode())
-        out.update(memoryview(data).cast("B"))
+        out.update(f"A{obj.dtype.descr!r}{obj.shape};".encode())
+        # Bytes in C order whatever the memory layout; datetime64 has no buffer format.
+        out.update(numpy.ascontiguousarray(obj).reshape(-1).view(numpy.uint8))
         return True
-    if type(obj).__module__.startswith("pandas") and name in ("DataFrame", "Series", "Index"):
+    if module.startswith("pandas") and name in ("DataFrame", "Series", "Index"):
+        import numpy
         import pandas
 
+        dtypes = list(obj.dtypes) if name == "DataFrame" else [obj.dtype]
+        if any(isinstance(d, numpy.dtype) and d.kind == "O" for d in dtypes):
+            return False  # Python objects: hash_pandas_object would see 1 and "1" alike
         try:
-            rows = pandas.util.hash_pandas_object(obj, index=name != "Index")
-        except TypeError:  # unhashable cells (lists, dicts): by the pickle
+            rows = pandas.util.hash_pandas_object(obj, index=False)
+        except TypeError:
             return False
         out.update(f"P{name}{obj.shape};".encode())
-        labels = obj.columns if name == "DataFrame" else [getattr(obj, "name", None)]
-        dtypes = obj.dtypes if name == "DataFrame" else [obj.dtype]
-        _encode([str(label) for label in labels], out)
-        _encode([str(dtype) for dtype in dtypes], out)
-        out.update(memoryview(rows.to_numpy()).cast("B"))
+        _encode([repr(dtype) for dtype in dtypes], out)
+        if name == "DataFrame":
+            _encode(obj.columns, out)
+        _encode(getattr(obj, "name", None) if name != "DataFrame" else None, out)
+        if name != "Index":
+            _encode(obj.index, out)
+        _encode(list(getattr(obj, "names", None) or ()), out)
+        out.update(rows.to_numpy().view("uint8"))
         return True
     return False
 
@@ -128,6 +143,17 @@ def _signature(fn: Callable) -> inspect.Signature:
     return inspect.signature(fn)
 
 
+@functools.lru_cache(maxsize=512)
+def _spread_parameters(fn: Callable) -> frozenset[str]:
+    """The names of ``fn``'s ``*args`` and ``**kwargs`` parameters."""
+    try:
+        parameters = _signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    spread = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return frozenset(p.name for p in parameters if p.kind in spread)
+
+
 def bind_arguments(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Map a call's arguments to parameter names, defaults applied.
 
@@ -152,11 +178,13 @@ def argument_fingerprint(
     """
     ignored = set(ignore)
     params: dict[str, str] = {}
+    spread = _spread_parameters(fn)
     for name, value in bind_arguments(fn, args, kwargs).items():
         if name in ignored:
             continue
         try:
-            params[name] = value_fingerprint(value)
+            # The items of *args and **kwargs are arguments in their own right.
+            params[name] = _digest(value, -1 if name in spread else 0).hex()
         except Exception as exc:
             raise SerializationError(
                 f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} cannot be "

@@ -163,11 +163,11 @@ class RemoteFunction:
             return value
         if reply["action"] == "attach":
             return self._run_handle(reply).result()  # linked as used by result()
+        if current_run() is not None:  # linked whether it completed or not
+            _link(lineage_kind(reply), self._run_handle(reply))
         value = self._outcome(reply)
         if reply["action"] == "start" and self._shares():
             self._publish(self._run_handle(reply))
-        if current_run() is not None:
-            _link(lineage_kind(reply), self._run_handle(reply))
         return value
 
     def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
@@ -238,13 +238,16 @@ class RemoteFunction:
         items = list(zip(*iterables))
         if not items:
             return []
-        if any(isinstance(a, Run) for item in items for a in item):
+        runs = [a for item in items for a in item if isinstance(a, Run)]
+        if runs:
             # Runs among the items travel as their results, read here once each.
             values: dict[str, Any] = {}
             items = [
                 tuple(_value_of_run(a, values) if isinstance(a, Run) else a for a in item)
                 for item in items
             ]
+            for run in runs:
+                _link(lineage.USED, run)
         system = self.system
         slots = max(1, system.parallelism())
         size = chunk_size or max(1, min(64, -(-len(items) // (slots * 4))))
@@ -309,7 +312,9 @@ class RemoteFunction:
         system = self.system
         # Runs passed as arguments are read on the host when it is known to hold them.
         target = system.placement(None) if len(getattr(system, "hosts", ())) <= 1 else None
-        args, kwargs, _ = _pass_run_arguments(args, kwargs, target)
+        args, kwargs, passed = _pass_run_arguments(args, kwargs, target)
+        for run in passed:  # no run of its own records them: the current run used them
+            _link(lineage.USED, run)
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
         op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
@@ -715,9 +720,13 @@ def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:
     """Wait for the runs passed as arguments to finish; raise if one did not complete."""
     if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
         return
-    for name, value in cache.bind_arguments(fn, args, kwargs).items():
+    named = [(f"args[{i}]", v) for i, v in enumerate(args)] + list(kwargs.items())
+    bound = cache.bind_arguments(fn, args, kwargs)
+    for position, value in named:
         if not isinstance(value, Run):
             continue
+        # the parameter's name when it binds to one (not through *args or **kwargs)
+        name = next((k for k, v in bound.items() if v is value), position)
         status = value.wait()
         if status is not RunStatus.COMPLETED:
             raise RemoterunError(

@@ -18,6 +18,7 @@ holding it (the host that ran the run), and on this machine when it is not found
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -38,7 +39,8 @@ def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None =
     ``used`` or ``produced``.
 
     A run is never linked to itself; a run the current run produced is not linked again
-    as used (its parent link says it already).
+    as used (its parent link says it already). A link already made costs nothing; one
+    that cannot be written is logged, never raised: the work it records has happened.
     """
     from .run import current_run
 
@@ -50,19 +52,48 @@ def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None =
         return
     if attempt is None:
         attempt = (run._config or {}).get("attempt")
+    key = (_identity(outer), url, attempt, kind)
+    if key in _noted:
+        return
 
-    def change(config: dict) -> None:
+    def change(config: dict) -> bool:
         links = config.setdefault("links", [])
         if any(link.get("url") == url and link.get("attempt") == attempt for link in links):
-            return
+            return False
         if kind == USED and url in (config.get("downstream") or []):
-            return
+            return False
         links.append({"url": url, "kind": kind, "attempt": attempt})
         key = "upstream" if kind == USED else "downstream"
         if url not in config.setdefault(key, []):
             config[key].append(url)
+        return True
 
-    outer._update_config(change)
+    try:
+        outer._update_config(change)
+    except (RemoterunError, OSError) as exc:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "could not link run %s to run %s as %s: %s", url, outer.url, kind, exc
+        )
+        return
+    if len(_noted) > 10_000:
+        _noted.clear()
+    _noted.add(key)
+
+
+# Links this process has written, so that a run that reads the same result again and
+# again (a hit in a loop) rewrites its record once, not each time.
+_noted: set[tuple] = set()
+
+
+def _identity(outer: Run) -> str:
+    """One execution of ``outer``: a block by its start, a recorded run by this process
+    (a worker executes one run)."""
+    context = outer._context
+    if context is not None and context.config:
+        return f"{outer.url}@{context.config.get('start_time')}"
+    return f"{outer.url}@pid{os.getpid()}"
 
 
 def record_fields(used: list[tuple[str, int | None]]) -> dict[str, Any]:
@@ -111,8 +142,10 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
                     run = candidate
             except RemoterunError:  # not readable there: written by a client
                 pass
-        if run is None:
-            run = Run(RunFolder(local_filesystem(), path))
+        if run is None:  # on this machine: only a record written here
+            local = _at_attempt(Run(RunFolder(local_filesystem(), path)), attempt)
+            host = (local._config or {}).get("host")
+            return local if host in (None, _this_host()) else None
     elif scheme == "ssh":
         host = _open_host(holder, rest.split("/", 1)[0])
         if host is None:
@@ -125,6 +158,12 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
     else:  # a link never makes remoterun reach out to an arbitrary kind of URL
         return None
     return _at_attempt(run, attempt)
+
+
+def _this_host() -> str:
+    from .agent.worker import HOSTNAME
+
+    return HOSTNAME
 
 
 # Where a link may point besides file:// and ssh://: stores that hold runs.
@@ -285,8 +324,10 @@ def _label(run: Run) -> str:
 
 
 def graph(run: Run, max_runs: int = 1000) -> RunGraph:
-    """Walk the links of ``run`` and of every run they reach, both ways, up to ``max_runs``
-    runs. Links that cannot be reached from here are left out."""
+    """Walk the links of ``run`` (the runs it produced and the runs it used) and of every
+    run they reach, transitively, up to ``max_runs`` runs. Parents are not followed: the
+    graph of a step is the step and what it touched; ask its ``parent()`` for more.
+    Links that cannot be reached from here are left out."""
     nodes: dict[str, Run] = {run.url: run}
     edges: list[tuple[str, str, str]] = []
     queue = [run]

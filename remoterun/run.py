@@ -473,11 +473,12 @@ class Run:
     def _update_config(self, change: Any) -> None:
         """Change the run's record in place: under its lock on this machine (the worker
         writes its outcome under the same lock, re-reading the record first), in the
-        block's own record for a ``with rr.run(...)`` block."""
+        block's own record for a ``with rr.run(...)`` block. ``change(config)`` returns
+        False when it changed nothing (nothing is written then)."""
         if self._context is not None and self._context.config:
             with self._context.lock:  # threads of the block may link runs at once
-                change(self._context.config)
-                self.folder.write_config(self._context.config)
+                if change(self._context.config) is not False:
+                    self.folder.write_config(self._context.config)
                 self._config = dict(self._context.config)
             return
         if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
@@ -488,14 +489,14 @@ class Run:
                 config = runs.read_config(self.name)
                 if config is None:
                     raise RunNotFoundError(f"no run at {self.url}")
-                change(config)
-                runs.write_config(self.name, config)
+                if change(config) is not False:
+                    runs.write_config(self.name, config)
         else:  # an object store: the last writer wins
             config = self.folder.read_config()
             if config is None:
                 raise RunNotFoundError(f"no run at {self.url}")
-            change(config)
-            self.folder.write_config(config)
+            if change(config) is not False:
+                self.folder.write_config(config)
         self._config = config
 
     # ------------------------------------------------------------------ lineage
@@ -505,7 +506,8 @@ class Run:
         from .lineage import resolve
 
         url = self.config.get("parent")
-        return resolve(self, url) if url else None
+        found = resolve(self, url) if url else None
+        return found if found is not None and found._config is not None else None
 
     def children(self) -> list[Run]:
         """The runs this run started (its ``downstream``), in order."""
@@ -571,6 +573,12 @@ class Run:
         remote._cmds = list(config.get("cmds") or [])
         remote._extra_record = {"source": self.url, "source_attempt": config.get("attempt")}
         inputs = self.inputs()
+        for value in (*inputs["args"], *inputs["kwargs"].values()):
+            if isinstance(value, layout.RunArgument):
+                raise RemoterunError(
+                    f"run {self.name!r} was passed the run {value.url} as an argument, which "
+                    "cannot be reached from here: re-run it where that run is"
+                )
         return remote.run(*inputs["args"], run_name=run_name, **inputs["kwargs"])
 
     def export(self, path: str, *, format: str | None = None) -> str:
@@ -737,14 +745,19 @@ def run(
 # --------------------------------------------------------------------------- current run
 
 _context_stack = threading.local()
+# Blocks open in any thread of this process, so that threads a block starts see it.
+_open_blocks: list[Run] = []
 
 
 def current_run() -> Run | None:
     """The run executing this code: the innermost ``with rr.run(...)`` block of this
-    thread, else the recorded run this process works for, else None."""
+    thread (or, in a thread of its own, the one block open in this process), else the
+    recorded run this process works for, else None."""
     stack = getattr(_context_stack, "runs", None)
     if stack:
         return stack[-1]
+    if len(_open_blocks) == 1:  # a thread started inside the only open block
+        return _open_blocks[0]
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
         from .folder import local_filesystem
@@ -879,11 +892,16 @@ class _ContextRecorder:
         if stack is None:
             stack = _context_stack.runs = []
         stack.append(self.run)
+        _open_blocks.append(self.run)
 
     def finish(self, exc: BaseException | None) -> dict:
         stack = getattr(_context_stack, "runs", [])
         if stack and stack[-1] is self.run:
             stack.pop()
+        for i, block in enumerate(_open_blocks):
+            if block is self.run:
+                del _open_blocks[i]
+                break
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
         folder = self.run.folder

@@ -171,6 +171,11 @@ def test_numpy_arrays_count_by_content():
     assert cache.value_fingerprint(changed) != cache.value_fingerprint(a)
     objects = np.array([{"a": 1}, None], dtype=object)  # by pickle, still stable
     assert cache.value_fingerprint(objects) == cache.value_fingerprint(objects.copy())
+    assert cache.value_fingerprint(np.array(5)) != cache.value_fingerprint(np.array([5]))
+    fields_a, fields_b = np.zeros(2, dtype=[("a", "i4")]), np.zeros(2, dtype=[("b", "i4")])
+    assert cache.value_fingerprint(fields_a) != cache.value_fingerprint(fields_b)
+    days = np.array(["2026-01-01", "2026-01-02"], dtype="datetime64[D]")
+    assert cache.value_fingerprint(days) != cache.value_fingerprint(days + 1)
 
 
 def test_pandas_frames_count_by_content():
@@ -186,6 +191,12 @@ def test_pandas_frames_count_by_content():
     assert cache.value_fingerprint(df["a"]) != cache.value_fingerprint(df["a"].rename("c"))
     lists = pd.DataFrame({"a": [[1], [2]]})  # unhashable cells: by pickle
     assert cache.value_fingerprint(lists) == cache.value_fingerprint(lists.copy())
+    numbers, texts = pd.Series([1, 2], dtype=object), pd.Series(["1", "2"], dtype=object)
+    assert cache.value_fingerprint(numbers) != cache.value_fingerprint(texts)
+    by_int, by_text = pd.DataFrame({1: [1]}), pd.DataFrame({"1": [1]})
+    assert cache.value_fingerprint(by_int) != cache.value_fingerprint(by_text)
+    named = df.rename_axis("row")
+    assert cache.value_fingerprint(named) != cache.value_fingerprint(df)
 
 
 def test_a_content_cached_call_with_an_array_hits(tmp_path):
@@ -199,6 +210,9 @@ def test_a_content_cached_call_with_an_array_hits(tmp_path):
     assert total.explain(np.asfortranarray(data.copy())).hit
     assert not total.explain(data + 1).hit
     assert len(here.runs()) == 1
+    days = np.array(["2026-01-01"], dtype="datetime64[D]")
+    first = rr.function(np.min, system=here, name="first", cache=True)
+    assert first.get_or_call(days) == days[0]  # no buffer format, still fingerprinted
 
 
 def test_explain_compares_with_runs_of_the_same_function_only(module):

@@ -5,6 +5,9 @@ record and export it. On the local system and on a real SSH host alike."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -210,3 +213,65 @@ def test_export_writes_the_record_as_json_and_yaml(system, tmp_path):
     assert as_yaml == as_json
     with pytest.raises(ValueError, match="json or yaml"):
         run.export(str(tmp_path / "run.txt"))
+
+
+def test_runs_through_star_args_are_waited_for_and_checked(tmp_path):
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    failed = rr.function(tasks.fail, system=here).run("broken", run_name="broken")
+    slow = rr.function(tasks.record_call, system=here).run(os.devnull, [1], 0.3, run_name="slow")
+    add_all = rr.function(tasks.total_of_all, system=here)
+    assert add_all.run(slow, [2], run_name="all").result(timeout=30) == 4  # [1, 1] + [2]
+    with pytest.raises(rr.RemoterunError, match=r"argument 'args\[0\]'.* which FAILED"):
+        add_all.run(failed, run_name="never")
+    assert "never" not in [r.name for r in here.runs()]
+
+
+def test_a_run_inside_a_list_argument_is_refused_clearly(tmp_path):
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    data = rr.function(tasks.make_list, system=here).run(2, run_name="two")
+    data.wait(timeout=30)
+    add_all = rr.function(tasks.total_of_all, system=here, cache=True)
+    with pytest.raises(rr.SerializationError, match="pass it as an argument of its own"):
+        add_all.get_or_call([data])
+
+
+def test_links_are_written_once_and_failed_steps_are_linked(tmp_path):
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    make = rr.function(tasks.make_list, system=here, cache=True)
+    broken = rr.function(tasks.fail, system=here, cache=True)
+    make.get_or_call(3)
+    with rr.run(path=str(tmp_path / "block")) as block:
+        make.get_or_call(3)
+        config = tmp_path / "block" / "config.json"
+        before = config.stat().st_mtime_ns, config.stat().st_ino
+        for _ in range(20):  # the same hit again and again: the record is not rewritten
+            make.get_or_call(3)
+        assert (config.stat().st_mtime_ns, config.stat().st_ino) == before
+        with pytest.raises(tasks.CustomError):
+            broken.get_or_call("no luck")
+    assert [link["kind"] for link in block.config["links"]] == ["used", "produced"]
+    assert block.children()[0].status is rr.RunStatus.FAILED
+
+
+def test_threads_and_unrecorded_calls_inside_a_block_are_linked(tmp_path):
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    data = rr.function(tasks.make_list, system=here).run(3, run_name="three")
+    data.wait(timeout=30)
+    add_up = rr.function(tasks.total, system=here)
+    with rr.run(path=str(tmp_path / "block")) as block:
+        assert add_up(data) == 3  # an unrecorded call: the block used the run
+        worker = threading.Thread(target=lambda: add_up.run([1], run_name="threaded").wait())
+        worker.start()
+        worker.join()
+    assert block.upstream() == [data]
+    assert [r.name for r in block.children()] == ["threaded"]
+
+
+def test_parent_of_a_removed_run_is_none(tmp_path):
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    with rr.run(path=str(tmp_path / "gone-block")):
+        child = rr.function(tasks.total, system=here).run([1], run_name="child")
+    child.wait(timeout=30)
+    assert child.parent() is not None
+    shutil.rmtree(tmp_path / "gone-block")
+    assert child.parent() is None
