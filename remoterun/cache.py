@@ -189,7 +189,8 @@ def argument_fingerprint(
             raise SerializationError(
                 f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} cannot be "
                 f"fingerprinted ({type(value).__name__}: {exc}); leave it out with "
-                f"ignore=[{name!r}]. Nothing was started."
+                f"ignore=[{name!r}] (and bump version= when what it holds changes). "
+                "Nothing was started."
             ) from exc
     total = _hasher()
     for name in sorted(params):

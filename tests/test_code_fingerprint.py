@@ -224,3 +224,22 @@ def test_explain_compares_with_runs_of_the_same_function_only(module):
     why = b.explain(2)
     assert not why.hit and why.compared_to is None
     assert why.reasons == ["no earlier COMPLETED run of step"]
+
+
+def test_an_argument_that_cannot_be_fingerprinted_is_named(tmp_path):
+    import threading
+
+    import remoterun as rr
+
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+
+    def use(data, lock):
+        return len(data)
+
+    fn = rr.function(use, system=here, cache=True)
+    with pytest.raises(rr.SerializationError) as caught:
+        fn.get_or_call([1, 2], threading.Lock())
+    message = str(caught.value)
+    assert "argument 'lock'" in message and "ignore=['lock']" in message
+    assert "version=" in message and "Nothing was started" in message
+    assert here.runs() == []
