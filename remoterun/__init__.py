@@ -35,8 +35,10 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
+    "Explanation": ".function",
     "LocalSystem": ".systems.local",
     "RemoteFunction": ".function",
+    "RunGraph": ".lineage",
     "SSHCluster": ".systems.ssh",
     "StorageSystem": ".systems.storage",
     "System": ".systems.base",
@@ -46,7 +48,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .function import RemoteFunction, function
+    from .function import Explanation, RemoteFunction, function
+    from .lineage import RunGraph
     from .systems import cluster
     from .systems.base import System
     from .systems.local import LocalSystem, local
@@ -74,6 +77,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AgentError",
     "CacheMismatchError",
+    "Explanation",
     "HostKeyError",
     "InvalidRunNameError",
     "LocalSystem",
@@ -85,6 +89,7 @@ __all__ = [
     "RunCancelledError",
     "RunExistsError",
     "RunFailedError",
+    "RunGraph",
     "RunNotFinishedError",
     "RunNotFoundError",
     "RunStatus",
