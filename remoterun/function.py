@@ -84,8 +84,9 @@ class RemoteFunction:
     def __repr__(self) -> str:
         return f"<RemoteFunction {self.name} on {self._system_spec or 'here'}>"
 
-    def __reduce__(self) -> tuple:
-        options = {
+    def _options(self) -> dict[str, Any]:
+        """The options it was made with, but its system."""
+        return {
             "name": self.name,
             "cache": self.cache,
             "on_mismatch": self.on_mismatch,
@@ -93,7 +94,9 @@ class RemoteFunction:
             "share": self.share,
             "version": self.version,
         }
-        return (_rebuild, (self.fn, self._system_spec, options))
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (self.fn, self._system_spec, self._options()))
 
     @property
     def system(self) -> System:
@@ -104,17 +107,7 @@ class RemoteFunction:
 
     def to(self, system: Any) -> RemoteFunction:
         """The same function, running on ``system``."""
-        other = RemoteFunction(
-            self.fn,
-            system=system,
-            name=self.name,
-            cache=self.cache,
-            on_mismatch=self.on_mismatch,
-            ignore=self.ignore,
-            share=self.share,
-            version=self.version,
-        )
-        return other
+        return RemoteFunction(self.fn, system=system, **self._options())
 
     # ------------------------------------------------------------------ calling
 
@@ -318,7 +311,7 @@ class RemoteFunction:
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
         op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
-        if any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values())):
+        if passed and _has_references(args, kwargs):
             op["run_args"] = True
         with self.system._connection() as conn:  # the least-loaded host's agent
             try:
@@ -570,12 +563,12 @@ class RemoteFunction:
         return record
 
     def _payload(self, args: tuple, kwargs: dict, system: System) -> dict[str, Any]:
-        args, kwargs, _ = _pass_run_arguments(args, kwargs, system)
+        args, kwargs, passed = _pass_run_arguments(args, kwargs, system)
         payload: dict[str, Any] = {
             "fn": self._pickle_function()[0],
             "inputs": _pickle_inputs(self.fn, args, kwargs),
         }
-        if any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values())):
+        if passed and _has_references(args, kwargs):
             payload["run_args"] = True
         return payload
 
@@ -759,6 +752,11 @@ def _pass_run_arguments(
         {k: passed(v) for k, v in kwargs.items()},
         used,
     )
+
+
+def _has_references(args: tuple, kwargs: dict) -> bool:
+    """Whether a Run argument travels as a reference for the host to read."""
+    return any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values()))
 
 
 def _value_of_run(run: Run, values: dict[str, Any]) -> Any:

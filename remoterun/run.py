@@ -136,9 +136,7 @@ class Run:
     def _read_current(self, want_outcome: bool) -> dict:
         if posixpath.basename(self.folder.path) != self.name:  # attempts/<n>/: terminal
             return {"config": self.folder.read_config()}
-        if self.system is not None and not self.system.executes:
-            return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
-        if self.system is not None and self.system.executes:
+        if self.system is not None:  # an executing one finds a dead worker out
             return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
         if _is_local(self.folder.fs):
             from .agent.worker import HostRuns
