@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AgentError,
     CacheMismatchError,
+    CorruptRunError,
     HostKeyError,
     InvalidRunNameError,
     MissingExtraError,
@@ -26,7 +27,9 @@ from .errors import (
     RunNotFoundError,
     RunStorageError,
     SerializationError,
+    SigningKeyError,
     SystemUnavailableError,
+    UntrustedRunError,
     WorkerLostError,
 )
 from .run import Run, RunStatus, current_run, run
@@ -77,6 +80,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "AgentError",
     "CacheMismatchError",
+    "CorruptRunError",
     "Explanation",
     "HostKeyError",
     "InvalidRunNameError",
@@ -96,9 +100,11 @@ __all__ = [
     "RunStorageError",
     "SSHCluster",
     "SerializationError",
+    "SigningKeyError",
     "StorageSystem",
     "System",
     "SystemUnavailableError",
+    "UntrustedRunError",
     "WorkerLostError",
     "__version__",
     "cluster",

@@ -11,6 +11,9 @@
     ├── CacheMismatchError         a cached run was made from other arguments
     ├── SerializationError         (also TypeError) an argument or value cannot be pickled
     ├── RunStorageError            (also OSError) a run folder cannot be read or written
+    ├── CorruptRunError            a run's file is missing, damaged or fails its digest
+    ├── UntrustedRunError          a run from a shared store is unsigned or forged
+    ├── SigningKeyError            no team signing key where one is needed, or a bad one
     ├── SystemUnavailableError     a system cannot be reached or started
     │   ├── AgentError             the agent broke the protocol or died
     │   └── HostKeyError           an SSH host's key is unknown or has changed
@@ -64,6 +67,38 @@ class SerializationError(RemoterunError, TypeError):
 
 class RunStorageError(RemoterunError, OSError):
     """A run folder cannot be read or written (permissions, full disk, missing root)."""
+
+
+class CorruptRunError(RemoterunError):
+    """A run's record cannot be read, or one of its files is missing or does not match
+    the SHA-256 digest its record holds. Nothing of it was unpickled.
+
+    Attributes:
+        url: the run folder's URL.
+        filename: the file at fault (``config.json``, ``result.pkl``, ...).
+    """
+
+    def __init__(self, message: str, *, url: str = "", filename: str = ""):
+        super().__init__(message)
+        self.url = url
+        self.filename = filename
+
+
+class UntrustedRunError(RemoterunError):
+    """A run taken from a shared store carries no valid signature under the team key
+    (unsigned, signed with another key, or changed since): nothing of it was unpickled.
+
+    Attributes:
+        url: the run folder's URL.
+    """
+
+    def __init__(self, message: str, *, url: str = ""):
+        super().__init__(message)
+        self.url = url
+
+
+class SigningKeyError(RemoterunError):
+    """A team signing key is needed and there is none, or the one given is malformed."""
 
 
 class SystemUnavailableError(RemoterunError):

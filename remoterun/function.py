@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import cloudpickle
 
 from . import cache, lineage
-from .agent import layout
+from .agent import layout, pickling
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -852,7 +852,7 @@ def _dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
         for package in registered:
             cloudpickle.register_pickle_by_value(sys.modules[package])
         try:
-            return cloudpickle.dumps(obj)
+            return pickling.dumps(obj)
         except Exception as exc:
             raise SerializationError(
                 f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"

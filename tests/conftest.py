@@ -29,11 +29,11 @@ def remoterun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def ssh_server():
     """A real sshd on 127.0.0.1 serving a separate Unix user (a "remote host")."""
-    from servers import ServerUnavailable, SshServer, ensure_openssh_server
+    from servers import USER_A, ServerUnavailable, SshServer, ensure_openssh_server
 
     try:
         ensure_openssh_server()
-        server = SshServer("rrtest_a", extra_config="MaxStartups 100:30:200").start()
+        server = SshServer(USER_A, extra_config="MaxStartups 100:30:200").start()
     except ServerUnavailable as exc:
         pytest.skip(f"no SSH test host: {exc}")
     yield server

@@ -49,6 +49,11 @@ LOCALHOST = "127.0.0.1"
 #: Interpreters tried, in order, by ``SshServer.remote_python()``.
 REMOTE_PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "python3")
 _USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,30}$")
+#: The Unix users that play the suite's hosts. A stopping server kills every process of
+#: its user, so two suites running at once on one machine need their own users:
+#: ``RR_TEST_USER_PREFIX=rrtestx pytest ...``.
+USER_PREFIX = os.environ.get("RR_TEST_USER_PREFIX") or "rrtest"
+USER_A, USER_B, USER_C = (f"{USER_PREFIX}_{x}" for x in "abc")
 
 
 class ServerUnavailable(RuntimeError):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import linecache
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,32 @@ def test_remote_exception_comes_back_as_its_own_type(system):
         assert "_worker_main" not in cause.remote_traceback
     assert cause.run_name == "failing"
     assert any(p.endswith("stderr.log") for p in cause.log_paths)
+
+
+def test_remote_traceback_names_the_file_and_shows_lines_the_host_lacks(
+    system, tmp_path, monkeypatch
+):
+    # A module of the user's own that neither the agent nor the SSH host can read: the
+    # file is gone once imported (only this process's linecache still has its lines).
+    name = "vanishing_" + uuid.uuid4().hex[:8]
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "def explode(x):\n"
+        "    total = x * 2\n"
+        "    raise RuntimeError(f'exploded at {total}')  # the failing line\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    linecache.getlines(str(path))
+    path.unlink()
+    fn = rr.function(module.explode, system=system)
+    for kwargs in ({}, {"run_name": "vanished"}):
+        with pytest.raises(RuntimeError, match="exploded at 4") as info:
+            fn(2, **kwargs)
+        text = info.value.__cause__.remote_traceback
+        assert f'File "{path}", line 3, in explode' in text
+        assert "raise RuntimeError(f'exploded at {total}')  # the failing line" in text
+        assert "<dynamic-code>" not in text
 
 
 def test_failed_run_result_raises_and_never_returns_logs(system):

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import servers
 from servers import (
     MotoS3Server,
     ServerUnavailable,
@@ -26,9 +27,7 @@ try:
 except ImportError:  # SSH tests skip; the moto tests don't need it
     paramiko = None
 
-USER_A = "rrtest_a"
-USER_B = "rrtest_b"
-USER_C = "rrtest_c"
+USER_A, USER_B, USER_C = servers.USER_A, servers.USER_B, servers.USER_C
 
 
 def _cmdline(pid: int) -> str:

@@ -33,7 +33,7 @@ def whoami(_item=None) -> str:
 def second_server(ssh_server):
     from servers import SshServer
 
-    server = SshServer("rrtest_b", extra_config="MaxStartups 100:30:200").start()
+    server = SshServer(servers.USER_B, extra_config="MaxStartups 100:30:200").start()
     yield server
     server.stop()
 
@@ -116,7 +116,7 @@ def test_wrong_key_is_an_authentication_error(ssh_server, tmp_path):
     )
     cluster = make_cluster(ssh_server)
     cluster.hosts[0].key = str(tmp_path / "k")
-    with pytest.raises(rr.SystemUnavailableError, match="authentication as 'rrtest_a'"):
+    with pytest.raises(rr.SystemUnavailableError, match=f"authentication as '{servers.USER_A}'"):
         rr.function(tasks.add, system=cluster)(1)
 
 
@@ -140,7 +140,7 @@ def test_ssh_config_alias(ssh_server, tmp_path):
         known_hosts=str(ssh_server.known_hosts_path),
         python=ssh_server.remote_python(),
     )
-    assert rr.function(whoami, system=cluster)() == "rrtest_a"
+    assert rr.function(whoami, system=cluster)() == servers.USER_A
     cluster.close()
 
 
@@ -188,7 +188,7 @@ def _jump_config(tmp_path, jump_server, inner_server, proxy_jump: str) -> str:
 def test_proxy_jump_from_ssh_config(ssh_server, second_server, tmp_path, proxy_jump):
     config = _jump_config(tmp_path, ssh_server, second_server, proxy_jump)
     cluster = rr.cluster("inner", ssh_config=config, python=second_server.remote_python())
-    assert rr.function(whoami, system=cluster)() == "rrtest_b"
+    assert rr.function(whoami, system=cluster)() == servers.USER_B
     host = cluster.hosts[0]
     # The host's connection runs inside a channel of the (last) jump host's connection.
     assert len(host._jump_clients) == proxy_jump.count(",") + 1
@@ -196,7 +196,7 @@ def test_proxy_jump_from_ssh_config(ssh_server, second_server, tmp_path, proxy_j
     assert isinstance(host.client().get_transport().sock, paramiko.Channel)
     assert host.client().get_transport().sock.get_transport() is jump_transport
     run = rr.function(whoami, system=cluster).run(run_name="through-the-jump")
-    assert run.result(timeout=30) == "rrtest_b"
+    assert run.result(timeout=30) == servers.USER_B
     cluster.close()
     assert not jump_transport.is_active()  # closing the cluster closes its jump hosts
 
@@ -207,10 +207,10 @@ def test_proxy_jump_argument_with_user_and_port(ssh_server, second_server, tmp_p
         "inner",
         ssh_config=config,
         python=second_server.remote_python(),
-        proxy_jump=f"rrtest_a@jumpbox:{ssh_server.port}",
+        proxy_jump=f"{servers.USER_A}@jumpbox:{ssh_server.port}",
     )
-    assert rr.function(whoami, system=cluster)() == "rrtest_b"
-    assert cluster.hosts[0]._jump_clients[0].get_transport().get_username() == "rrtest_a"
+    assert rr.function(whoami, system=cluster)() == servers.USER_B
+    assert cluster.hosts[0]._jump_clients[0].get_transport().get_username() == servers.USER_A
     cluster.close()
 
 
@@ -220,10 +220,10 @@ def test_unreachable_jump_host_is_named(ssh_server, second_server, tmp_path):
         "inner",
         ssh_config=config,
         python=second_server.remote_python(),
-        proxy_jump=f"rrtest_a@127.0.0.1:{servers.free_port()}",
+        proxy_jump=f"{servers.USER_A}@127.0.0.1:{servers.free_port()}",
         connect_timeout=2,
     )
-    with pytest.raises(rr.SystemUnavailableError, match="cannot reach rrtest_a@127.0.0.1"):
+    with pytest.raises(rr.SystemUnavailableError, match=f"cannot reach {servers.USER_A}@127.0.0.1"):
         rr.function(whoami, system=cluster)()
     cluster.close()
 
@@ -255,7 +255,7 @@ def test_missing_interpreter_names_host_and_interpreter(ssh_server):
     cluster = make_cluster(ssh_server, python="/nonexistent/python3")
     with pytest.raises(rr.SystemUnavailableError, match="/nonexistent/python3") as info:
         rr.function(tasks.add, system=cluster)(1)
-    assert "rrtest_a@127.0.0.1" in str(info.value)
+    assert f"{servers.USER_A}@127.0.0.1" in str(info.value)
     assert "python=" in str(info.value)
 
 
@@ -283,10 +283,12 @@ def test_runs_live_on_the_host(cluster, ssh_server, remoterun_home):
     assert cluster.root.startswith(ssh_server.home + "/")
     config = Path(cluster.root, "on-host", "config.json")
     assert config.exists()
-    assert pwd.getpwuid(config.stat().st_uid).pw_name == "rrtest_a"
+    assert pwd.getpwuid(config.stat().st_uid).pw_name == servers.USER_A
     assert not (remoterun_home / "runs" / "on-host").exists()
     run = cluster.get_run("on-host")
-    assert run.url.startswith(f"ssh://rrtest_a@127.0.0.1:{ssh_server.port}/home/rrtest_a/")
+    assert run.url.startswith(
+        f"ssh://{servers.USER_A}@127.0.0.1:{ssh_server.port}/home/{servers.USER_A}/"
+    )
     assert run.result() == 3
 
 
@@ -371,7 +373,7 @@ def _two_hosts(ssh_server, second_server, tmp_path, **options):
 def test_map_uses_every_host(ssh_server, second_server, tmp_path):
     pool = _two_hosts(ssh_server, second_server, tmp_path)
     users = rr.function(tasks.sleep_then_whoami, system=pool).map(range(16))
-    assert set(users) == {"rrtest_a", "rrtest_b"}
+    assert set(users) == {servers.USER_A, servers.USER_B}
     pool.close()
 
 
@@ -381,7 +383,7 @@ def test_named_runs_have_one_home_host(ssh_server, second_server, tmp_path):
     for i in range(24):
         fn(i, run_name=f"placed-{i}")
     homes = {pool.get_run(f"placed-{i}").url.split("/home/")[1].split("/")[0] for i in range(24)}
-    assert homes == {"rrtest_a", "rrtest_b"}  # spread over both hosts, found on each
+    assert homes == {servers.USER_A, servers.USER_B}  # spread over both hosts, found on each
     for i in range(24):
         assert fn.get_or_call(i, run_name=f"placed-{i}") == i + 2
     pool.close()
@@ -393,7 +395,7 @@ def test_a_dead_host_does_not_stop_the_others(ssh_server, second_server, tmp_pat
     pool = _two_hosts(ssh_server, second_server, tmp_path, connect_timeout=2)
     pool.hosts[1].port = free_port()
     results = rr.function(whoami, system=pool).map(range(8))
-    assert set(results) == {"rrtest_a"}
+    assert set(results) == {servers.USER_A}
     pool.close()
 
 
@@ -402,7 +404,7 @@ def default_sshd(ssh_server):
     """An sshd with Debian's defaults, MaxSessions 10 included."""
     from servers import SshServer
 
-    server = SshServer("rrtest_c").start()
+    server = SshServer(servers.USER_C).start()
     yield server
     server.stop()
 
@@ -426,7 +428,7 @@ def test_many_threads_fit_in_the_default_max_sessions(default_sshd):
     for t in threads:
         t.join()
     assert errors == []
-    assert results.count("rrtest_c") == 16
+    assert results.count(servers.USER_C) == 16
     assert len(cluster.hosts[0]._pool._idle) <= 8
     cluster.close()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import forkserver, layout, protocol, worker
+from . import forkserver, layout, pickling, protocol, worker
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
@@ -157,7 +157,7 @@ class Agent:
         except BaseException as exc:
             raise _Failure("remote", "", exc, skip_frames=1) from exc
         try:
-            return {"result": cloudpickle.dumps(value)}
+            return {"result": pickling.dumps(value)}
         except Exception as exc:
             raise _Failure(
                 "serialization",
@@ -179,7 +179,7 @@ class Agent:
                 outcomes.append((False, _failure_record(_Failure("remote", "", exc, 1))))
                 continue
             try:
-                outcomes.append((True, cloudpickle.dumps(value)))
+                outcomes.append((True, pickling.dumps(value)))
             except Exception as exc:
                 message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
                 outcomes.append((False, _failure_record(_Failure("serialization", message))))

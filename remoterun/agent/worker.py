@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import cloudpickle
 
-from . import layout, protocol
+from . import layout, pickling, protocol
 
 if TYPE_CHECKING:
     from .forkserver import SpareWorker
@@ -126,7 +126,7 @@ def error_record(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
         "exc": None,
     }
     try:
-        data = cloudpickle.dumps(exc)
+        data = pickling.dumps(exc)
         cloudpickle.loads(data)
         record["exc"] = data
     except Exception:
@@ -547,7 +547,7 @@ def _run(runs: HostRuns, request: dict) -> int:
             inputs = layout.resolve_run_arguments(inputs)
         value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
         try:
-            result_bytes = cloudpickle.dumps(value)
+            result_bytes = pickling.dumps(value)
         except Exception as exc:
             error = {
                 "type": SERIALIZATION_ERROR,
