@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import secrets
+
 from ..errors import SigningKeyError
 
 DIGESTS = "digests"
