@@ -26,6 +26,7 @@ from harness import (
     at_most,
     baseline_row,
     measure,
+    measure_pair,
     side_by_side,
     stats_of,
 )
@@ -205,10 +206,50 @@ def local_import(ctx: Context) -> list[Row]:
     return [row]
 
 
+def local_digest(ctx: Context) -> list[Row]:
+    """What checking digests costs (issue 10): the SHA-256 check of a 10 MB result
+    against unpickling it, and a ``get_or_call`` hit that returns those 10 MB (digest
+    checked) against reading ``result.pkl`` and unpickling it with nothing checked."""
+    from remoterun.agent import integrity
+
+    f = rr.function(tasks.zeros)
+    name = f"{ctx.prefix}-digest"
+    f.get_or_call(10_000_000, run_name=name)
+    run = rr.local().get_run(name)
+    path = os.path.join(run.folder.path, "result.pkl")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    n = ctx.n(60, 15)
+    check = measure(lambda: integrity.digest_problem(run.config, "result.pkl", data), n)
+
+    def read_and_load() -> Any:
+        with open(path, "rb") as fh:
+            return cloudpickle.loads(fh.read())
+
+    hit, plain = measure_pair(lambda: f.get_or_call(10_000_000, run_name=name), read_and_load, n)
+    return [
+        baseline_row(
+            "local: SHA-256 check of a 10 MB result",
+            "s",
+            check,
+            "cloudpickle.loads of the same bytes",
+            lambda: measure(lambda: cloudpickle.loads(data), n),
+        ),
+        baseline_row(
+            "local: get_or_call hit, 10 MB result (digest checked)",
+            "s",
+            hit,
+            "read result.pkl + cloudpickle.loads, unchecked",
+            lambda: plain,
+        ),
+    ]
+
+
 MEASURES: dict[str, Callable[[Context], list[Row]]] = {
     "local.sync": local_sync,
     "local.recorded": local_recorded,
     "local.hit": local_hit,
     "local.map": local_map,
     "local.import": local_import,
+    "local.digest": local_digest,
 }

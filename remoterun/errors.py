@@ -11,7 +11,7 @@
     ├── CacheMismatchError         a cached run was made from other arguments
     ├── SerializationError         (also TypeError) an argument or value cannot be pickled
     ├── RunStorageError            (also OSError) a run folder cannot be read or written
-    ├── CorruptRunError            a run's file is missing, damaged or fails its digest
+    │   └── CorruptRunError        a run's file is missing, damaged or fails its digest
     ├── UntrustedRunError          a run from a shared store is unsigned or forged
     ├── SigningKeyError            no team signing key where one is needed, or a bad one
     ├── SystemUnavailableError     a system cannot be reached or started
@@ -69,7 +69,7 @@ class RunStorageError(RemoterunError, OSError):
     """A run folder cannot be read or written (permissions, full disk, missing root)."""
 
 
-class CorruptRunError(RemoterunError):
+class CorruptRunError(RunStorageError):
     """A run's record cannot be read, or one of its files is missing or does not match
     the SHA-256 digest its record holds. Nothing of it was unpickled.
 
@@ -82,6 +82,9 @@ class CorruptRunError(RemoterunError):
         super().__init__(message)
         self.url = url
         self.filename = filename
+
+    def __str__(self) -> str:  # OSError would print "[Errno None] ..." once filename is set
+        return str(self.args[0]) if self.args else ""
 
 
 class UntrustedRunError(RemoterunError):
@@ -211,11 +214,16 @@ def exception_from_record(
         return RunStorageError(message)
     if kind == "name":
         return InvalidRunNameError(message)
+    if kind == "corrupt":
+        return CorruptRunError(message, filename=record.get("filename") or "config.json")
     if kind == "agent":
         return AgentError(f"the agent on {host or 'the host'} failed: {message}")
     exc_type = record.get("type") or ""
     if exc_type == "remoterun.errors.SerializationError":
         return SerializationError(message)
+    if exc_type == "remoterun.errors.RunStorageError":
+        where = f"run {run_name!r}" if run_name else "the run"
+        return RunStorageError(f"{where} failed: {message}")
     common = dict(run_name=run_name, host=host, log_paths=log_paths)
     if exc_type.endswith("RunCancelledError"):
         return RunCancelledError(f"run {run_name!r} was cancelled", **common)

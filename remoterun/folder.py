@@ -6,19 +6,27 @@ shares on hosts where fsspec is not installed.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import secrets
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .agent import layout
-from .errors import InvalidRunNameError, RunExistsError, RunNotFoundError, RunStorageError
+from .agent import integrity, layout
+from .errors import (
+    CorruptRunError,
+    InvalidRunNameError,
+    RunExistsError,
+    RunNotFoundError,
+    RunStorageError,
+    UntrustedRunError,
+)
 
 # Filesystems on which "write a temporary name, then rename" is atomic. Elsewhere (object
 # stores) a single PUT of the whole object already is.
 _RENAMING_PROTOCOLS = {"file", "local", "sftp", "ssh"}
+# Stores shared with others: a run read from one must be signed under the team key.
+SHARED_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 if TYPE_CHECKING:
     import fsspec
@@ -91,8 +99,28 @@ class RunFolder:
             ) from exc
 
     def read_config(self) -> dict | None:
-        data = self.read_bytes(layout.CONFIG)
-        return None if data is None else json.loads(data)
+        """The run's record, None when there is none; CorruptRunError when config.json
+        is not a record (not JSON, not an object, an unknown status)."""
+        return self.decode_config(self.read_bytes(layout.CONFIG))
+
+    def decode_config(self, data: bytes | None) -> dict | None:
+        if data is None:
+            return None
+        try:
+            return layout.decode_record(data)
+        except layout.CorruptRecord as exc:
+            raise self.corrupt(layout.CONFIG, str(exc)) from None
+
+    def corrupt(self, filename: str, problem: str) -> CorruptRunError:
+        """The error for a damaged file of this run, saying what to do."""
+        return CorruptRunError(
+            layout.corrupt_message(self.name, self.url, problem), url=self.url, filename=filename
+        )
+
+    @property
+    def shared(self) -> bool:
+        """Whether the folder is on a store shared with others (an object store)."""
+        return bool(set(protocols(self.fs)) & SHARED_PROTOCOLS)
 
     def read_record(self, want_outcome: bool = False) -> dict:
         """``{"config": ...}``, plus for a terminal run ``result`` or ``error_pickle``
@@ -114,8 +142,7 @@ class RunFolder:
             if isinstance(value, BaseException):  # credentials, permissions, network
                 raise RunStorageError(f"cannot read {self.url}: {_why(value)}") from value
             found[posixpath.basename(key)] = value
-        data = found.get(layout.CONFIG)
-        config = None if data is None else json.loads(data)
+        config = self.decode_config(found.get(layout.CONFIG))
         reply: dict = {"config": config}
         if config and config.get("status") in layout.TERMINAL:
             if config["status"] == layout.COMPLETED:
@@ -149,21 +176,32 @@ class RunFolder:
     # ------------------------------------------------------------------ writing
 
     def makedirs(self) -> None:
-        """Create the folder on filesystems that have folders. Object stores have none,
-        and s3fs would create a missing *bucket* here: a typo must fail, not do that."""
+        """Create the folder on filesystems that have folders (on this machine: private
+        to its owner). Object stores have none, and s3fs would create a missing *bucket*
+        here: a typo must fail, not do that."""
         if not set(protocols(self.fs)) & (_RENAMING_PROTOCOLS | {"memory"}):
             return
         try:
-            self.fs.makedirs(self.path, exist_ok=True)
+            if self.local:
+                layout.makedirs_private(self.path)
+            else:
+                self.fs.makedirs(self.path, exist_ok=True)
         except OSError as exc:
             raise RunStorageError(f"cannot create run folder {self.url}: {exc}") from exc
+
+    @property
+    def local(self) -> bool:
+        return bool(set(protocols(self.fs)) & {"file", "local"})
 
     def write_bytes(self, filename: str, data: bytes) -> None:
         """Write a whole file so that no reader ever sees a part of it."""
         path = self.file(filename)
         try:
-            if set(protocols(self.fs)) & _RENAMING_PROTOCOLS:
-                tmp = self.file(f".{filename}.{secrets.token_hex(4)}.tmp")
+            if self.local:  # private to the owner, like the files hosts write
+                layout.write_atomic(path, data)
+            elif set(protocols(self.fs)) & _RENAMING_PROTOCOLS:
+                folder, base = posixpath.split(filename)
+                tmp = self.file(posixpath.join(folder, f".{base}.{secrets.token_hex(4)}.tmp"))
                 self.fs.pipe_file(tmp, data)
                 try:
                     self.fs.mv(tmp, path)
@@ -176,9 +214,42 @@ class RunFolder:
             raise RunStorageError(f"cannot write {self.fs.unstrip_protocol(path)}: {exc}") from exc
 
     def write_config(self, config: dict) -> None:
-        self.write_bytes(
-            layout.CONFIG, json.dumps(config, indent=1, sort_keys=True, default=str).encode()
-        )
+        """Write the record, signed when this machine has the team key."""
+        self.write_bytes(layout.CONFIG, layout.encode_record(config))
+
+    def write_pickle(self, filename: str, data: bytes, config: dict) -> None:
+        """Write one of the run's pickles and note its digest in ``config``, which the
+        caller writes after it."""
+        self.write_bytes(filename, data)
+        config.setdefault(integrity.DIGESTS, {})[filename] = integrity.digest(data)
+
+    # ------------------------------------------------------------------ checking
+
+    def check_trusted(self, config: dict, *, required: bool) -> None:
+        """Raise UntrustedRunError unless ``config`` is signed under the team key, when
+        ``required`` and there is a key (without one, digests are all that is checked)."""
+        if not required:
+            return
+        key = integrity.signing_key()
+        if key is None:
+            return
+        problem = integrity.signature_problem(config, key)
+        if problem:
+            raise UntrustedRunError(
+                f"run {self.name!r} at {self.url} cannot be trusted: {problem}. Nothing of "
+                "it was unpickled. Whoever can write to that store could have put it there; "
+                "ask whoever made it to publish it again with the team key "
+                f"(${integrity.KEY_ENV} or `remoterun keygen`)",
+                url=self.url,
+            )
+
+    def check_digest(self, config: dict, filename: str, data: bytes | None) -> bytes:
+        """``data`` if it is the file the record's digest names; else CorruptRunError."""
+        problem = integrity.digest_problem(config, filename, data)
+        if problem:
+            raise self.corrupt(filename, problem)
+        assert data is not None
+        return data
 
 
 # --------------------------------------------------------------------------- copying
@@ -194,20 +265,33 @@ def same_run(a: dict, b: dict) -> bool:
 
 
 def copy_folder(
-    src: RunFolder, dst: RunFolder, *, overwrite: bool = False, progress: bool | None = None
+    src: RunFolder,
+    dst: RunFolder,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    trusted: bool | None = None,
 ) -> dict:
     """Copy a terminal run's whole folder (``attempts/`` included) to ``dst``; return its
-    config. Files first, each checked for size, ``config.json`` last: a copy cut short
-    never looks like a run. A destination holding another run of the name is refused
-    unless ``overwrite``; one holding this same run is brought up to date.
+    config. Files first, each checked for size and every pickle for its digest (hashed
+    where the copy is on this machine), the records last: a copy cut short never looks
+    like a run. With the team key the records written are signed (after checking the
+    source's signatures when it is a shared store, or ``trusted=False``). A destination
+    holding another run of the name is refused unless ``overwrite``; one holding this
+    same run is brought up to date.
     """
     import logging
 
     config_bytes = src.read_bytes(layout.CONFIG)
-    if config_bytes is None:
+    config = src.decode_config(config_bytes)
+    if config is None:
         raise RunNotFoundError(f"no run at {src.url}")
-    config = json.loads(config_bytes)
-    existing = dst.read_config()
+    key = integrity.signing_key()
+    must_be_signed = src.shared if trusted is None else not trusted
+    try:
+        existing = dst.read_config()
+    except CorruptRunError:
+        existing = {}  # not a record: only overwrite=True replaces it
     if existing is not None and not same_run(existing, config):
         if not overwrite:
             raise RunExistsError(
@@ -236,10 +320,18 @@ def copy_folder(
         if info.get("type", "file") != "directory"
         and not posixpath.basename(path).startswith(".")  # temporary files being written
     }
-    files.pop(layout.CONFIG, None)
-    # Archived attempts' records before the files they describe would be no better:
-    # order plain files, then attempts' configs, then the run's own config.
-    order = sorted(files, key=lambda rel: (posixpath.basename(rel) == layout.CONFIG, rel))
+    # The records (the run's and its earlier attempts'), read first: they name the
+    # digests the pickles must match, and are written last, archived attempts' before
+    # the run's own.
+    records: dict[str, tuple[bytes, dict]] = {layout.CONFIG: (config_bytes, config)}
+    for rel in sorted(files):
+        if posixpath.basename(rel) == layout.CONFIG and rel != layout.CONFIG:
+            data = src.read_bytes(rel)
+            folder = src.attempt(int(posixpath.basename(posixpath.dirname(rel))))
+            records[rel] = (data, folder.decode_config(data) or {})
+    for _, record in records.values():
+        src.check_trusted(record, required=must_be_signed)
+    order = sorted(rel for rel in files if posixpath.basename(rel) != layout.CONFIG)
     total = sum(files.values())
     logging.getLogger(__name__).debug(
         "copying %s (%d files, %d bytes) to %s through this process",
@@ -252,7 +344,18 @@ def copy_folder(
     try:
         dst.makedirs()
         for rel in order:
-            _copy_file(src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}")
+            folder, filename = posixpath.split(rel)
+            pickled = filename in layout.PICKLES
+            got = _copy_file(
+                src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}", digest=pickled
+            )
+            if pickled:
+                record = records.get(posixpath.join(folder, layout.CONFIG), (b"", {}))[1]
+                wanted = (record.get(integrity.DIGESTS) or {}).get(filename)
+                if got is not None and got != wanted:
+                    raise src.corrupt(
+                        rel, f"{rel} does not match its digest; nothing was copied as a run"
+                    )
             if bar is not None:
                 bar.update(files[rel])
         for rel in order:
@@ -262,7 +365,11 @@ def copy_folder(
                     f"copy of {src.url}/{rel} is {size} bytes at {dst.url}, not {files[rel]}; "
                     "the run's config was not written there: copy again"
                 )
-        dst.write_bytes(layout.CONFIG, config_bytes)
+        for rel in sorted(records, key=lambda r: r == layout.CONFIG):
+            data, record = records[rel]
+            if key is not None:  # signed by this machine, which has checked it
+                data = layout.encode_record(dict(record))
+            dst.write_bytes(rel, data)
     except storage_errors() as exc:
         if isinstance(exc, RunStorageError):
             raise
@@ -281,14 +388,15 @@ def _progress(total: int, label: str, progress: bool | None) -> Any:
     return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None)
 
 
-def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str) -> None:
+def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, digest: bool = False) -> str | None:
     """One file between any two filesystems with the backends' own transfers (multipart
     on S3, pipelined on SFTP), never whole in memory: through a local temporary file
-    when neither side is local."""
+    when neither side is local. With ``digest``, returns the SHA-256 digest of the bytes
+    as they are on this machine (the source, the copy, or the staged file)."""
     src_local = bool(set(protocols(src_fs)) & {"file", "local"})
     dst_local = bool(set(protocols(dst_fs)) & {"file", "local"})
     if dst_local:
-        os.makedirs(posixpath.dirname(dst), exist_ok=True)
+        layout.makedirs_private(posixpath.dirname(dst))
     if src_local and dst_local:
         import shutil
 
@@ -304,6 +412,22 @@ def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str) -> None:
             staged = os.path.join(tmp, "file")
             src_fs.get_file(src, staged)
             dst_fs.put_file(staged, dst)
+            return _file_digest(staged) if digest else None
+    if dst_local:
+        os.chmod(dst, layout.FILE_MODE)
+    if not digest:
+        return None
+    return _file_digest(src if src_local else dst)
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import cloudpickle
 
 from . import cache, lineage
-from .agent import layout, pickling
+from .agent import integrity, layout, pickling
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -30,10 +30,11 @@ from .errors import (
     RunNotFinishedError,
     RunNotFoundError,
     SerializationError,
+    SigningKeyError,
     exception_from_record,
 )
 from .folder import check_run_name
-from .run import Run, RunStatus, _loads, current_run, failure_from_config
+from .run import Run, RunStatus, current_run, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output, share_list
 from .systems.connection import AgentConnection, AgentFailure
@@ -41,6 +42,9 @@ from .systems.connection import AgentConnection, AgentFailure
 logger = logging.getLogger(__name__)
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
+_SHARE_TRUSTS = ("signed", "writers")
+#: Sets ``share_trust`` for every function that does not set it itself.
+SHARE_TRUST_ENV = "REMOTERUN_SHARE_TRUST"
 
 
 class RemoteFunction:
@@ -57,6 +61,7 @@ class RemoteFunction:
         ignore: Sequence[str] = (),
         share: Any = None,
         version: str | None = None,
+        share_trust: str | None = None,
     ):
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
@@ -73,6 +78,9 @@ class RemoteFunction:
         self.on_mismatch = on_mismatch
         self.ignore = tuple(ignore)
         self.share = share_list(share)
+        if share_trust is not None and share_trust not in _SHARE_TRUSTS:
+            raise ValueError(f"share_trust must be one of {_SHARE_TRUSTS}, not {share_trust!r}")
+        self.share_trust = share_trust
         self._system_spec = system
         self._system: System | None = None
         self._run_type = "function"
@@ -93,6 +101,7 @@ class RemoteFunction:
             "ignore": self.ignore,
             "share": self.share,
             "version": self.version,
+            "share_trust": self.share_trust,
         }
 
     def __reduce__(self) -> tuple:
@@ -139,6 +148,8 @@ class RemoteFunction:
         from the recorded run's (see ``on_mismatch``). With ``cache=True`` the name may be
         left out: it is derived from the code and the arguments.
         """
+        if self._share_pairs():
+            self._share_trust()  # share= without the team key: refused before anything
         _settle_run_arguments(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)  # hashed once per call
         reply = self._submit(
@@ -166,6 +177,8 @@ class RemoteFunction:
     def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
         """The Run of that name if it is COMPLETED or RUNNING, else start it; as
         ``get_or_call`` but returns at once."""
+        if self._share_pairs():
+            self._share_trust()
         _settle_run_arguments(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)
         name = self._cached_name(args, kwargs, run_name, arg_fp)
@@ -417,29 +430,65 @@ class RemoteFunction:
 
     # ------------------------------------------------------------------ shared stores
 
-    def _shares(self) -> list[System]:
-        """The function's shared stores, then its system's."""
+    def _share_pairs(self) -> dict[str, dict]:
+        """The function's shared stores, then its system's: ``{url: storage_options}``."""
         pairs = dict(self.share)
         for url, options in getattr(self.system, "share", ()):
             pairs.setdefault(url, options)
+        return pairs
+
+    def _shares(self) -> list[System]:
+        pairs = self._share_pairs()
         if not pairs:
             return []
         from .systems.storage import StorageSystem
 
         return [StorageSystem(url, **options) for url, options in pairs.items()]
 
+    def _share_trust(self) -> str:
+        """How runs from the shared stores are trusted: ``"signed"`` (they must carry a
+        valid signature under the team key, which must exist) or ``"writers"``
+        (whoever can write to the store is trusted; digests are still checked)."""
+        trust = self.share_trust or os.environ.get(SHARE_TRUST_ENV) or "signed"
+        if trust not in _SHARE_TRUSTS:
+            raise ValueError(f"share_trust must be one of {_SHARE_TRUSTS}, not {trust!r}")
+        if trust == "signed" and integrity.signing_key() is None:
+            stores = ", ".join(self._share_pairs())
+            raise SigningKeyError(
+                f"share= needs your team's signing key, so that a run taken from {stores} "
+                "is known to come from your team and not from anyone else who can write "
+                "there: run `remoterun keygen` and give the key file it writes to your "
+                f"team, or set {integrity.KEY_ENV} to the same secret everywhere. To trust "
+                "everyone who can write to the store instead, pass share_trust='writers' "
+                f"(or set {SHARE_TRUST_ENV}=writers)."
+            )
+        return trust
+
     def _shared_hit(self, request: dict) -> dict | None:
         """A COMPLETED run of the request's name and fingerprint in a shared store, as a
         reply with ``action="shared"``; None when no store has one."""
         from .agent.worker import fingerprint_differences
 
+        if not self._share_pairs():
+            return None
         name = request["name"]
+        trust = self._share_trust()
+        qualname = _qualified_name(self.fn)
         for store in self._shares():
             url = store.url
             folder = store.folder(name)
             reply = store.status(name, want_outcome=True)
             config = reply.get("config")
             if not config or config.get("status") != layout.COMPLETED:
+                continue
+            if config.get("fn_qualname") != qualname:
+                logger.info(
+                    "%s holds %s made by %s, not %s: not used",
+                    url,
+                    name,
+                    config.get("fn_qualname") or "an unknown function",
+                    qualname,
+                )
                 continue
             differences = fingerprint_differences(config, request)
             if differences and self.on_mismatch != "ignore":
@@ -450,13 +499,15 @@ class RemoteFunction:
                     ", ".join(differences),
                 )
                 continue
+            # Never taken (nor unpickled) unless signed under the team key.
+            folder.check_trusted(config, required=trust == "signed")
             logger.debug("cache hit for %s in the shared store %s", name, url)
             return {
                 "action": "shared",
                 "name": name,
                 "config": config,
                 "result": reply.get("result"),
-                "run": Run(folder, store, config),
+                "run": Run(folder, store, config, trust=trust),
             }
         return None
 
@@ -480,9 +531,9 @@ class RemoteFunction:
 
     def _outcome(self, reply: dict) -> Any:
         config = reply.get("config") or {}
-        if config.get("status") == layout.COMPLETED:
-            return cloudpickle.loads(reply["result"])
         run = self._run_handle(reply)
+        if config.get("status") == layout.COMPLETED:
+            return run._unpickle(layout.RESULT, reply.get("result"), config)
         if config.get("status") in layout.TERMINAL:
             raise failure_from_config(config, reply.get("error_pickle"), run)
         return run.result()
@@ -610,6 +661,7 @@ def function(
     ignore: Sequence[str] = (),
     share: Any = None,
     version: str | None = None,
+    share_trust: str | None = None,
 ) -> Any:
     """Make ``fn`` a RemoteFunction; as a decorator with or without arguments.
 
@@ -626,6 +678,11 @@ def function(
             from there instead of executing, and publish the runs they execute there.
         version: stands for the code in the fingerprint (``cache=True`` names): bump it
             to invalidate, keep it to reuse runs across code edits.
+        share_trust: ``"signed"`` (default): a run is taken from a shared store only when
+            it is signed with the team key (``remoterun keygen`` or
+            ``$REMOTERUN_SIGNING_KEY``), and share= without a key is refused;
+            ``"writers"``: trust everyone who can write to the store (digests are still
+            checked). ``$REMOTERUN_SHARE_TRUST`` sets it for every function.
     """
     options = dict(
         system=system,
@@ -635,6 +692,7 @@ def function(
         ignore=ignore,
         share=share,
         version=version,
+        share_trust=share_trust,
     )
     if fn is None:
         return lambda f: RemoteFunction(f, **options)
@@ -775,7 +833,7 @@ def _loads_shared(reply: dict) -> Any:
     data = reply.get("result")
     if data is None:
         data = run._read_required(layout.RESULT)
-    return _loads(data, "result", run)
+    return run._unpickle(layout.RESULT, data, reply["config"])
 
 
 # --------------------------------------------------------------------------- pickling

@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
-from .agent import layout
+from .agent import integrity, layout
 from .errors import (
     RemoterunError,
     RunNotFinishedError,
@@ -71,10 +71,15 @@ class Run:
         config: dict | None = None,
         *,
         attempt: int | None = None,
+        trust: str | None = None,
     ):
         self.folder = folder
         self.system = system
         self._config = config
+        # "signed": its pickles are read only under a valid team signature (when this
+        # machine has the key); "writers": digests only (the store's writers are
+        # trusted); None: "signed" on shared stores, else digests only.
+        self._trust = trust
         # Set when the handle is one attempt's (a started or attached run); None follows
         # whatever attempt of the name is current.
         self._attempt = attempt
@@ -222,7 +227,7 @@ class Run:
             data = outcome.get("result")
             if data is None:
                 data = self._read_required(layout.RESULT)
-            return _loads(data, "result", self)
+            return self._unpickle(layout.RESULT, data)
         raise self._failure(outcome.get("error_pickle"))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -240,8 +245,7 @@ class Run:
 
     def inputs(self) -> dict:
         """The call's arguments: ``{"args": [...], "kwargs": {...}}``."""
-        data = self._read_required(layout.INPUTS)
-        inputs = _loads(data, "inputs", self)
+        inputs = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
         args = [self._argument_run(a) for a in inputs.get("args", ())]
         kwargs = {k: self._argument_run(v) for k, v in inputs.get("kwargs", {}).items()}
         return {"args": args, "kwargs": kwargs}
@@ -267,8 +271,36 @@ class Run:
     def _read_required(self, filename: str) -> bytes:
         data = self.folder.read_bytes(filename)
         if data is None:
-            raise RunStorageError(f"run {self.name!r} has no {filename} at {self.url}")
+            raise self.folder.corrupt(filename, f"{filename} is missing")
         return data
+
+    def _unpickle(self, filename: str, data: bytes | None, config: dict | None = None) -> Any:
+        """The object in one of the run's pickles, once the record it belongs to is
+        trusted and ``data`` matches its digest there (CorruptRunError, UntrustedRunError
+        otherwise: nothing unchecked is ever unpickled)."""
+        config = self.config if config is None else config
+        self.folder.check_trusted(config, required=self._signature_required())
+        data = self.folder.check_digest(config, filename, data)
+        import cloudpickle  # here, not at import: `import remoterun` stays light
+
+        try:
+            return cloudpickle.loads(data)
+        except Exception as exc:
+            what = {layout.RESULT: "result", layout.INPUTS: "inputs"}.get(filename, filename)
+            raise RemoterunError(
+                f"the {what} of run {self.name!r} cannot be unpickled here "
+                f"({type(exc).__name__}: {exc}); load it where the modules it needs are "
+                "installed"
+            ) from exc
+
+    def _signature_required(self) -> bool:
+        if self._trust is not None:
+            return self._trust == "signed"
+        return self._by_url or self.folder.shared
+
+    #: Set on handles loaded with ``rr.run(path=URL)``: explicit loads by URL check the
+    #: signature whenever there is a team key.
+    _by_url = False
 
     # ------------------------------------------------------------------ logs
 
@@ -359,7 +391,11 @@ class Run:
         if folder.url == self.url:
             return self
         options = storage_options or getattr(target, "storage_options", None) or {}
-        if not self._copy_from_host(folder, options, overwrite):
+        # With the team key, the copy comes through here to be checked and signed: the
+        # key never goes to a host.
+        if integrity.signing_key() is not None or not self._copy_from_host(
+            folder, options, overwrite
+        ):
             copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
         return Run(folder, target)
 
@@ -559,11 +595,7 @@ class Run:
                 "function to re-run"
             )
         data = self.folder.read_bytes(layout.FUNCTION)
-        if data is None:
-            raise RunStorageError(
-                f"run {self.name!r} has no {layout.FUNCTION} at {self.url}: it cannot be re-run"
-            )
-        fn = _loads(data, "function", self)
+        fn = self._unpickle(layout.FUNCTION, data)
         if system is None:
             system = self.system if self.system is not None and self.system.executes else "here"
         remote = RemoteFunction(fn, system=system, name=config.get("fn_name") or None)
@@ -609,7 +641,7 @@ class Run:
 
     def attempts(self) -> list[Run]:
         """The earlier attempts kept under ``attempts/<n>/``, oldest first."""
-        return [Run(self.folder.attempt(n)) for n in self.folder.attempts()]
+        return [Run(self.folder.attempt(n), trust=self._trust) for n in self.folder.attempts()]
 
     # ------------------------------------------------------------------ context manager
 
@@ -671,18 +703,6 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & set(protocols(fs)))
 
 
-def _loads(data: bytes, what: str, run: Run) -> Any:
-    import cloudpickle
-
-    try:
-        return cloudpickle.loads(data)
-    except Exception as exc:
-        raise RemoterunError(
-            f"the {what} of run {run.name!r} cannot be unpickled here ({type(exc).__name__}: "
-            f"{exc}); load it where the modules it needs are installed"
-        ) from exc
-
-
 def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> BaseException:
     """The exception a FAILED or CANCELLED run raises, from its record."""
     status = config.get("status")
@@ -697,6 +717,9 @@ def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> B
     }
     if status == layout.CANCELLED:
         record["type"] = "remoterun.errors.RunCancelledError"
+    if error_pickle is not None:  # unpickled below only once it is checked
+        run.folder.check_trusted(config, required=run._signature_required())
+        run.folder.check_digest(config, layout.ERROR, error_pickle)
     logs = (
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDOUT)),
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDERR)),
@@ -733,7 +756,9 @@ def run(
         if system is not None:  # a path on that system's filesystem
             resolved = resolve(system).placement(base)
             return Run(resolved.folder(base, root), resolved)
-        return Run(RunFolder.from_url(path, **(storage_options or {})))
+        loaded = Run(RunFolder.from_url(path, **(storage_options or {})))
+        loaded._by_url = True
+        return loaded
     if name is None:
         raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
     resolved = resolve(system if system is not None else "here").placement(check_run_name(name))
@@ -879,7 +904,10 @@ class _ContextRecorder:
         folder = self.run.folder
         fs = folder.fs
         if _is_local(fs):
-            self._sinks = [fs.open(folder.file(f), "wb") for f in (layout.STDOUT, layout.STDERR)]
+            self._sinks = [
+                os.fdopen(layout.open_private(folder.file(f), os.O_WRONLY | os.O_TRUNC), "wb")
+                for f in (layout.STDOUT, layout.STDERR)
+            ]
         else:  # object stores cannot append: keep the logs and write them at the end
             self._sinks = [io.BytesIO(), io.BytesIO()]
         folder.write_config(self.config)
@@ -916,7 +944,7 @@ class _ContextRecorder:
 
             record = error_record(exc)
             if record["exc"] is not None:
-                folder.write_bytes(layout.ERROR, record["exc"])
+                folder.write_pickle(layout.ERROR, record["exc"], config)
             config.update(
                 status=layout.FAILED,
                 error=record["message"],

@@ -28,6 +28,19 @@ def record_call(marker, value, delay=0.0):
     return value * 2
 
 
+def record_call_again(marker, value, delay=0.0):
+    """Another function of the same arguments as record_call."""
+    return ("again", record_call(marker, value, delay))
+
+
+def big_bytes(size):
+    return b"x" * size
+
+
+def length(data):
+    return len(data)
+
+
 def executions(marker) -> int:
     try:
         with open(marker) as f:

@@ -142,7 +142,8 @@ def test_lineage_has_no_cycle_when_a_name_is_executed_again(tmp_path):
         assert graph.nodes[src].config["end_time"] < graph.nodes[dst].config["end_time"]
 
 
-def test_shared_store_hits_are_linked_as_used(tmp_path, s3):
+def test_shared_store_hits_are_linked_as_used(tmp_path, s3, monkeypatch):
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", "a-team-key-for-the-lineage-tests")
     store = f"{s3}/team"
     make = rr.function(tasks.make_list, cache=True, share=store)
     make.to(rr.LocalSystem(root=str(tmp_path / "alice"))).get_or_call(7)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import remote_tasks as tasks
 from conftest import client_env, system_code
 
 import remoterun as rr
+
+
+@pytest.fixture(autouse=True)
+def team_key(monkeypatch):
+    """The team's signing key, which share= needs (the teammates' processes inherit it)."""
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", "a-team-key-for-the-shared-store-tests")
 
 
 def _teammate(home, code: str) -> str:

@@ -111,11 +111,11 @@ def test_an_interrupted_copy_never_looks_like_a_run(tmp_path, monkeypatch):
     copied: list[str] = []
     real_copy = folder_module._copy_file
 
-    def copy_then_fail(src_fs, src, dst_fs, dst):
+    def copy_then_fail(src_fs, src, dst_fs, dst, **options):
         if copied:
             raise OSError("disk full")
         copied.append(dst)
-        real_copy(src_fs, src, dst_fs, dst)
+        return real_copy(src_fs, src, dst_fs, dst, **options)
 
     monkeypatch.setattr(folder_module, "_copy_file", copy_then_fail)
     target = tmp_path / "dest"

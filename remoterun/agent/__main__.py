@@ -20,6 +20,7 @@ from typing import Any
 
 import cloudpickle
 
+from ..errors import CorruptRunError
 from . import forkserver, layout, pickling, protocol, worker
 
 AGENT_VERSION = "1"
@@ -197,16 +198,23 @@ class Agent:
         if hit is not None:
             return hit
         started = None
-        with runs.lock(name):
-            decision = runs.claim(request)
-            action = decision["action"]
-            if action == "start" and request.get("payload_omitted"):
-                # A miss that needs the function and inputs the client held back.
-                return {"name": name, "action": "need_payload", "root": runs.root}
-            if action == "start":
-                record = runs.prepare(request, runs.next_attempt(name, decision["previous"]))
-                exited = threading.Event()
-                started = runs.start(request, record, on_exit=lambda pid, status: exited.set())
+        # Written before the name is claimed, so that a full disk refuses the run while
+        # nothing has changed; put in place if it starts, else removed.
+        staged = {} if request.get("payload_omitted") else runs.stage(request)
+        try:
+            with runs.lock(name):
+                decision = runs.claim(request)
+                action = decision["action"]
+                if action == "start" and request.get("payload_omitted"):
+                    # A miss that needs the function and inputs the client held back.
+                    return {"name": name, "action": "need_payload", "root": runs.root}
+                if action == "start":
+                    attempt = runs.next_attempt(name, decision["previous"])
+                    record = runs.prepare(request, attempt, staged)
+                    exited = threading.Event()
+                    started = runs.start(request, record, on_exit=lambda pid, s: exited.set())
+        finally:
+            runs.discard(staged)  # what prepare did not move into the run's folder
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
         if started is not None:
             self._after_reply.append(forkserver.prepare_spare)
@@ -324,7 +332,9 @@ def _failure_record(exc: BaseException) -> dict:
         record["kind"] = exc.remoterun_kind
         return record
     record = worker.error_record(exc)
-    if isinstance(exc, ValueError) and "invalid run name" in str(exc):
+    if isinstance(exc, CorruptRunError):
+        record.update(kind="corrupt", filename=exc.filename)
+    elif isinstance(exc, ValueError) and "invalid run name" in str(exc):
         record["kind"] = "name"
     elif isinstance(exc, OSError):
         record["kind"] = "storage"

@@ -4,11 +4,16 @@ POSIX filesystem. ``remoterun.folder.RunFolder`` uses the same names over fsspec
 
 from __future__ import annotations
 
+import errno
 import itertools
+import json
 import os
 import re
 import secrets
 import time
+
+from ..errors import CorruptRunError
+from . import integrity
 
 CONFIG = "config.json"
 FUNCTION = "function.pkl"
@@ -22,6 +27,8 @@ ATTEMPTS = "attempts"
 ATTEMPT_FILES = (CONFIG, FUNCTION, INPUTS, RESULT, ERROR, STDOUT, STDERR)
 # Per-name lock files live beside the run folders; run names cannot start with ".".
 LOCKS = ".locks"
+# A new run's function and inputs are written here before its name is claimed.
+STAGING = ".staging"
 
 NOT_STARTED = "NOT_STARTED"
 RUNNING = "RUNNING"
@@ -29,6 +36,9 @@ COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+STATUSES = frozenset({NOT_STARTED, RUNNING}) | TERMINAL
+# The files whose contents are unpickled, each with a digest in the record.
+PICKLES = (FUNCTION, INPUTS, RESULT, ERROR)
 
 WORKER_LOST = "worker lost"
 
@@ -71,24 +81,104 @@ def utc_now() -> str:
 
 _tmp_counter = itertools.count()
 
+# Run folders hold the user's arguments and results: private to their owner.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one whole."""
+
+def makedirs_private(path: str) -> None:
+    """``os.makedirs`` where every folder it creates is 0700 (``makedirs`` gives its mode
+    to the last one only)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        makedirs_private(parent)
+    try:
+        os.mkdir(path, FOLDER_MODE)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
+def open_private(path: str, flags: int) -> int:
+    """``os.open`` of a run's file, created readable by its owner only."""
+    return os.open(path, flags | os.O_CREAT, FILE_MODE)
+
+
+def staging_name(path: str) -> str:
+    """A unique temporary name in ``path``'s folder, hidden from listings (".")."""
     folder, base = os.path.split(path)
     # pid + counter make the name unique without tempfile's random names, whose generator
     # is seeded anew in every forked worker (a millisecond on the worker's start path).
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}-{next(_tmp_counter)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    return os.path.join(folder, f".{base}.{os.getpid()}-{next(_tmp_counter)}.tmp")
+
+
+def write_atomic(path: str, data: bytes | bytearray | memoryview) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one whole.
+
+    On failure (a full disk) nothing is left behind: the temporary file is removed, and
+    the OSError says which path could not be written.
+    """
+    tmp = staging_name(path)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_message(exc: OSError, path: str | None = None) -> str:
+    """``"no space left on device writing <path>"`` and the like, for a record."""
+    where = path or exc.filename or "the run folder"
+    what = (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
+    return f"{what} writing {where}"
+
+
+def encode_record(config: dict) -> bytes:
+    """``config.json``'s bytes: the record, signed when this machine has the team key."""
+    integrity.sign(config, integrity.signing_key())
+    return json.dumps(config, indent=1, sort_keys=True, default=str).encode()
+
+
+class CorruptRecord(ValueError):
+    """``config.json`` is not a run record remoterun can read (the client raises
+    ``remoterun.CorruptRunError`` for it)."""
+
+
+def corrupt_message(name: str, where: str, problem: str) -> str:
+    """What CorruptRunError says: the run, where it is, what is wrong, what to do."""
+    return (
+        f"run {name!r} at {where} is damaged: {problem}. Nothing of it was unpickled. "
+        f"Run it again (a new attempt replaces it), or remove it: remoterun rm {where}"
+    )
+
+
+def decode_record(data: bytes) -> dict:
+    """The record in ``config.json``'s bytes; raises CorruptRecord for anything that is
+    not a JSON object with a known status."""
+    try:
+        record = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise CorruptRecord(f"config.json is not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"config.json holds a {type(record).__name__}, not a record")
+    status = record.get("status")
+    if status not in STATUSES:
+        raise CorruptRecord(f"config.json has an unknown status {status!r}")
+    return record
 
 
 class RunArgument:
@@ -111,28 +201,42 @@ class RunArgument:
         return f"RunArgument({self.url!r}, attempt={self.attempt})"
 
     def load(self) -> object:
-        """The run's result, read from its folder (that attempt's, when it was archived)."""
-        import json
-
-        import cloudpickle
+        """The run's result, read from its folder (that attempt's, when it was archived),
+        unpickled only once it matches the digest its record holds."""
+        from . import pickling  # here: cloudpickle is not imported with remoterun
 
         folder = self.path
-        try:
-            with open(os.path.join(folder, CONFIG), "rb") as f:
-                current = json.loads(f.read()).get("attempt")
-        except FileNotFoundError:
-            current = None
+        record = _read_record(folder)
+        current = None if record is None else record.get("attempt")
         if self.attempt is not None and current not in (self.attempt, None):
             folder = os.path.join(folder, ATTEMPTS, str(self.attempt))
+            record = _read_record(folder)
         try:
             with open(os.path.join(folder, RESULT), "rb") as f:
-                data = f.read()
+                data: bytes | None = f.read()
         except FileNotFoundError:
+            data = None
+        if record is None or data is None:
             raise FileNotFoundError(
                 f"the run passed as an argument ({self.url}, attempt {self.attempt}) has no "
                 f"result at {folder} on this host: was it removed?"
-            ) from None
-        return cloudpickle.loads(data)
+            )
+        problem = integrity.digest_problem(record, RESULT, data)
+        if problem:
+            raise CorruptRunError(
+                "passed as an argument: " + corrupt_message(record["name"], folder, problem),
+                url=self.url,
+                filename=RESULT,
+            )
+        return pickling.loads(data)
+
+
+def _read_record(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, CONFIG), "rb") as f:
+            return decode_record(f.read())
+    except FileNotFoundError:
+        return None
 
 
 def resolve_run_arguments(inputs: dict) -> dict:

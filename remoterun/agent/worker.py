@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import cloudpickle
 
-from . import layout, pickling, protocol
+from ..errors import CorruptRunError
+from . import integrity, layout, pickling, protocol
 
 if TYPE_CHECKING:
     from .forkserver import SpareWorker
@@ -37,6 +37,8 @@ HOSTNAME = socket.gethostname()
 # The error type recorded for a return value that cannot be pickled; the client raises
 # remoterun.errors.SerializationError for it.
 SERIALIZATION_ERROR = "remoterun.errors.SerializationError"
+# ... and for an outcome that could not be written (a full disk): RunStorageError.
+STORAGE_ERROR = "remoterun.errors.RunStorageError"
 
 
 def _boot_id() -> str:
@@ -137,6 +139,10 @@ def error_record(exc: BaseException, skip_frames: int = 0) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the runs root
 
 
+# Run roots this process has made sure are private (one chmod per root and process).
+_private_roots: set[str] = set()
+
+
 class HostRuns:
     """The run folders under one root on this host's own disk."""
 
@@ -149,12 +155,27 @@ class HostRuns:
     def file(self, name: str, filename: str) -> str:
         return os.path.join(self.root, name, filename)
 
+    def _make_root(self) -> None:
+        """Create the root (and ``.locks``) private to this user; tighten a root that an
+        older version left readable by others."""
+        if self.root in _private_roots:
+            return
+        layout.makedirs_private(os.path.join(self.root, layout.LOCKS))
+        try:
+            info = os.stat(self.root)
+            if info.st_uid == os.getuid() and info.st_mode & 0o077:
+                os.chmod(self.root, layout.FOLDER_MODE)
+        except OSError:
+            pass
+        _private_roots.add(self.root)
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Hold the per-name lock that every change of a run's fate takes."""
-        locks = os.path.join(self.root, layout.LOCKS)
-        os.makedirs(locks, exist_ok=True)
-        fd = os.open(os.path.join(locks, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the per-name lock that every change of a run's fate takes. Lock files are
+        the owner's only: no other user can open one, so none can block a name."""
+        self._make_root()
+        path = os.path.join(self.root, layout.LOCKS, name + ".lock")
+        fd = layout.open_private(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -162,15 +183,30 @@ class HostRuns:
             os.close(fd)
 
     def read_config(self, name: str) -> dict | None:
+        """The run's record, None when there is none; raises CorruptRunError for a
+        ``config.json`` that is not one."""
         try:
             with open(self.file(name, layout.CONFIG), "rb") as f:
-                return json.loads(f.read())
+                data = f.read()
         except FileNotFoundError:
             return None
+        try:
+            return layout.decode_record(data)
+        except layout.CorruptRecord as exc:
+            raise CorruptRunError(
+                layout.corrupt_message(name, self.path(name), str(exc)),
+                url=self.path(name),
+                filename=layout.CONFIG,
+            ) from None
 
     def write_config(self, name: str, config: dict) -> None:
-        data = json.dumps(config, indent=1, sort_keys=True, default=str).encode()
-        layout.write_atomic(self.file(name, layout.CONFIG), data)
+        layout.write_atomic(self.file(name, layout.CONFIG), layout.encode_record(config))
+
+    def write_pickle(self, name: str, filename: str, data: bytes, config: dict) -> None:
+        """Write one of the run's pickles and note its digest in ``config`` (which the
+        caller writes after it)."""
+        layout.write_atomic(self.file(name, filename), data)
+        config.setdefault(integrity.DIGESTS, {})[filename] = integrity.digest(data)
 
     def read_file(self, name: str, filename: str) -> bytes | None:
         try:
@@ -206,6 +242,10 @@ class HostRuns:
         return config
 
     def _mark_lost(self, name: str, config: dict, why: str) -> dict:
+        """Record a run whose worker is gone as FAILED, after killing what the worker left
+        running in its process group. When the record cannot be written (a full disk),
+        the FAILED record is returned all the same, and written at a later look."""
+        kill_leftovers(config)
         config.update(
             status=layout.FAILED,
             end_time=layout.utc_now(),
@@ -213,7 +253,10 @@ class HostRuns:
             error_type="remoterun.errors.WorkerLostError",
             error_traceback="",
         )
-        self.write_config(name, config)
+        try:
+            self.write_config(name, config)
+        except OSError as exc:
+            config["error"] += f" (not recorded on disk: {layout.storage_message(exc)})"
         return config
 
     def outcome(self, name: str, config: dict, folder: str | None = None) -> dict:
@@ -265,7 +308,7 @@ class HostRuns:
             folder = os.path.join(attempts, number)
             try:
                 with open(os.path.join(folder, layout.CONFIG), "rb") as f:
-                    if json.loads(f.read()) == config:
+                    if layout.decode_record(f.read()) == config:
                         return folder
             except (FileNotFoundError, ValueError):
                 continue
@@ -338,12 +381,12 @@ class HostRuns:
         """Move the files of the current attempt to ``attempts/<n>/``; return the next n."""
         attempts = os.path.join(self.path(name), layout.ATTEMPTS)
         number = int(config.get("attempt") or 1)
-        os.makedirs(attempts, exist_ok=True)
+        layout.makedirs_private(attempts)
         taken = {int(d) for d in os.listdir(attempts) if d.isdigit()}
         while number in taken:
             number = max(taken) + 1
         target = os.path.join(attempts, str(number))
-        os.mkdir(target)
+        os.mkdir(target, layout.FOLDER_MODE)
         # config.json first: a folder without config reads as "no run" rather than as
         # a half-moved attempt that still claims its old status.
         for filename in layout.ATTEMPT_FILES:
@@ -354,18 +397,52 @@ class HostRuns:
 
     # ------------------------------------------------------------------ starting
 
-    def prepare(self, request: dict, attempt: int) -> dict:
-        """Write the files of a new run (function, inputs, empty logs); return its record,
-        which ``start`` writes once the worker is known."""
+    def stage(self, request: dict) -> dict[str, tuple[str, str]]:
+        """Write a new run's function and inputs to hidden temporary files, before the
+        name is claimed: what does not fit on the disk is refused while nothing has
+        changed. Returns ``{filename: (temporary path, digest)}`` for ``prepare``."""
+        self._make_root()
+        staging = os.path.join(self.root, layout.STAGING)
+        staged: dict[str, tuple[str, str]] = {}
+        try:
+            layout.makedirs_private(staging)
+            for filename, field in ((layout.FUNCTION, "fn"), (layout.INPUTS, "inputs")):
+                data = request.get(field)
+                if data is None:
+                    continue
+                tmp = layout.staging_name(os.path.join(staging, f"{request['name']}.{filename}"))
+                layout.write_atomic(tmp, data)
+                staged[filename] = (tmp, integrity.digest(data))
+        except OSError as exc:
+            self.discard(staged)
+            raise OSError(
+                exc.errno,
+                f"the function and arguments of run {request['name']!r} do not fit in "
+                f"{self.root} ({layout.storage_message(exc)}); nothing was started",
+            ) from exc
+        return staged
+
+    @staticmethod
+    def discard(staged: dict[str, tuple[str, str]]) -> None:
+        for tmp, _ in staged.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def prepare(self, request: dict, attempt: int, staged: dict[str, tuple[str, str]]) -> dict:
+        """Put the files of a new run in place (its staged function and inputs, empty
+        logs); return its record, which ``start`` writes once the worker is known."""
         name = request["name"]
-        os.makedirs(self.path(name), exist_ok=True)
+        layout.makedirs_private(self.path(name))
         for filename in (layout.STDOUT, layout.STDERR):
-            open(self.file(name, filename), "wb").close()
-        if request.get("fn") is not None:
-            layout.write_atomic(self.file(name, layout.FUNCTION), request["fn"])
-        if request.get("inputs") is not None:
-            layout.write_atomic(self.file(name, layout.INPUTS), request["inputs"])
+            os.close(layout.open_private(self.file(name, filename), os.O_WRONLY | os.O_TRUNC))
+        digests = {}
+        for filename, (tmp, digest) in staged.items():
+            os.replace(tmp, self.file(name, filename))
+            digests[filename] = digest
         config = dict(request.get("record") or {})
+        config[integrity.DIGESTS] = digests
         config.update(
             name=name,
             status=layout.NOT_STARTED,
@@ -454,6 +531,41 @@ class HostRuns:
             return config
 
 
+def kill_leftovers(config: dict) -> None:
+    """SIGKILL what a lost worker left running, before its run is marked lost (else a
+    re-execution would run beside them). The worker made itself a session leader, so
+    everything it started carries its pid as session id, unless it called setsid itself;
+    only processes started after the worker count, so a recycled pid is never hit."""
+    sid = config.get("pgid")
+    if not isinstance(sid, int) or sid <= 1 or config.get("host") != HOSTNAME:
+        return
+    if config.get("boot_id") and BOOT_ID and config["boot_id"] != BOOT_ID:
+        return  # recorded before this machine restarted: nothing of it lives
+    started = config.get("proc_start") or 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: the group is the best we can name
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except OSError:
+            pass
+        return
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[3]) == sid and int(fields[19]) >= started:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def _kill_group(pgid: int, pid: int, grace: float) -> None:
     """SIGTERM the run's process group, SIGKILL what is left after ``grace`` seconds.
 
@@ -526,7 +638,7 @@ def _run(runs: HostRuns, request: dict) -> int:
     """Execute a recorded run in this (worker) process and write its outcome."""
     name = request["name"]
     for fd, filename in ((1, layout.STDOUT), (2, layout.STDERR)):
-        log = os.open(runs.file(name, filename), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log = layout.open_private(runs.file(name, filename), os.O_WRONLY | os.O_APPEND)
         os.dup2(log, fd)
         os.close(log)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
@@ -569,21 +681,47 @@ def _run(runs: HostRuns, request: dict) -> int:
         config = runs.read_config(name) or {}
         if config.get("status") != layout.RUNNING or config.get("pid") != pid:
             return 0  # cancelled meanwhile: its outcome is already written
-        if error is None:
-            layout.write_atomic(runs.file(name, layout.RESULT), result_bytes or b"")
-            config.update(status=layout.COMPLETED, error=None, error_traceback=None)
-        else:
-            if error["exc"] is not None:
-                layout.write_atomic(runs.file(name, layout.ERROR), error["exc"])
-            config.update(
-                status=layout.FAILED,
-                error=error["message"],
-                error_type=error["type"],
-                error_traceback=error["traceback"],
-            )
-        config["end_time"] = layout.utc_now()
-        runs.write_config(name, config)
+        try:
+            if error is None:
+                runs.write_pickle(name, layout.RESULT, result_bytes or b"", config)
+                config.update(status=layout.COMPLETED, error=None, error_traceback=None)
+            else:
+                if error["exc"] is not None:
+                    runs.write_pickle(name, layout.ERROR, error["exc"], config)
+                config.update(
+                    status=layout.FAILED,
+                    error=error["message"],
+                    error_type=error["type"],
+                    error_traceback=error["traceback"],
+                )
+            config["end_time"] = layout.utc_now()
+            runs.write_config(name, config)
+        except OSError as exc:
+            # The outcome or the record did not fit (a full disk): free what this attempt
+            # wrote and record why it failed, which a small record can still say.
+            error = _storage_failure(runs, name, config, exc)
     return 0 if error is None else 1
+
+
+def _storage_failure(runs: HostRuns, name: str, config: dict, exc: OSError) -> dict:
+    """Record a run whose outcome could not be written as FAILED, saying why and where."""
+    for filename in (layout.RESULT, layout.ERROR):
+        try:
+            os.unlink(runs.file(name, filename))
+        except OSError:
+            pass
+        (config.get(integrity.DIGESTS) or {}).pop(filename, None)
+    message = f"the outcome could not be written: {layout.storage_message(exc)}"
+    sys.stderr.write(f"remoterun: {message}\n")
+    config.update(
+        status=layout.FAILED,
+        end_time=layout.utc_now(),
+        error=message,
+        error_type=STORAGE_ERROR,
+        error_traceback="",
+    )
+    runs.write_config(name, config)  # if even this fails, the reaper marks the run lost
+    return {"message": message}
 
 
 def _open_fds() -> list[int]:
