@@ -16,17 +16,8 @@ import faults  # noqa: E402
 # Cases that wait for issue 10 work being done on other branches. Non-strict: once the
 # behaviour lands they pass (XPASS), and their line here should go.
 PENDING = {
-    "kill.worker.local": "a lost worker's whole process group is killed",
-    "kill.worker.ssh": "a lost worker's whole process group is killed",
     "kill.session.ssh": "a lost SSH connection stops a synchronous call on the host",
-    "corrupt.flip": "digests checked before unpickling (CorruptRunError)",
-    "corrupt.truncate": "digests checked before unpickling (CorruptRunError)",
-    "corrupt.deleted": "a missing pickle is a CorruptRunError",
-    "corrupt.config": "an unreadable record is a CorruptRunError",
-    "corrupt.status": "an unknown status is a CorruptRunError",
     "corrupt.stray": "listing skips what is not a run",
-    "planted": "shared runs must be signed under the team key (UntrustedRunError)",
-    "disk.full": "ENOSPC fails the run with 'no space left on device' and the path",
 }
 
 
