@@ -1,19 +1,23 @@
 """Listing runs survives what is not a run: on this machine, on an SSH cluster and on S3,
-through ``System.runs()``."""
+through ``System.runs()`` and through ``remoterun ls``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import remote_tasks as tasks
-from conftest import make_cluster
+from conftest import client_env, make_cluster
 
 import remoterun as rr
 from remoterun.systems.storage import StorageSystem
+
+COMMAND = str(Path(sys.executable).parent / "remoterun")
 
 # What a runs root may hold besides runs: name -> (files in it, or None for a plain file),
 # and the words of the warning that says why it was skipped.
@@ -89,6 +93,26 @@ def test_runs_skips_what_is_not_a_run_and_says_so(store, caplog):
         said = [w for w in warnings if f"/{name}: " in w]
         assert len(said) == 1 and why in said[0], (name, warnings)
     assert runs[0].result() == 3
+
+
+def test_ls_lists_the_runs_and_reports_each_skipped_entry(store):
+    system, spec = store
+    plant_not_runs(system)
+    done = subprocess.run(
+        [COMMAND, "ls", spec], capture_output=True, text=True, env=client_env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()[1:]]
+    assert [row[:3] for row in rows] == [["good", "COMPLETED", "add"]]
+    assert rows[0][5].endswith("B")  # its size, from the one listing of the root
+    notes = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
+    assert len(notes) == len(NOT_RUNS), notes
+    for name, (_, why) in NOT_RUNS.items():
+        assert any(
+            line.startswith("remoterun: skipped ") and f"/{name}: " in line and why in line
+            for line in notes
+        ), (name, notes)
 
 
 def test_a_missing_root_lists_no_runs_but_a_missing_bucket_is_an_error(s3, tmp_path):
