@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     ) from None
 
 import remoterun as rr
-from remoterun.agent import layout
+from remoterun.agent import integrity, layout
 from remoterun.errors import (
     CorruptRunError,
     RemoterunError,
@@ -442,6 +442,43 @@ def clusters(timeout: float) -> None:
             state = f"no answer: {str(exc).splitlines()[0]}"
         rows.append([name, ", ".join(str(h) for h in hosts), state])
     _table(["cluster", "hosts", "state"], rows)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="replace an existing key file")
+@click.option(
+    "--path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="where to write it  [default: $REMOTERUN_HOME/signing.key]",
+)
+@_handled
+def keygen(force: bool, path: str | None) -> None:
+    """Write a new team signing key, readable by you only.
+
+    Runs are signed with it, and runs taken from a shared store are trusted only when
+    signed with it: give the same key to everyone who shares runs with you. Replacing
+    it (--force) makes the runs signed with the old one untrusted."""
+    target = os.path.abspath(os.path.expanduser(path or integrity.key_file()))
+    try:
+        written = integrity.write_key_file(target, force=force)
+    except FileExistsError:
+        _fail(
+            f"{target} exists already: keep it, or pass --force to replace it (runs "
+            "signed with the old key would no longer be trusted)"
+        )
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc}")
+    click.echo(written)
+    click.echo(
+        "share this file with your team, e.g. as REMOTERUN_SIGNING_KEY; never commit it",
+        err=True,
+    )
+    if os.environ.get(integrity.KEY_ENV):
+        click.echo(
+            f"note: ${integrity.KEY_ENV} is set here, and is used instead of any key file",
+            err=True,
+        )
 
 
 def _on_this_machine(run: rr.Run) -> bool:

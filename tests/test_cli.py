@@ -255,3 +255,26 @@ def test_every_run_command_takes_an_object_store_as_system(s3, tmp_path):
     assert "only stores runs" in refused and store in refused
     assert cli("rm", "-s", store, "kept").returncode == 0
     assert "no run named 'kept'" in one_line_error(cli("show", "kept", "-s", store))
+
+
+def test_keygen_writes_a_private_key_that_signing_uses(remoterun_home, monkeypatch):
+    from remoterun.agent import integrity
+
+    monkeypatch.delenv(integrity.KEY_ENV, raising=False)
+    done = cli("keygen")
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.strip())
+    assert path == remoterun_home / "signing.key"
+    assert "share this file with your team" in done.stderr and "never commit" in done.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = path.read_text().strip()
+    assert integrity.signing_key() == key.encode()
+    again = one_line_error(cli("keygen"))
+    assert str(path) in again and "--force" in again
+    assert path.read_text().strip() == key  # not overwritten
+    replaced = cli("keygen", "--force")
+    assert replaced.returncode == 0 and path.read_text().strip() != key
+    assert path.stat().st_mode & 0o777 == 0o600
+    elsewhere = remoterun_home / "team" / "key"
+    assert cli("keygen", "--path", str(elsewhere)).returncode == 0
+    assert elsewhere.stat().st_mode & 0o777 == 0o600
