@@ -4,16 +4,19 @@ A SYSTEM is ``here`` (the default), a cluster saved with ``cluster.save()``, or 
 path / fsspec URL holding run folders. A RUN is a name on ``--system`` (``-s``), or the URL
 of a run's own folder (``s3://bucket/runs/exp1``).
 
-Exit codes: 0 done, 1 a run failed or was not found (or a system answered with an
-error), 2 the command line was wrong.
+Exit codes: 0 done, 1 a run failed or was not found, a system or store answered with
+an error, or a command was refused; 2 the command line was wrong. Every error is one line
+on stderr (``REMOTERUN_DEBUG=1`` shows an unexpected one's traceback as well).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 try:
     import click
@@ -23,41 +26,122 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     ) from None
 
 import remoterun as rr
-from remoterun.errors import RemoterunError, RunNotFoundError
+from remoterun.agent import integrity, layout
+from remoterun.errors import (
+    CorruptRunError,
+    RemoterunError,
+    RunNotFoundError,
+    SystemUnavailableError,
+)
+from remoterun.folder import RunFolder, _why
+from remoterun.systems.base import parse_record, record_problem
 
 FAILED = 1
 
 
 def _system(spec: str) -> Any:
+    """The system SYSTEM names; UsageError for a name or protocol that names none."""
     from remoterun.systems import resolve, saved_cluster
 
-    if spec in ("here", "local") or "://" in spec or spec.startswith(("/", ".", "~")):
+    if "://" in spec:
+        import fsspec
+
+        protocol = spec.split("://", 1)[0]
+        if protocol not in fsspec.available_protocols():
+            raise click.UsageError(
+                f"{spec!r}: {protocol!r} is not a protocol fsspec knows (s3://, gs://, "
+                "file://, a folder path, ...)"
+            )
+    elif spec not in ("here", "local") and not spec.startswith(("/", ".", "~")):
+        if saved_cluster(spec) is None:
+            raise click.UsageError(
+                f"no system named {spec!r}: use 'here', a folder path or URL, or a cluster "
+                "saved with cluster.save() (see 'remoterun clusters')"
+            )
+        return rr.cluster(spec)
+    try:
         return resolve(spec)
-    if saved_cluster(spec) is None:
-        raise click.UsageError(
-            f"no system named {spec!r}: use 'here', a folder path or URL, or a cluster "
-            "saved with cluster.save() (see 'remoterun clusters')"
-        )
-    return rr.cluster(spec)
+    except RemoterunError:
+        raise
+    except Exception as exc:  # an fsspec backend connects as it is made (ftp, ssh)
+        raise SystemUnavailableError(f"cannot open {spec}: {_one_line(exc)}") from exc
+
+
+def _is_path(spec: str) -> bool:
+    return "://" in spec or "/" in spec
+
+
+def _locate(spec: str, system: str) -> rr.Run:
+    """The run that RUN names, not read yet: a run folder's URL or path, else a name on
+    ``system``."""
+    if not _is_path(spec):
+        named = _system(system)
+        return rr.Run(named.folder(spec), named)
+    try:
+        return rr.run(path=spec)
+    except RemoterunError:
+        raise
+    except Exception as exc:  # the URL's filesystem connects as it is made
+        raise SystemUnavailableError(f"cannot open {spec}: {_one_line(exc)}") from exc
 
 
 def _run(spec: str, system: str) -> rr.Run:
-    """The run that RUN names: a run folder's URL or path, else a name on ``system``."""
-    if "://" in spec or "/" in spec:
-        found = rr.run(path=spec)
-        if found.refresh()._config is None:
-            raise RunNotFoundError(f"no run at {found.url}")
-        return found
-    return _system(system).get_run(spec)
+    """The run that RUN names, with its record read. Raises RunNotFoundError when there
+    is none, CorruptRunError when what is there is not a remoterun run's folder."""
+    found = _locate(spec, system)
+    try:
+        if _is_path(spec):
+            found.refresh()
+        else:  # the system's own lookup: on every host of a cluster
+            found = found.system.get_run(spec)
+    except RunNotFoundError:
+        raise
+    except Exception:
+        _record_of(found.folder)  # raises, naming what is wrong, if the folder is it
+        raise
+    if not found.config:
+        _record_of(found.folder)
+        raise RunNotFoundError(f"no run at {found.url}")
+    problem = record_problem(found.config, found.name)
+    if problem:
+        raise CorruptRunError(f"{found.url} is not a run: {problem}", url=found.url)
+    return found
 
 
-def _fail(message: str) -> None:
+def _record_of(folder: RunFolder) -> dict:
+    """The record in ``folder``'s config.json, read from its filesystem directly. Raises
+    RunNotFoundError when nothing is there, CorruptRunError naming why it is no run's."""
+    try:
+        data = folder.read_bytes(layout.CONFIG)
+    except RemoterunError as exc:
+        if not isinstance(exc.__cause__, NotADirectoryError):
+            raise
+        data = None
+    if data is None:
+        try:
+            kind = folder.fs.info(folder.path).get("type")
+        except FileNotFoundError:
+            raise RunNotFoundError(f"no run at {folder.url}") from None
+        why = f"it has no {layout.CONFIG}" if kind == "directory" else "it is a file"
+        raise CorruptRunError(f"{folder.url} is not a run: {why}", url=folder.url)
+    return parse_record(data, folder.name, folder.url)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error of a layer below (OSError, botocore, paramiko, ...) as one line."""
+    text = " ".join(_why(exc).split())
+    kind = type(exc).__name__
+    return text if kind in text or isinstance(exc, RemoterunError) else f"{kind}: {text}"
+
+
+def _fail(message: str) -> NoReturn:
     click.echo(f"remoterun: {message}", err=True)
     sys.exit(FAILED)
 
 
 def _handled(body: Callable[..., Any]) -> Callable[..., Any]:
-    """Report remoterun's own errors as one line and exit code 1, not as a traceback."""
+    """Report every error as one line and exit code 1, never as a traceback (usage
+    errors keep click's exit code 2)."""
     import functools
 
     @functools.wraps(body)
@@ -66,10 +150,22 @@ def _handled(body: Callable[..., Any]) -> Callable[..., Any]:
             return body(*args, **kwargs)
         except click.UsageError:
             raise
-        except (RemoterunError, FileNotFoundError, PermissionError) as exc:
+        except RemoterunError as exc:
             _fail(str(exc))
+        except Exception as exc:  # the layers below: a store, a host, a bad URL
+            if os.environ.get("REMOTERUN_DEBUG"):
+                raise
+            _fail(_one_line(exc))
 
     return wrapper
+
+
+class _WarningLines(logging.Handler):
+    """remoterun's warnings (an entry a listing skipped, ...) as one line each on
+    stderr: a command line configures logging, the library does not."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo("remoterun: " + " ".join(record.getMessage().split()), err=True)
 
 
 def _table(columns: list[str], rows: list[list[str]]) -> None:
@@ -128,11 +224,26 @@ def _size(nbytes: int | None) -> str:
     return f"{size:.1f}TB"
 
 
-def _folder_size(run: rr.Run) -> int | None:
-    try:
-        return int(run.folder.fs.du(run.folder.path))
-    except Exception:  # a size is a nicety; listing must not fail for it
-        return None
+def _folder_sizes(runs: list[rr.Run]) -> dict[str, int]:
+    """Each run's folder size by URL, from one recursive listing of each root rather
+    than one per run. A size is a nicety: a root that cannot be listed gives none."""
+    groups: dict[tuple[int, str], list[rr.Run]] = {}
+    for run in runs:
+        groups.setdefault((id(run.system), run.root), []).append(run)
+    sizes: dict[str, int] = {}
+    for group in groups.values():
+        prefix = group[0].root.rstrip("/") + "/"
+        try:
+            found = group[0].folder.fs.find(prefix.rstrip("/"), detail=True)
+        except Exception:
+            continue
+        totals = dict.fromkeys((run.name for run in group), 0)
+        for path, info in found.items():
+            top = path[len(prefix) :].split("/", 1)[0] if path.startswith(prefix) else ""
+            if top in totals and info.get("type") != "directory":
+                totals[top] += int(info.get("size") or 0)
+        sizes.update((run.url, totals[run.name]) for run in group)
+    return sizes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,8 +252,13 @@ def main() -> None:
     """Runs recorded by remoterun: list, show, follow, cancel, copy, remove.
 
     SYSTEM is 'here' (default), a cluster saved with cluster.save(), or a folder
-    path / URL such as s3://bucket/runs. Exit codes: 0 ok, 1 failed or not found, 2 usage.
+    path / URL such as s3://bucket/runs. Exit codes: 0 ok, 1 failed, not found or refused,
+    2 usage.
     """
+    log = logging.getLogger("remoterun")
+    if not any(isinstance(h, _WarningLines) for h in log.handlers):
+        log.addHandler(_WarningLines(logging.WARNING))
+        log.propagate = False
 
 
 system_option = click.option(
@@ -155,10 +271,14 @@ system_option = click.option(
 @click.option("--no-size", is_flag=True, help="skip folder sizes (faster on S3)")
 @_handled
 def ls(system: str, no_size: bool) -> None:
-    """List the runs of SYSTEM: name, status, function, start, duration, size."""
-    runs = _system(system).runs()
+    """List the runs of SYSTEM: name, status, function, start, duration, size.
+
+    What is not a run (a stray file, a folder without a readable record) is left out,
+    with a line on stderr for each."""
+    runs = sorted(_system(system).runs(), key=lambda r: (r.config.get("start_time") or "", r.name))
+    sizes = {} if no_size else _folder_sizes(runs)
     rows = []
-    for run in sorted(runs, key=lambda r: (r.config.get("start_time") or "", r.name)):
+    for run in runs:
         config = run.config
         rows.append(
             [
@@ -167,7 +287,7 @@ def ls(system: str, no_size: bool) -> None:
                 str(config.get("fn_name") or config.get("run_type") or "-"),
                 _when(config.get("start_time")),
                 _duration(config),
-                "-" if no_size else _size(_folder_size(run)),
+                "-" if no_size else _size(sizes.get(run.url)),
             ]
         )
     _table(["name", "status", "function", "start", "duration", "size"], rows)
@@ -249,6 +369,11 @@ def logs(run: str, system: str, follow: bool, stream: str) -> None:
 def cancel(run: str, system: str, grace: float) -> None:
     """Stop a running run's processes and record it CANCELLED."""
     found = _run(run, system)
+    if not (found.system and found.system.executes) and not _on_this_machine(found):
+        _fail(
+            f"cannot cancel {found.url}: {found.system.name if found.system else 'its store'}"
+            " only stores runs; cancel it on the system that runs it (-s CLUSTER, or here)"
+        )
     status = found.cancel(grace=grace)
     click.echo(f"{found.name}: {status}")
 
@@ -279,9 +404,15 @@ def cp(src: str, dst: str, system: str, overwrite: bool, wait: bool) -> None:
 @click.option("--force", is_flag=True, help="remove it even while it is RUNNING")
 @_handled
 def rm(run: str, system: str, force: bool) -> None:
-    """Remove a run's folder (with its earlier attempts)."""
-    found = _run(run, system)
-    status = found.refresh().status
+    """Remove a run's folder (with its earlier attempts).
+
+    Only a remoterun run's folder is removed: one whose config.json is a run's record
+    of the folder's own name. Anything else is refused, --force or not."""
+    try:
+        found = _run(run, system)
+    except CorruptRunError as exc:
+        _fail(f"{exc}; nothing was removed")
+    status = found.status
     if not status.terminal and not force:
         _fail(f"run {found.name!r} is {status}: cancel it first, or pass --force")
     try:
@@ -311,6 +442,49 @@ def clusters(timeout: float) -> None:
             state = f"no answer: {str(exc).splitlines()[0]}"
         rows.append([name, ", ".join(str(h) for h in hosts), state])
     _table(["cluster", "hosts", "state"], rows)
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="replace an existing key file")
+@click.option(
+    "--path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="where to write it  [default: $REMOTERUN_HOME/signing.key]",
+)
+@_handled
+def keygen(force: bool, path: str | None) -> None:
+    """Write a new team signing key, readable by you only.
+
+    Runs are signed with it, and runs taken from a shared store are trusted only when
+    signed with it: give the same key to everyone who shares runs with you. Replacing
+    it (--force) makes the runs signed with the old one untrusted."""
+    target = os.path.abspath(os.path.expanduser(path or integrity.key_file()))
+    try:
+        written = integrity.write_key_file(target, force=force)
+    except FileExistsError:
+        _fail(
+            f"{target} exists already: keep it, or pass --force to replace it (runs "
+            "signed with the old key would no longer be trusted)"
+        )
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc}")
+    click.echo(written)
+    click.echo(
+        "share this file with your team, e.g. as REMOTERUN_SIGNING_KEY; never commit it",
+        err=True,
+    )
+    if os.environ.get(integrity.KEY_ENV):
+        click.echo(
+            f"note: ${integrity.KEY_ENV} is set here, and is used instead of any key file",
+            err=True,
+        )
+
+
+def _on_this_machine(run: rr.Run) -> bool:
+    from remoterun.folder import protocols
+
+    return bool({"file", "local"} & set(protocols(run.folder.fs)))
 
 
 if __name__ == "__main__":  # pragma: no cover

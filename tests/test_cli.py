@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,3 +122,159 @@ def test_graph_of_a_pipeline_block(remoterun_home):
     assert "--used by--> total-" in done.stdout
     dot = cli("graph", "pipeline", "--dot")
     assert dot.stdout.startswith("digraph runs {") and dot.stdout.count(" -> ") == 3
+
+
+def one_line_error(done: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The command's error, checked to be one line on stderr (never a traceback)."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 or (code == 2 and lines[-1].startswith("Error: ")), done.stderr
+    return lines[-1]
+
+
+def plant(folder: Path, record: object) -> Path:
+    folder.mkdir(parents=True)
+    text = record if isinstance(record, str) else json.dumps(record)
+    (folder / "config.json").write_text(text)
+    (folder / "precious.txt").write_text("keep me")
+    return folder
+
+
+def test_rm_removes_only_what_is_plainly_a_run(remoterun_home, tmp_path):
+    runs = remoterun_home / "runs"
+    rr.function(tasks.add)(1, run_name="real")
+    # Folders that are not runs, though their config.json looks a bit like a record.
+    not_runs = {
+        "says-completed": ({"status": "COMPLETED"}, "no name, run_type field"),
+        "any-json": ({"hello": "world"}, "no name, status, run_type field"),
+        "other-name": (
+            {"name": "real", "status": "COMPLETED", "run_type": "function"},
+            "of the run 'real', not 'other-name'",
+        ),
+        "banana": (
+            {"name": "banana", "status": "BANANA", "run_type": "function"},
+            "unknown status 'BANANA'",
+        ),
+        "a-list": ([1, 2], "holds list"),
+        "bad-json": ('{"name": "bad-json", ', "not valid JSON"),
+    }
+    for name, (record, _) in not_runs.items():
+        plant(runs / name, record)
+    outside = plant(tmp_path / "project", {"name": "project", "status": "COMPLETED"})
+    (runs / "notes.txt").write_text("hi\n")
+    (runs / "no-record").mkdir()
+    for name, (_, why) in not_runs.items():
+        for args in (["rm", name], ["rm", "--force", name], ["rm", str(runs / name)]):
+            line = one_line_error(cli(*args))
+            assert f"{name} is not a run: " in line and why in line, (args, line)
+            assert line.endswith("nothing was removed")
+        assert (runs / name / "precious.txt").exists()
+        shown = one_line_error(cli("show", name))
+        assert why in shown
+    assert "it is a file" in one_line_error(cli("rm", "--force", "notes.txt"))
+    assert (runs / "notes.txt").read_text() == "hi\n"
+    assert "no config.json" in one_line_error(cli("rm", "--force", str(runs / "no-record")))
+    assert (runs / "no-record").is_dir()
+    assert "not a run" in one_line_error(cli("rm", "--force", str(outside)))
+    assert (outside / "precious.txt").exists()
+    assert "no run" in one_line_error(cli("rm", "nothing-here"))
+    done = cli("rm", "real")
+    assert done.returncode == 0 and not (runs / "real").exists()
+    left = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
+    assert left == sorted([*not_runs, "notes.txt", "no-record"])
+
+
+def test_rm_force_overrides_running_only(scratch):
+    gate = scratch / "gate"
+    run = rr.function(tasks.wait_for_file).run(str(gate), run_name="busy")
+    refused = one_line_error(cli("rm", "busy"))
+    assert "is RUNNING" in refused and "--force" in refused
+    assert run.folder.fs.exists(run.folder.path)
+    gate.touch()
+    run.wait(timeout=30)
+    done = cli("rm", "--force", "busy")
+    assert done.returncode == 0 and not run.folder.fs.exists(run.folder.path)
+
+
+def test_bad_urls_and_stores_give_one_line_and_an_exit_code(s3, tmp_path):
+    from servers import free_port
+
+    closed = free_port()  # nothing listens there
+    unknown = one_line_error(cli("ls", "nosuch://x/y"), code=2)
+    assert "'nosuch' is not a protocol" in unknown
+    assert "Connection refused" in one_line_error(cli("ls", f"ftp://127.0.0.1:{closed}/runs"))
+    assert f"port {closed}" in one_line_error(cli("ls", f"ssh://127.0.0.1:{closed}/runs"))
+    assert "cannot open" in one_line_error(cli("show", f"ftp://127.0.0.1:{closed}/runs/x"))
+    if importlib.util.find_spec("gcsfs") is None:  # a protocol whose package is missing
+        assert "gcsfs" in one_line_error(cli("ls", "gs://bucket/runs"))
+    missing = one_line_error(cli("ls", "s3://rr-no-such-bucket/runs"))
+    assert "no bucket 'rr-no-such-bucket'" in missing
+    rr.function(tasks.add)(1, run_name="stored")
+    assert cli("cp", "stored", f"{s3}/runs").returncode == 0
+
+
+def test_s3_without_credentials_gives_one_line(s3, tmp_path):
+    rr.function(tasks.add).run(1, run_name="stored").to(f"{s3}/runs", wait=True)
+    empty = tmp_path / "empty-aws-file"
+    empty.write_text("")
+    env = client_env()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(key, None)
+    # The endpoint stays the moto server's; no credentials anywhere, and botocore must
+    # not ask an instance-metadata address for some.
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(empty),
+        AWS_CONFIG_FILE=str(empty),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    for args in (
+        ["ls", f"{s3}/runs"],
+        ["show", "stored", "-s", f"{s3}/runs"],
+        ["logs", f"{s3}/runs/stored"],
+        ["rm", "-s", f"{s3}/runs", "stored"],
+    ):
+        done = subprocess.run([COMMAND, *args], capture_output=True, text=True, env=env)
+        line = one_line_error(done)
+        assert "credentials" in line.lower() or "access" in line.lower(), (args, line)
+    assert cli("show", "stored", "-s", f"{s3}/runs").returncode == 0  # still there
+
+
+def test_every_run_command_takes_an_object_store_as_system(s3, tmp_path):
+    store = f"{s3}/runs"
+    rr.function(tasks.record_call).run(os.devnull, 5, run_name="kept").to(store, wait=True)
+    shown = cli("show", "kept", "-s", store)
+    assert shown.returncode == 0, shown.stderr
+    assert f"url       {store}/kept" in shown.stdout
+    assert cli("logs", "kept", "-s", store).stdout == "executing with 5\n"
+    assert cli("graph", "kept", "-s", store).stdout.startswith("kept [record_call, COMPLETED]")
+    copied = cli("cp", "-s", store, "kept", str(tmp_path / "copies"))
+    assert copied.returncode == 0, copied.stderr
+    assert rr.run(path=str(tmp_path / "copies" / "kept")).status is rr.RunStatus.COMPLETED
+    refused = one_line_error(cli("cancel", "kept", "-s", store))
+    assert "only stores runs" in refused and store in refused
+    assert cli("rm", "-s", store, "kept").returncode == 0
+    assert "no run named 'kept'" in one_line_error(cli("show", "kept", "-s", store))
+
+
+def test_keygen_writes_a_private_key_that_signing_uses(remoterun_home, monkeypatch):
+    from remoterun.agent import integrity
+
+    monkeypatch.delenv(integrity.KEY_ENV, raising=False)
+    done = cli("keygen")
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.strip())
+    assert path == remoterun_home / "signing.key"
+    assert "share this file with your team" in done.stderr and "never commit" in done.stderr
+    assert path.stat().st_mode & 0o777 == 0o600
+    key = path.read_text().strip()
+    assert integrity.signing_key() == key.encode()
+    again = one_line_error(cli("keygen"))
+    assert str(path) in again and "--force" in again
+    assert path.read_text().strip() == key  # not overwritten
+    replaced = cli("keygen", "--force")
+    assert replaced.returncode == 0 and path.read_text().strip() != key
+    assert path.stat().st_mode & 0o777 == 0o600
+    elsewhere = remoterun_home / "team" / "key"
+    assert cli("keygen", "--path", str(elsewhere)).returncode == 0
+    assert elsewhere.stat().st_mode & 0o777 == 0o600

@@ -8,6 +8,7 @@ is written once here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -16,12 +17,14 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from ..agent import layout, protocol
 from ..errors import (
+    CorruptRunError,
     RemoterunError,
     RunNotFoundError,
+    RunStorageError,
     SystemUnavailableError,
     exception_from_record,
 )
-from ..folder import RunFolder, check_run_name
+from ..folder import RunFolder, _why, check_run_name, protocols, storage_errors
 from .connection import AgentConnection, AgentFailure, OutputHandler
 
 if TYPE_CHECKING:
@@ -113,7 +116,8 @@ class System:
         raise exception_from_record(record, host=self.host_label(), **context)
 
     def status(self, name: str, *, root: str | None = None, want_outcome: bool = False) -> dict:
-        """The run's config (None if there is no such run), with a dead worker found out.
+        """``{"config": ...}``: the run's config (None if there is no such run), with a
+        dead worker found out.
 
         With ``want_outcome``, a terminal run's reply also holds ``result`` or
         ``error_pickle`` bytes, saving a second read.
@@ -140,16 +144,74 @@ class System:
         return run
 
     def runs(self) -> list[Run]:
-        """The runs in this system's root, by name."""
+        """The runs in this system's root, by name, each holding the record it was read
+        with (one listing and one batched read of the records, not a request per run;
+        a RUNNING run is asked about again, so that a dead worker is found out).
+
+        What is not a run is skipped with a warning on this module's logger, never
+        failing the listing: a stray file, a folder without ``config.json``, a record
+        that is not valid JSON, not an object, of an unknown status or of another name.
+        Raises RunStorageError when the root itself cannot be listed (no such bucket, no
+        credentials, no permission); a root that does not exist yet holds no runs.
+        """
         from ..run import Run
 
         fs = self.filesystem()
+        root = self.root
+        where = fs.unstrip_protocol(root)
         try:
-            entries = fs.ls(self.root, detail=False)
+            entries = fs.ls(root, detail=True)
         except FileNotFoundError:
+            _check_bucket(fs, root, where)
             return []
-        names = sorted(posixpath.basename(e.rstrip("/")) for e in entries)
-        return [Run(self.folder(n), system=self) for n in names if layout.RUN_NAME_RE.fullmatch(n)]
+        except storage_errors() as exc:
+            raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
+        folders: dict[str, RunFolder] = {}
+        for entry in entries:
+            name = posixpath.basename(str(entry["name"]).rstrip("/"))
+            if name.startswith("."):  # remoterun's own lock and temporary files
+                continue
+            if entry.get("type") != "directory":
+                _skipped(f"{where}/{name}", "a file, not a run folder")
+            elif not layout.RUN_NAME_RE.fullmatch(name):
+                _skipped(f"{where}/{name}", "not a run name")
+            else:
+                folders[name] = self.folder(name)
+        try:
+            records = _read_many(fs, [f.file(layout.CONFIG) for f in folders.values()])
+        except storage_errors() as exc:
+            raise RunStorageError(f"cannot read the runs in {where}: {_why(exc)}") from exc
+        runs = []
+        for name in sorted(folders):
+            folder = folders[name]
+            try:
+                config, problem = self._listed_record(name, records.get(name))
+            except (RemoterunError, ValueError, OSError) as exc:
+                config, problem = {}, str(exc)
+            if problem:
+                _skipped(folder.url, problem)
+            else:
+                runs.append(Run(folder, system=self, config=config))
+        return runs
+
+    def _listed_record(self, name: str, data: Any) -> tuple[dict, str | None]:
+        """The record of the listed folder ``name``, from its ``config.json`` as read
+        (bytes, the exception reading it raised, or None), and why it is not a run's."""
+        if data is None or isinstance(data, FileNotFoundError):
+            # A folder being archived for a re-execution has no record for a moment: an
+            # executing system answers once the new one is written.
+            config = self.status(name)["config"] if self.executes else None
+            if config is None:
+                return {}, f"no {layout.CONFIG}"
+            problem = record_problem(config, name)
+        elif isinstance(data, BaseException):
+            return {}, f"cannot read {layout.CONFIG}: {_why(data)}"
+        else:
+            config, problem = _record(data, name)
+        if problem is None and self.executes and config["status"] == layout.RUNNING:
+            config = self.status(name)["config"] or {}  # finds out a worker that died
+            problem = record_problem(config, name)
+        return config, problem
 
     def run(
         self,
@@ -224,6 +286,81 @@ def _is_pair(item: Any) -> bool:
         and isinstance(item[0], str)
         and isinstance(item[1], dict)
     )
+
+
+# The statuses a run's record can hold.
+STATUSES = frozenset({layout.NOT_STARTED, layout.RUNNING, *layout.TERMINAL})
+
+
+def record_problem(config: object, name: str) -> str | None:
+    """Why ``config``, read from the ``config.json`` of a folder named ``name``, is not
+    the record of a remoterun run; None if it is one."""
+    if not isinstance(config, dict):
+        return f"{layout.CONFIG} holds {type(config).__name__}, not a run's record"
+    missing = [k for k in ("name", "status", "run_type") if k not in config]
+    if missing:
+        return f"{layout.CONFIG} has no {', '.join(missing)} field (not a remoterun record)"
+    if config["name"] != name:
+        return f"its record is of the run {config['name']!r}, not {name!r}"
+    if config["status"] not in STATUSES:
+        return f"its record has an unknown status {config['status']!r}"
+    return None
+
+
+def parse_record(data: bytes, name: str, url: str) -> dict:
+    """The run record in ``data``, the ``config.json`` of the folder ``name`` at ``url``;
+    raises CorruptRunError saying why it is not one."""
+    config, problem = _record(data, name)
+    if problem:
+        raise CorruptRunError(f"{url} is not a run: {problem}", url=url, filename=layout.CONFIG)
+    return config
+
+
+def _record(data: bytes, name: str) -> tuple[dict, str | None]:
+    try:
+        config = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
+        return {}, f"{layout.CONFIG} is not valid JSON ({exc})"
+    return config, record_problem(config, name)
+
+
+def _skipped(url: str, why: str) -> None:
+    logger.warning("skipped %s: %s", url, why)
+
+
+# Characters that would make fsspec's cat() read a path as a glob pattern.
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _read_many(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, Any]:
+    """The bytes of each file, or the exception reading it raised, keyed by the name
+    of the folder holding it: at once on object stores (``cat`` of many paths)."""
+    if not paths:
+        return {}
+    if any(_GLOB_CHARS & set(path) for path in paths):
+        got: dict[str, Any] = {}
+        for path in paths:
+            try:
+                got[path] = fs.cat_file(path)
+            except Exception as exc:  # one file's failure is that entry's only
+                got[path] = exc
+    else:
+        got = fs.cat(paths, on_error="return")
+    return {posixpath.basename(posixpath.dirname(path)): value for path, value in got.items()}
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, where: str) -> None:
+    """Raise RunStorageError when ``root`` is missing because its bucket is: on an
+    object store, a missing prefix is an empty store, a missing bucket a typo."""
+    if set(protocols(fs)) & {"file", "local", "sftp", "ssh", "memory"}:
+        return
+    bucket = root.strip("/").split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except storage_errors() as exc:
+        raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
+    if not found:
+        raise RunStorageError(f"cannot list the runs in {where}: there is no bucket {bucket!r}")
 
 
 def unknown_system(spec: object) -> RemoterunError:

@@ -38,14 +38,11 @@ class StorageSystem(System):
             self._fs, self._root = fsspec.core.url_to_fs(self.url, **storage_options)
         except ImportError as exc:
             extra, package = _EXTRAS.get(protocol, (None, None))
-            hint = (
-                f"pip install 'remoterun[{extra}]'"
-                if extra
-                else f"install the fsspec backend for {protocol!r}"
-            )
-            raise MissingExtraError(
-                f"run folders at {self.url} need the {package or protocol} package: {hint}"
-            ) from exc
+            if extra:
+                hint = f"need the {package} package: pip install 'remoterun[{extra}]'"
+            else:  # fsspec's own message names the package: "Please install gcsfs ..."
+                hint = f"need fsspec's backend for {protocol!r}: {exc}"
+            raise MissingExtraError(f"run folders at {self.url} {hint}") from exc
         except ValueError as exc:
             raise MissingExtraError(
                 f"{protocol!r} is not a protocol fsspec knows ({self.url}): {exc}"
