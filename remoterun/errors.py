@@ -215,7 +215,11 @@ def exception_from_record(
     if kind == "name":
         return InvalidRunNameError(message)
     if kind == "corrupt":
-        return CorruptRunError(message, filename=record.get("filename") or "config.json")
+        return CorruptRunError(
+            message, url=record.get("url") or "", filename=record.get("filename") or ""
+        )
+    if kind == "key":
+        return SigningKeyError(f"{message} (on {host or 'the host'})")
     if kind == "agent":
         return AgentError(f"the agent on {host or 'the host'} failed: {message}")
     exc_type = record.get("type") or ""

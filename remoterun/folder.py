@@ -25,8 +25,6 @@ from .errors import (
 # Filesystems on which "write a temporary name, then rename" is atomic. Elsewhere (object
 # stores) a single PUT of the whole object already is.
 _RENAMING_PROTOCOLS = {"file", "local", "sftp", "ssh"}
-# Stores shared with others: a run read from one must be signed under the team key.
-SHARED_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 if TYPE_CHECKING:
     import fsspec
@@ -116,11 +114,6 @@ class RunFolder:
         return CorruptRunError(
             layout.corrupt_message(self.name, self.url, problem), url=self.url, filename=filename
         )
-
-    @property
-    def shared(self) -> bool:
-        """Whether the folder is on a store shared with others (an object store)."""
-        return bool(set(protocols(self.fs)) & SHARED_PROTOCOLS)
 
     def read_record(self, want_outcome: bool = False) -> dict:
         """``{"config": ...}``, plus for a terminal run ``result`` or ``error_pickle``
@@ -234,6 +227,8 @@ class RunFolder:
         if key is None:
             return
         problem = integrity.signature_problem(config, key)
+        if problem is None and config.get("name") != self.name:
+            problem = f"it is the signed record of the run {config.get('name')!r}, not this one"
         if problem:
             raise UntrustedRunError(
                 f"run {self.name!r} at {self.url} cannot be trusted: {problem}. Nothing of "
@@ -243,13 +238,33 @@ class RunFolder:
                 url=self.url,
             )
 
-    def check_digest(self, config: dict, filename: str, data: bytes | None) -> bytes:
-        """``data`` if it is the file the record's digest names; else CorruptRunError."""
-        problem = integrity.digest_problem(config, filename, data)
+    def check_digest(
+        self, config: dict, filename: str, data: bytes | None, *, legacy_ok: bool = False
+    ) -> bytes:
+        """``data`` if it is the file the record's digest names; else CorruptRunError.
+        ``legacy_ok``: a record from before digests is taken as it is (own stores only)."""
+        problem = integrity.digest_problem(config, filename, data, legacy_ok=legacy_ok)
+        if problem is None and legacy_ok and integrity.DIGESTS not in config:
+            _warn_legacy(self.url)
         if problem:
             raise self.corrupt(filename, problem)
         assert data is not None
         return data
+
+
+_legacy_warned: set[str] = set()
+
+
+def _warn_legacy(url: str) -> None:
+    if url not in _legacy_warned:
+        _legacy_warned.add(url)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "run %s was recorded before digests: read unchecked (run it again to record "
+            "digests)",
+            url,
+        )
 
 
 # --------------------------------------------------------------------------- copying
@@ -275,8 +290,9 @@ def copy_folder(
     """Copy a terminal run's whole folder (``attempts/`` included) to ``dst``; return its
     config. Files first, each checked for size and every pickle for its digest (hashed
     where the copy is on this machine), the records last: a copy cut short never looks
-    like a run. With the team key the records written are signed (after checking the
-    source's signatures when it is a shared store, or ``trusted=False``). A destination
+    like a run. With the team key the records written are signed, after checking the
+    source's signatures unless it is ``trusted`` (a store of the user's own; by default,
+    a folder on this machine): a copy never signs what it did not check. A destination
     holding another run of the name is refused unless ``overwrite``; one holding this
     same run is brought up to date.
     """
@@ -287,7 +303,10 @@ def copy_folder(
     if config is None:
         raise RunNotFoundError(f"no run at {src.url}")
     key = integrity.signing_key()
-    must_be_signed = src.shared if trusted is None else not trusted
+    # Records are signed here only once checked, or when they come from a store of
+    # this user's own (``trusted``): a copy never launders a planted run.
+    must_be_signed = not src.local if trusted is None else not trusted
+    src.check_trusted(config, required=must_be_signed)
     try:
         existing = dst.read_config()
     except CorruptRunError:
@@ -352,7 +371,8 @@ def copy_folder(
             if pickled:
                 record = records.get(posixpath.join(folder, layout.CONFIG), (b"", {}))[1]
                 wanted = (record.get(integrity.DIGESTS) or {}).get(filename)
-                if got is not None and got != wanted:
+                legacy = integrity.DIGESTS not in record and not must_be_signed
+                if got is not None and got != wanted and not legacy:
                     raise src.corrupt(
                         rel, f"{rel} does not match its digest; nothing was copied as a run"
                     )

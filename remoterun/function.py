@@ -801,7 +801,12 @@ def _pass_run_arguments(
         if not isinstance(value, Run):
             return value
         used.append(value)
-        if target is not None and target.reads_locally(value.folder):
+        # A run whose record must be signed is read (and checked) here, never by path.
+        if (
+            target is not None
+            and target.reads_locally(value.folder)
+            and not value._signature_required()
+        ):
             return layout.RunArgument(value.folder.path, value.config.get("attempt"), value.url)
         return value._result_value()
 

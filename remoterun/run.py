@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from .agent import integrity, layout
 from .errors import (
+    CorruptRunError,
     RemoterunError,
     RunNotFinishedError,
     RunNotFoundError,
@@ -78,7 +79,8 @@ class Run:
         self._config = config
         # "signed": its pickles are read only under a valid team signature (when this
         # machine has the key); "writers": digests only (the store's writers are
-        # trusted); None: "signed" on shared stores, else digests only.
+        # trusted); None: "signed" unless the folder is on this machine or on the host
+        # of the executing system it belongs to (stores of the user's own).
         self._trust = trust
         # Set when the handle is one attempt's (a started or attached run); None follows
         # whatever attempt of the name is current.
@@ -222,13 +224,24 @@ class Run:
     def _result_value(self, timeout: float | None = None) -> Any:
         """``result()`` without linking the run as used by the current run."""
         self.wait(timeout)
-        outcome = self._outcome or {}
-        if self.config.get("status") == layout.COMPLETED:
+        for last_try in (False, True):
+            outcome = self._outcome or {}
+            if self.config.get("status") != layout.COMPLETED:
+                raise self._failure(outcome.get("error_pickle"))
             data = outcome.get("result")
             if data is None:
-                data = self._read_required(layout.RESULT)
-            return self._unpickle(layout.RESULT, data)
-        raise self._failure(outcome.get("error_pickle"))
+                data = self.folder.read_bytes(layout.RESULT)
+            try:
+                return self._unpickle(layout.RESULT, data)
+            except CorruptRunError:
+                # A handle read before the name was executed again holds the earlier
+                # attempt's record: read the record again before calling it damaged.
+                seen = self.config
+                self._outcome = None
+                if last_try or self.refresh().config == seen:
+                    raise
+                self.wait(timeout)
+        raise AssertionError("unreachable")
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the run ended with, or None if it COMPLETED."""
@@ -279,8 +292,9 @@ class Run:
         trusted and ``data`` matches its digest there (CorruptRunError, UntrustedRunError
         otherwise: nothing unchecked is ever unpickled)."""
         config = self.config if config is None else config
-        self.folder.check_trusted(config, required=self._signature_required())
-        data = self.folder.check_digest(config, filename, data)
+        required = self._signature_required()
+        self.folder.check_trusted(config, required=required)
+        data = self.folder.check_digest(config, filename, data, legacy_ok=not required)
         import cloudpickle  # here, not at import: `import remoterun` stays light
 
         try:
@@ -296,11 +310,8 @@ class Run:
     def _signature_required(self) -> bool:
         if self._trust is not None:
             return self._trust == "signed"
-        return self._by_url or self.folder.shared
-
-    #: Set on handles loaded with ``rr.run(path=URL)``: explicit loads by URL check the
-    #: signature whenever there is a team key.
-    _by_url = False
+        own_host = self.system is not None and self.system.executes
+        return not (self.folder.local or own_host)
 
     # ------------------------------------------------------------------ logs
 
@@ -396,7 +407,13 @@ class Run:
         if integrity.signing_key() is not None or not self._copy_from_host(
             folder, options, overwrite
         ):
-            copy_folder(self.folder, folder, overwrite=overwrite, progress=progress)
+            copy_folder(
+                self.folder,
+                folder,
+                overwrite=overwrite,
+                progress=progress,
+                trusted=not self._signature_required(),
+            )
         return Run(folder, target)
 
     def _copy_from_host(self, folder: RunFolder, storage_options: dict, overwrite: bool) -> bool:
@@ -529,6 +546,8 @@ class Run:
             config = self.folder.read_config()
             if config is None:
                 raise RunNotFoundError(f"no run at {self.url}")
+            # Rewriting signs it with this machine's key: never a record not checked.
+            self.folder.check_trusted(config, required=self._signature_required())
             if change(config) is not False:
                 self.folder.write_config(config)
         self._config = config
@@ -718,8 +737,9 @@ def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> B
     if status == layout.CANCELLED:
         record["type"] = "remoterun.errors.RunCancelledError"
     if error_pickle is not None:  # unpickled below only once it is checked
-        run.folder.check_trusted(config, required=run._signature_required())
-        run.folder.check_digest(config, layout.ERROR, error_pickle)
+        required = run._signature_required()
+        run.folder.check_trusted(config, required=required)
+        run.folder.check_digest(config, layout.ERROR, error_pickle, legacy_ok=not required)
     logs = (
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDOUT)),
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDERR)),
@@ -756,9 +776,8 @@ def run(
         if system is not None:  # a path on that system's filesystem
             resolved = resolve(system).placement(base)
             return Run(resolved.folder(base, root), resolved)
-        loaded = Run(RunFolder.from_url(path, **(storage_options or {})))
-        loaded._by_url = True
-        return loaded
+        # An explicit load by URL: its signature is checked whenever there is a team key.
+        return Run(RunFolder.from_url(path, **(storage_options or {})), trust="signed")
     if name is None:
         raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
     resolved = resolve(system if system is not None else "here").placement(check_run_name(name))

@@ -80,14 +80,17 @@ def test_damaged_inputs_and_function_are_never_unpickled(system):
 @pytest.mark.parametrize(
     "record", [b"\xff\xfe garbage", b"[1, 2]", b'{"name": "kept", "status": "BANANA"}']
 )
-def test_an_unreadable_record_says_so(system, record):
+def test_an_unreadable_record_says_so_and_running_the_name_again_mends_it(system, record):
     fn = _recorded(system)
     (_folder(system, "kept") / "config.json").write_bytes(record)
     with pytest.raises(rr.CorruptRunError, match="config.json") as info:
-        fn.get_or_call(5, run_name="kept")
-    assert "kept" in str(info.value)
-    with pytest.raises(rr.CorruptRunError):
         system.get_run("kept")
+    assert "kept" in str(info.value)
+    # A damaged record is as good as a failed run: the name executes again, and the
+    # damaged files are kept under attempts/.
+    assert fn.get_or_call(5, run_name="kept") == [0, 1, 2, 3, 4]
+    assert (_folder(system, "kept") / "attempts" / "1" / "config.json").read_bytes() == record
+    assert system.get_run("kept").status is rr.RunStatus.COMPLETED
 
 
 # --------------------------------------------------------------------------- signatures
@@ -283,3 +286,117 @@ def _on_root(system, disk: Path, request):
     target = make_cluster(request.getfixturevalue("ssh_server"), root=str(disk / "runs"))
     request.addfinalizer(target.close)
     return target
+
+
+# --------------------------------------------------------------------------- review cases
+
+
+def test_a_recycled_pid_is_never_killed_as_a_lost_workers_session():
+    from remoterun.agent import worker
+
+    stranger = subprocess.Popen(["setsid", "sleep", "30"])
+    try:
+        time.sleep(0.2)
+        pid = int(subprocess.check_output(["pgrep", "-n", "-f", "^sleep 30$"]).decode())
+        recorded = worker.process_start_time(pid) - 1  # the "worker" had this pid before
+        lost = {"host": worker.HOSTNAME, "pgid": pid, "pid": pid, "proc_start": recorded}
+        worker.kill_leftovers(lost)
+        time.sleep(0.2)
+        assert _alive(pid)
+    finally:
+        stranger.kill()
+        subprocess.run(["pkill", "-f", "^sleep 30$"], check=False)
+
+
+def test_a_copy_or_a_tag_never_signs_a_planted_run(s3, tmp_path, monkeypatch):
+    store = f"{s3}/team"
+    monkeypatch.setenv("REMOTERUN_SHARE_TRUST", "writers")
+    rr.function(tasks.make_list, share=store).to(
+        rr.LocalSystem(root=str(tmp_path / "alice"))
+    ).get_or_call(5, run_name="prep")  # published unsigned
+    planted_marker = tmp_path / "planted-code-ran"
+    _plant(rr.run(path=f"{store}/prep"), planted_marker)
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", KEY)
+    with pytest.raises(rr.UntrustedRunError):
+        rr.run(path=f"{store}/prep").to(str(tmp_path / "laundered"))
+    with pytest.raises(rr.UntrustedRunError):
+        rr.run(path=f"{store}/prep").set_tag("looks", "fine")
+    config = json.loads(rr.run(path=f"{store}/prep").folder.read_bytes("config.json"))
+    assert "signature" not in config
+    assert not planted_marker.exists()
+
+
+def test_attempts_and_arguments_of_a_run_loaded_by_url_are_checked(s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", KEY)
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    fn = rr.function(tasks.fail_then_succeed, system=here)
+    marker = str(tmp_path / "calls")
+    with pytest.raises(tasks.CustomError):
+        fn(marker, run_name="twice")
+    fn(marker, run_name="twice")
+    copy = here.get_run("twice").to(str(tmp_path / "copies"))
+    planted_marker = tmp_path / "planted-code-ran"
+    attempt = tmp_path / "copies" / "twice" / "attempts" / "1"
+    data = pickle.dumps(_Planted(str(planted_marker)))
+    (attempt / "error.pkl").write_bytes(data)
+    record = json.loads((attempt / "config.json").read_text())
+    record["digests"]["error.pkl"] = integrity.digest(data)
+    (attempt / "config.json").write_text(json.dumps(record))  # no longer signed
+    loaded = rr.run(path=copy.url)
+    with pytest.raises(rr.UntrustedRunError):
+        loaded.attempts()[0].exception()
+    assert not planted_marker.exists()
+
+
+def test_records_with_int_keys_stay_verifiable(monkeypatch, tmp_path):
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", KEY)
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    _recorded(here)
+    run = here.get_run("kept")
+    run.log_params({"layers": {1: 64, 10: 32, 2: 16}})
+    assert rr.run(path=run.url).result() == [0, 1, 2, 3, 4]
+
+
+def test_runs_recorded_before_digests_still_load_from_own_stores(system):
+    fn = _recorded(system)
+    path = _folder(system, "kept") / "config.json"
+    record = json.loads(path.read_text())
+    del record["digests"]
+    path.write_text(json.dumps(record))
+    assert fn.get_or_call(5, run_name="kept") == [0, 1, 2, 3, 4]
+    assert system.get_run("kept").inputs() == {"args": [5], "kwargs": {}}
+
+
+def test_a_handle_read_before_a_re_execution_is_not_called_damaged(system):
+    fn = rr.function(tasks.add, system=system)
+    fn(1, run_name="again")
+    earlier = system.get_run("again")
+    assert earlier.wait() is rr.RunStatus.COMPLETED
+    fn(10, run_name="again")
+    assert earlier.result() == 12  # the handle follows the name's current attempt
+
+
+def test_a_removed_runs_root_is_made_again(tmp_path):
+    import shutil
+
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    fn = rr.function(tasks.add, system=here)
+    assert fn(1, run_name="first") == 3
+    shutil.rmtree(tmp_path / "runs")
+    assert fn(2, run_name="second") == 4
+
+
+def test_only_a_functions_own_lines_travel_not_the_rest_of_its_file(tmp_path, monkeypatch):
+    import importlib
+
+    name = "secretive_" + os.urandom(4).hex()
+    (tmp_path / f"{name}.py").write_text(
+        'API_TOKEN = "sk-live-do-not-ship"\n\n\ndef shout(x):\n    return x.upper()\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    here = rr.LocalSystem(root=str(tmp_path / "runs"))
+    assert rr.function(module.shout, system=here)("hi", run_name="loud") == "HI"
+    function_pkl = (tmp_path / "runs" / "loud" / "function.pkl").read_bytes()
+    assert b"return x.upper()" in function_pkl
+    assert b"sk-live-do-not-ship" not in function_pkl

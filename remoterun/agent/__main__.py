@@ -20,8 +20,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..errors import CorruptRunError
-from . import forkserver, layout, pickling, protocol, worker
+from ..errors import CorruptRunError, SigningKeyError
+from . import forkserver, integrity, layout, pickling, protocol, worker
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
@@ -200,7 +200,14 @@ class Agent:
         started = None
         # Written before the name is claimed, so that a full disk refuses the run while
         # nothing has changed; put in place if it starts, else removed.
-        staged = {} if request.get("payload_omitted") else runs.stage(request)
+        integrity.signing_key()  # a bad team key is refused before anything is written
+        staged: dict = {}
+        stage_error: OSError | None = None
+        if not request.get("payload_omitted"):
+            try:
+                staged = runs.stage(request)
+            except OSError as exc:  # only an error if the run is to start
+                stage_error = exc
         try:
             with runs.lock(name):
                 decision = runs.claim(request)
@@ -209,10 +216,16 @@ class Agent:
                     # A miss that needs the function and inputs the client held back.
                     return {"name": name, "action": "need_payload", "root": runs.root}
                 if action == "start":
+                    if stage_error is not None:
+                        raise stage_error
                     attempt = runs.next_attempt(name, decision["previous"])
-                    record = runs.prepare(request, attempt, staged)
                     exited = threading.Event()
-                    started = runs.start(request, record, on_exit=lambda pid, s: exited.set())
+                    try:
+                        record = runs.prepare(request, attempt, staged)
+                        started = runs.start(request, record, on_exit=lambda p, s: exited.set())
+                    except OSError:
+                        runs.undo_attempt(name, attempt)
+                        raise
         finally:
             runs.discard(staged)  # what prepare did not move into the run's folder
         reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
@@ -333,7 +346,9 @@ def _failure_record(exc: BaseException) -> dict:
         return record
     record = worker.error_record(exc)
     if isinstance(exc, CorruptRunError):
-        record.update(kind="corrupt", filename=exc.filename)
+        record.update(kind="corrupt", filename=exc.filename, url=exc.url)
+    elif isinstance(exc, SigningKeyError):
+        record["kind"] = "key"
     elif isinstance(exc, ValueError) and "invalid run name" in str(exc):
         record["kind"] = "name"
     elif isinstance(exc, OSError):

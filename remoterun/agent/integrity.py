@@ -33,11 +33,17 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def digest_problem(record: dict, filename: str, data: bytes | None) -> str | None:
+def digest_problem(
+    record: dict, filename: str, data: bytes | None, *, legacy_ok: bool = False
+) -> str | None:
     """Why ``data``, read as the run's ``filename``, must not be unpickled; None if its
-    digest is the one the record holds."""
+    digest is the one the record holds. With ``legacy_ok``, a record from before digests
+    (no ``digests`` field at all) is taken as it is: it was read from a store of the
+    owner's own, where nobody else writes."""
     if data is None:
         return f"{filename} is missing"
+    if legacy_ok and DIGESTS not in record:
+        return None
     wanted = (record.get(DIGESTS) or {}).get(filename)
     if not wanted:
         return f"the record holds no digest for {filename}"
@@ -54,22 +60,38 @@ def key_file() -> str:
     return os.path.join(home(), KEY_FILE)
 
 
+# The key file's (path, mtime, size) and its key: a record write costs a stat, not a read.
+_key_file_cache: tuple[tuple, bytes] | None = None
+
+
 def signing_key() -> bytes | None:
     """The team key: ``$REMOTERUN_SIGNING_KEY``, else the key file; None when neither is
-    there. Raises ``SigningKeyError`` for a key that is too short or a key file that cannot be
-    read."""
+    there. Raises ``SigningKeyError`` for a key that is too short or a key file that cannot
+    be read."""
+    global _key_file_cache
     text = os.environ.get(KEY_ENV)
-    where = f"${KEY_ENV}"
-    if not text:
-        path = key_file()
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read().strip()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise SigningKeyError(f"cannot read the signing key file {path}: {exc}") from exc
-        where = path
+    if text:
+        return _checked(text, f"${KEY_ENV}")
+    path = key_file()
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read the signing key file {path}: {exc}") from exc
+    stamp = (path, info.st_mtime_ns, info.st_size)
+    if _key_file_cache is not None and _key_file_cache[0] == stamp:
+        return _key_file_cache[1]
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = _checked(f.read().strip(), path)
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read the signing key file {path}: {exc}") from exc
+    _key_file_cache = (stamp, key)
+    return key
+
+
+def _checked(text: str, where: str) -> bytes:
     if len(text) < _MIN_KEY:
         raise SigningKeyError(
             f"the signing key in {where} is {len(text)} characters; a key has at least "
@@ -88,7 +110,9 @@ def new_key_text() -> str:
 
 
 def canonical(record: dict) -> bytes:
-    """The bytes a signature covers: the record but its signature, as sorted compact JSON."""
+    """The bytes a signature covers: the record but its signature, as sorted compact JSON.
+    Sign only a record as JSON gives it back (``as_json``): ``{1: ...}`` sorts otherwise
+    than the ``{"1": ...}`` a reader holds."""
     body = {k: v for k, v in record.items() if k != SIGNATURE}
     return json.dumps(
         body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str
@@ -108,6 +132,11 @@ def sign(record: dict, key: bytes | None) -> dict:
     record.pop(SIGNATURE, None)
     record[SIGNATURE] = {"alg": _ALGORITHM, "key_id": key_id(key), "mac": _mac(record, key)}
     return record
+
+
+def as_json(record: dict) -> dict:
+    """The record as a reader of its JSON will hold it."""
+    return json.loads(json.dumps(record, default=str))
 
 
 def signature_problem(record: dict, key: bytes) -> str | None:

@@ -148,8 +148,13 @@ def storage_message(exc: OSError, path: str | None = None) -> str:
 
 
 def encode_record(config: dict) -> bytes:
-    """``config.json``'s bytes: the record, signed when this machine has the team key."""
-    integrity.sign(config, integrity.signing_key())
+    """``config.json``'s bytes: the record, signed when this machine has the team key (over
+    the record as JSON gives it back, which is what a reader checks)."""
+    key = integrity.signing_key()
+    if key is not None:
+        config = integrity.sign(integrity.as_json(config), key)
+    elif integrity.SIGNATURE in config:
+        config = {k: v for k, v in config.items() if k != integrity.SIGNATURE}
     return json.dumps(config, indent=1, sort_keys=True, default=str).encode()
 
 

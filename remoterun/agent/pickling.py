@@ -2,8 +2,8 @@
 
 cloudpickle 3.1.3 writes the file name of every code object it pickles by value as
 ``<dynamic-code>``, so a traceback from a function shipped to a host names no file and
-shows no line. ``dumps`` here pickles code objects with their real ``co_filename`` and,
-once per file and pickle, the file's source lines; loading registers them with
+shows no line. ``dumps`` here pickles code objects with their real ``co_filename`` and
+their own source lines (not the rest of the file); loading registers them with
 ``linecache`` (as IPython does for its cells), so a traceback formatted on a host that
 does not have the file still shows each frame's line.
 
@@ -13,46 +13,61 @@ wherever remoterun runs, hosts included: their agent ships this very package.
 
 from __future__ import annotations
 
+import dis
 import io
 import linecache
+import os
 import types
 from typing import Any
 
 import cloudpickle
 
 _DYNAMIC = "<dynamic-code>"
-# Files larger than this travel without their source (tracebacks then show no lines).
+# Code objects with more source than this travel without it (tracebacks show no lines).
 _MAX_SOURCE = 1 << 20
 
 
 class Source:
-    """The source lines of one file, pickled once per pickle however many code objects
-    of the file it holds; unpickling registers them with ``linecache``."""
+    """The source lines of one code object (``first`` is the number of the first line);
+    unpickling registers them with ``linecache``."""
 
-    __slots__ = ("filename", "lines")
+    __slots__ = ("filename", "first", "lines")
 
-    def __init__(self, filename: str, lines: tuple[str, ...]):
+    def __init__(self, filename: str, first: int, lines: tuple[str, ...]):
         self.filename = filename
+        self.first = first
         self.lines = lines
 
     def __reduce__(self) -> tuple:
-        return (register_source, (self.filename, self.lines))
+        return (register_source, (self.filename, self.first, self.lines))
 
 
-def register_source(filename: str, lines: tuple[str, ...]) -> Source:
-    """Make ``linecache`` answer for ``filename`` with ``lines``, unless this host has
-    the same file already. The entry has no mtime, so ``linecache.checkcache`` keeps it."""
-    if tuple(linecache.getlines(filename)) != tuple(lines):
-        linecache.cache[filename] = (sum(map(len, lines)), None, list(lines), filename)
-    return Source(filename, lines)
+# Files whose linecache entries were made here from shipped lines (merged, not replaced).
+_registered: set[str] = set()
+
+
+def register_source(filename: str, first: int, lines: tuple[str, ...]) -> Source:
+    """Make ``linecache`` answer for lines ``first``... of ``filename`` with ``lines``,
+    when this host does not have the file. Other lines of an entry made here read as
+    blank. The entry has no mtime, so ``linecache.checkcache`` keeps it."""
+    if not os.path.exists(filename):
+        entry = linecache.cache.get(filename) if filename in _registered else None
+        known = list(entry[2]) if entry else []
+        end = first - 1 + len(lines)
+        known += ["\n"] * (end - len(known))
+        known[first - 1 : end] = lines
+        linecache.cache[filename] = (sum(map(len, known)), None, known, filename)
+        _registered.add(filename)
+    return Source(filename, first, lines)
 
 
 class Pickler(cloudpickle.Pickler):
-    """cloudpickle's pickler, but code objects keep their file name and carry its source."""
+    """cloudpickle's pickler, but code objects keep their file name and carry their own
+    source lines (only theirs: the rest of the file, its secrets included, stays home)."""
 
     def __init__(self, file: Any, protocol: int | None = None, buffer_callback: Any = None):
         super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
-        self._sources: dict[str, Source | None] = {}
+        self._shipped: dict[str, list[tuple[int, int]]] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is types.CodeType:
@@ -65,22 +80,25 @@ class Pickler(cloudpickle.Pickler):
         filename = code.co_filename
         if filename != _DYNAMIC:
             args = tuple(filename if type(a) is str and a == _DYNAMIC else a for a in args)
-        source = self._source(filename)
+        source = self._source(code)
         if source is None:
             return constructor, args
         # The Source comes first in the stream, so its lines are registered before the
         # code object (and any function made from it) exists.
         return _load_code, (source, constructor, args)
 
-    def _source(self, filename: str) -> Source | None:
-        if filename in self._sources:
-            return self._sources[filename]
-        lines = linecache.getlines(filename)
-        source = None
-        if lines and sum(map(len, lines)) <= _MAX_SOURCE:
-            source = Source(filename, tuple(lines))
-        self._sources[filename] = source
-        return source
+    def _source(self, code: types.CodeType) -> Source | None:
+        """The lines of ``code``, unless an enclosing code object already carries them."""
+        first = code.co_firstlineno
+        last = max((line for _, line in dis.findlinestarts(code) if line), default=first)
+        shipped = self._shipped.setdefault(code.co_filename, [])
+        if any(a <= first and last <= b for a, b in shipped):
+            return None
+        lines = linecache.getlines(code.co_filename)[first - 1 : last]
+        if not lines or sum(map(len, lines)) > _MAX_SOURCE:
+            return None
+        shipped.append((first, last))
+        return Source(code.co_filename, first, tuple(lines))
 
 
 def _load_code(source: Source, constructor: Any, args: tuple) -> types.CodeType:

@@ -156,17 +156,22 @@ class HostRuns:
         return os.path.join(self.root, name, filename)
 
     def _make_root(self) -> None:
-        """Create the root (and ``.locks``) private to this user; tighten a root that an
-        older version left readable by others."""
+        """Create the root (and ``.locks``) private to this user, once per process. A root
+        in remoterun's own home (``~/.remoterun``) that an older version left readable by
+        others is tightened; a root the user made elsewhere keeps the mode they chose (its
+        run folders are private all the same). Staged files that a killed agent left are
+        removed."""
         if self.root in _private_roots:
             return
         layout.makedirs_private(os.path.join(self.root, layout.LOCKS))
-        try:
-            info = os.stat(self.root)
-            if info.st_uid == os.getuid() and info.st_mode & 0o077:
-                os.chmod(self.root, layout.FOLDER_MODE)
-        except OSError:
-            pass
+        if ".remoterun" in self.root.split(os.sep):
+            try:
+                info = os.stat(self.root)
+                if info.st_uid == os.getuid() and info.st_mode & 0o077:
+                    os.chmod(self.root, layout.FOLDER_MODE)
+            except OSError:
+                pass
+        _remove_stale_staging(os.path.join(self.root, layout.STAGING))
         _private_roots.add(self.root)
 
     @contextlib.contextmanager
@@ -175,7 +180,12 @@ class HostRuns:
         the owner's only: no other user can open one, so none can block a name."""
         self._make_root()
         path = os.path.join(self.root, layout.LOCKS, name + ".lock")
-        fd = layout.open_private(path, os.O_RDWR)
+        try:
+            fd = layout.open_private(path, os.O_RDWR)
+        except FileNotFoundError:  # the root was removed since: make it again
+            _private_roots.discard(self.root)
+            self._make_root()
+            fd = layout.open_private(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -326,7 +336,10 @@ class HostRuns:
         if request["mode"] != "get":
             return None
         name = request["name"]
-        config = self.read_config(name)
+        try:
+            config = self.read_config(name)
+        except CorruptRunError:
+            return None  # the locked path decides what a damaged record means
         if not config or config.get("status") != layout.COMPLETED:
             return None
         if fingerprint_differences(config, request):
@@ -346,7 +359,13 @@ class HostRuns:
         Nothing is changed on disk but the marking of a lost worker.
         """
         name = request["name"]
-        config = self.read_config(name)
+        try:
+            config = self.read_config(name)
+        except CorruptRunError as exc:
+            # A damaged record is no run to keep: executing the name again keeps its
+            # files under attempts/<n>/, as for a failed run.
+            sys.stderr.write(f"remoterun: {exc}\n")
+            return {"action": "start", "previous": {"attempt": None}}
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
             config = self._mark_lost(name, config, "its process is gone")
         if config is None:
@@ -372,6 +391,26 @@ class HostRuns:
             return {"action": "hit" if status == layout.COMPLETED else "attach", "config": config}
         # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
         return {"action": "start", "previous": config}
+
+    def undo_attempt(self, name: str, attempt: int) -> None:
+        """Take back a new attempt that could not be recorded (a full disk): remove what
+        it put in the folder and move the previous attempt, archived for it, back."""
+        folder = self.path(name)
+        for filename in layout.ATTEMPT_FILES:
+            try:
+                os.unlink(os.path.join(folder, filename))
+            except OSError:
+                pass
+        archived = os.path.join(folder, layout.ATTEMPTS, str(attempt - 1))
+        if attempt > 1 and os.path.isdir(archived):
+            for filename in os.listdir(archived):
+                os.replace(os.path.join(archived, filename), os.path.join(folder, filename))
+            os.rmdir(archived)
+        for empty in (os.path.join(folder, layout.ATTEMPTS), folder):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                pass
 
     def next_attempt(self, name: str, previous: dict | None) -> int:
         """Archive the previous attempt, if any; return the new attempt's number."""
@@ -498,12 +537,20 @@ class HostRuns:
         from .forkserver import server
 
         def exited(pid: int, status: int) -> None:
-            with self.lock(name):
-                config = self.read_config(name)
-                if config and config.get("status") == layout.RUNNING and config.get("pid") == pid:
-                    self._mark_lost(name, config, f"its process {_describe_exit(status)}")
-            if on_exit is not None:
-                on_exit(pid, status)
+            try:
+                with self.lock(name):
+                    config = self.read_config(name)
+                    if (
+                        config
+                        and config.get("status") == layout.RUNNING
+                        and config.get("pid") == pid
+                    ):
+                        self._mark_lost(name, config, f"its process {_describe_exit(status)}")
+            except (OSError, CorruptRunError) as exc:  # a later look marks it, or says why
+                sys.stderr.write(f"remoterun: run {name!r} ended, not recorded: {exc}\n")
+            finally:
+                if on_exit is not None:
+                    on_exit(pid, status)
 
         server().watch(pid, exited)
 
@@ -531,24 +578,40 @@ class HostRuns:
             return config
 
 
+def _remove_stale_staging(staging: str) -> None:
+    """Remove staged files whose writer (the pid in their name) is gone."""
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return
+    for filename in names:
+        pid = filename.rpartition(".")[0].rpartition(".")[2].partition("-")[0]
+        if pid.isdigit() and process_start_time(int(pid)) is None:
+            try:
+                os.unlink(os.path.join(staging, filename))
+            except OSError:
+                pass
+
+
 def kill_leftovers(config: dict) -> None:
     """SIGKILL what a lost worker left running, before its run is marked lost (else a
     re-execution would run beside them). The worker made itself a session leader, so
     everything it started carries its pid as session id, unless it called setsid itself;
     only processes started after the worker count, so a recycled pid is never hit."""
     sid = config.get("pgid")
-    if not isinstance(sid, int) or sid <= 1 or config.get("host") != HOSTNAME:
+    started = config.get("proc_start")
+    if not isinstance(sid, int) or sid <= 1 or not started or config.get("host") != HOSTNAME:
         return
     if config.get("boot_id") and BOOT_ID and config["boot_id"] != BOOT_ID:
         return  # recorded before this machine restarted: nothing of it lives
-    started = config.get("proc_start") or 0
+    leader = process_start_time(sid)
+    if leader is not None and leader != started:
+        # The pid is another process's now: Linux reuses a pid only once no process
+        # has it as session id, so nothing of the worker's session is left.
+        return
     try:
         entries = os.listdir("/proc")
-    except OSError:  # no /proc: the group is the best we can name
-        try:
-            os.killpg(sid, signal.SIGKILL)
-        except OSError:
-            pass
+    except OSError:  # no /proc to tell the session's members by: leave them
         return
     for entry in entries:
         if not entry.isdigit():
