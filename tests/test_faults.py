@@ -17,7 +17,6 @@ import faults  # noqa: E402
 # behaviour lands they pass (XPASS), and their line here should go.
 PENDING = {
     "kill.session.ssh": "a lost SSH connection stops a synchronous call on the host",
-    "corrupt.stray": "listing skips what is not a run",
 }
 
 
