@@ -43,10 +43,11 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
     elif t is complex:
         out.update(b"c" + struct.pack("!dd", obj.real, obj.imag))
     elif t is str:
-        data = obj.encode("utf-8", "surrogatepass")
-        out.update(b"s" + str(len(data)).encode() + b":" + data)
+        _encode_str(obj, out)
     elif t in (bytes, bytearray):
-        out.update(b"b" + str(len(obj)).encode() + b":" + bytes(obj))
+        # Prefix and data fed apart: the same hash, without a copy of the argument.
+        out.update(b"b%d:" % len(obj))
+        out.update(obj)
     elif t in (list, tuple):
         out.update((b"l" if t is list else b"t") + str(len(obj)).encode() + b"[")
         for item in obj:
@@ -75,8 +76,31 @@ def _encode(obj: Any, out: Any, depth: int = 0) -> None:
     elif t.__module__.startswith(("numpy", "pandas")) and _encode_by_content(obj, out):
         pass
     else:
-        data = cloudpickle.dumps(obj)
-        out.update(b"p" + str(len(data)).encode() + b":" + data)
+        data = cloudpickle.dumps(obj)  # transient: function.py hashes before it pickles
+        out.update(b"p%d:" % len(data))
+        out.update(data)
+
+
+# A str longer than this is encoded for hashing a slice at a time.
+_STR_SLICE = 1 << 20
+
+
+def _encode_str(text: str, out: Any) -> None:
+    """``s<length of the UTF-8>:<UTF-8>``, without a UTF-8 copy of a long string (UTF-8
+    encodes each code point on its own, so slices encode to the whole's bytes)."""
+    if len(text) <= _STR_SLICE:
+        data = text.encode("utf-8", "surrogatepass")
+        out.update(b"s%d:" % len(data))
+        out.update(data)
+        return
+    slices = range(0, len(text), _STR_SLICE)
+    if text.isascii():
+        size = len(text)
+    else:
+        size = sum(len(text[i : i + _STR_SLICE].encode("utf-8", "surrogatepass")) for i in slices)
+    out.update(b"s%d:" % size)
+    for i in slices:
+        out.update(text[i : i + _STR_SLICE].encode("utf-8", "surrogatepass"))
 
 
 def _encode_by_content(obj: Any, out: Any) -> bool:
@@ -98,13 +122,12 @@ def _encode_by_content(obj: Any, out: Any) -> bool:
         return True
     if module.startswith("pandas") and name in ("DataFrame", "Series", "Index"):
         import numpy
-        import pandas
 
         dtypes = list(obj.dtypes) if name == "DataFrame" else [obj.dtype]
         if any(isinstance(d, numpy.dtype) and d.kind == "O" for d in dtypes):
             return False  # Python objects: hash_pandas_object would see 1 and "1" alike
         try:
-            rows = pandas.util.hash_pandas_object(obj, index=False)
+            first = _row_hashes(obj, 0)
         except TypeError:
             return False
         out.update(f"P{name}{obj.shape};".encode())
@@ -115,9 +138,29 @@ def _encode_by_content(obj: Any, out: Any) -> bool:
         if name != "Index":
             _encode(obj.index, out)
         _encode(list(getattr(obj, "names", None) or ()), out)
-        out.update(rows.to_numpy().view("uint8"))
+        # Each row hashes on its own: a slice at a time feeds the same bytes as the
+        # whole, without hash arrays the size of the frame.
+        out.update(first)
+        for start in range(_ROW_SLICE, len(obj), _ROW_SLICE):
+            out.update(_row_hashes(obj, start))
         return True
     return False
+
+
+# pandas objects are hashed this many rows at a time (8 bytes of hash per row).
+_ROW_SLICE = 1 << 16
+
+
+def _row_hashes(obj: Any, start: int) -> Any:
+    """The bytes of the row hashes of rows ``start`` to ``start + _ROW_SLICE``."""
+    import pandas
+
+    rows = (
+        obj[start : start + _ROW_SLICE]
+        if type(obj).__name__ == "Index"
+        else obj.iloc[start : start + _ROW_SLICE]
+    )
+    return pandas.util.hash_pandas_object(rows, index=False).to_numpy().view("uint8")
 
 
 def _first(pair: tuple[bytes, Any]) -> bytes:

@@ -331,6 +331,7 @@ class RemoteFunction:
                 reply = self._request_on(conn, op, fn_bytes, on_output)
             except AgentFailure as failure:
                 failed = failure.record
+        del inputs, op  # the arguments' pickle is let go before the result is unpickled
         if failed is not None:  # raised outside the except block: its cause is the RemoteError
             raise exception_from_record(failed, host=conn.label)
         return cloudpickle.loads(reply["result"])
@@ -373,7 +374,14 @@ class RemoteFunction:
             check_run_name(run_name)
         # The host that holds the run decides it; a generated name goes where load is least.
         system = self.system.placement(run_name)
-        payload = None if mode == "get" else self._payload(args, kwargs, system)
+        try:
+            # A hit needs only the arguments' fingerprint; the code's (a walk over all
+            # the code the function reaches) is added when the run is to be recorded.
+            record = self._record(args, kwargs, system, with_code=mode != "get", arg_fp=arg_fp)
+        except SerializationError:
+            if mode != "get":
+                self._payload(args, kwargs, system)  # an argument that cannot travel says so
+            raise
         request: dict[str, Any] = {
             "op": "submit",
             "root": system.root,
@@ -383,16 +391,16 @@ class RemoteFunction:
             "exclusive": generated,
             "lookup": mode == "get" and not args and not kwargs,
             "on_mismatch": self.on_mismatch,
-            # A hit needs only the arguments' fingerprint; the code's (a walk over all
-            # the code the function reaches) is added when the run is to be recorded.
-            "record": self._record(args, kwargs, system, with_code=mode != "get", arg_fp=arg_fp),
+            "record": record,
         }
         if mode == "get":
             # A cache hit needs neither the function nor the inputs: send them only when
             # the host answers that the run has to execute.
             request["payload_omitted"] = True
         else:
-            request.update(payload)
+            # After the record: fingerprinting an argument may pickle it, and that copy is
+            # gone before the inputs' pickle is made, so a run holds one copy, not two.
+            request.update(self._payload(args, kwargs, system))
         for _ in range(100):
             request["name"] = layout.generate_run_name(self.name) if generated else run_name
             reply = system.cached_hit(request) or system.request(

@@ -199,6 +199,33 @@ def test_pandas_frames_count_by_content():
     assert cache.value_fingerprint(named) != cache.value_fingerprint(df)
 
 
+def test_hashing_a_slice_at_a_time_keeps_the_fingerprints(monkeypatch):
+    """Long strings and pandas objects are hashed a slice at a time, so that hashing an
+    argument holds no copy of its size; the fingerprints are those of hashing them whole,
+    so runs recorded before still hit."""
+    pd = pytest.importorskip("pandas")
+    np = pytest.importorskip("numpy")
+    rows = 2 * cache._ROW_SLICE + 5
+    frame = pd.DataFrame(
+        {
+            "f": np.arange(rows, dtype=float),
+            "c": pd.Categorical(np.arange(rows) % 3),
+            "t": pd.date_range("2024-01-01", periods=rows, freq="s", tz="UTC"),
+        }
+    )
+    values = [
+        frame,
+        frame["c"],
+        pd.Index(frame["f"]),
+        "a" * (2 * cache._STR_SLICE + 1),
+        "é\ud800x" * cache._STR_SLICE,  # multi-byte and a lone surrogate, across slices
+    ]
+    in_slices = [cache.value_fingerprint(v) for v in values]
+    monkeypatch.setattr(cache, "_ROW_SLICE", 1 << 62)
+    monkeypatch.setattr(cache, "_STR_SLICE", 1 << 62)
+    assert [cache.value_fingerprint(v) for v in values] == in_slices
+
+
 def test_a_content_cached_call_with_an_array_hits(tmp_path):
     np = pytest.importorskip("numpy")
     import remoterun as rr
