@@ -261,8 +261,7 @@ def _warn_legacy(url: str) -> None:
         import logging
 
         logging.getLogger(__name__).warning(
-            "run %s was recorded before digests: read unchecked (run it again to record "
-            "digests)",
+            "run %s was recorded before digests: read unchecked (run it again to record digests)",
             url,
         )
 
@@ -286,6 +285,7 @@ def copy_folder(
     overwrite: bool = False,
     progress: bool | None = None,
     trusted: bool | None = None,
+    write_records: bool = True,
 ) -> dict:
     """Copy a terminal run's whole folder (``attempts/`` included) to ``dst``; return its
     config. Files first, each checked for size and every pickle for its digest (hashed
@@ -294,7 +294,8 @@ def copy_folder(
     source's signatures unless it is ``trusted`` (a store of the user's own; by default,
     a folder on this machine): a copy never signs what it did not check. A destination
     holding another run of the name is refused unless ``overwrite``; one holding this
-    same run is brought up to date.
+    same run is brought up to date. ``write_records=False`` copies all but the records,
+    which ``copy_records`` then writes (a host copies, the client with the key signs).
     """
     import logging
 
@@ -385,11 +386,8 @@ def copy_folder(
                     f"copy of {src.url}/{rel} is {size} bytes at {dst.url}, not {files[rel]}; "
                     "the run's config was not written there: copy again"
                 )
-        for rel in sorted(records, key=lambda r: r == layout.CONFIG):
-            data, record = records[rel]
-            if key is not None:  # signed by this machine, which has checked it
-                data = layout.encode_record(dict(record))
-            dst.write_bytes(rel, data)
+        if write_records:
+            _write_records(dst, records, key)
     except storage_errors() as exc:
         if isinstance(exc, RunStorageError):
             raise
@@ -398,6 +396,38 @@ def copy_folder(
         if bar is not None:
             bar.close()
     return config
+
+
+def copy_records(src: RunFolder, dst: RunFolder, *, trusted: bool) -> None:
+    """Write the records of ``src`` (its own and its earlier attempts') to ``dst``, where
+    the rest of the folder was copied already: signed with the team key, after checking
+    them unless ``trusted``; the run's own record last."""
+    config_bytes = src.read_bytes(layout.CONFIG)
+    config = src.decode_config(config_bytes)
+    if config is None:
+        raise RunNotFoundError(f"no run at {src.url}")
+    records = {layout.CONFIG: (config_bytes, config)}
+    for number in src.attempts():
+        folder = src.attempt(number)
+        data = folder.read_bytes(layout.CONFIG)
+        if data is not None:
+            records[f"{layout.ATTEMPTS}/{number}/{layout.CONFIG}"] = (
+                data,
+                folder.decode_config(data) or {},
+            )
+    for _, record in records.values():
+        src.check_trusted(record, required=not trusted)
+    _write_records(dst, records, integrity.signing_key())
+
+
+def _write_records(dst: RunFolder, records: dict[str, tuple[bytes, dict]], key: Any) -> None:
+    """Archived attempts' records first, the run's own last; signed when there is a key
+    (the caller has checked them), else as they were."""
+    for rel in sorted(records, key=lambda r: r == layout.CONFIG):
+        data, record = records[rel]
+        if key is not None:
+            data = layout.encode_record(dict(record))
+        dst.write_bytes(rel, data)
 
 
 def _progress(total: int, label: str, progress: bool | None) -> Any:

@@ -27,7 +27,14 @@ from .errors import (
     RunStorageError,
     exception_from_record,
 )
-from .folder import RunFolder, check_run_name, protocols, split_run_url
+from .folder import (
+    RunFolder,
+    check_run_name,
+    copy_folder,
+    copy_records,
+    protocols,
+    split_run_url,
+)
 
 if TYPE_CHECKING:
     import fsspec
@@ -388,7 +395,6 @@ class Run:
         folder that will hold it. A RUNNING run is refused unless ``wait=True``; another
         run of the same name at the destination is refused unless ``overwrite=True``.
         """
-        from .folder import copy_folder
 
         status = self.refresh().status
         if not status.terminal:
@@ -402,23 +408,25 @@ class Run:
         if folder.url == self.url:
             return self
         options = storage_options or getattr(target, "storage_options", None) or {}
-        # With the team key, the copy comes through here to be checked and signed: the
-        # key never goes to a host.
-        if integrity.signing_key() is not None or not self._copy_from_host(
-            folder, options, overwrite
-        ):
+        trusted = not self._signature_required()
+        # With the team key, a host that copies the folder itself leaves the records to
+        # this machine, which signs them: the key never goes to a host.
+        signing = integrity.signing_key() is not None
+        if self._copy_from_host(folder, options, overwrite, records=not signing):
+            if signing:
+                copy_records(self.folder, folder, trusted=trusted)
+        else:
             copy_folder(
-                self.folder,
-                folder,
-                overwrite=overwrite,
-                progress=progress,
-                trusted=not self._signature_required(),
+                self.folder, folder, overwrite=overwrite, progress=progress, trusted=trusted
             )
         return Run(folder, target)
 
-    def _copy_from_host(self, folder: RunFolder, storage_options: dict, overwrite: bool) -> bool:
+    def _copy_from_host(
+        self, folder: RunFolder, storage_options: dict, overwrite: bool, records: bool
+    ) -> bool:
         """Copy from the run's own host straight to an object store, when the run is on a
-        cluster and the host can reach the store; whether that was done."""
+        cluster and the host can reach the store; whether that was done. Without
+        ``records`` the host leaves the run's records for this machine to write."""
         copy_direct = getattr(self.system, "copy_direct", None)
         if (
             copy_direct is None
@@ -429,7 +437,7 @@ class Run:
         import logging  # here, not at import: `import remoterun` stays light
 
         logger = logging.getLogger(__name__)
-        why = copy_direct(self.name, self.root, folder.url, storage_options, overwrite)
+        why = copy_direct(self.name, self.root, folder.url, storage_options, overwrite, records)
         if why is None:
             logger.debug("%s copied %s to %s itself", self.system, self.name, folder.url)
             return True

@@ -400,3 +400,28 @@ def test_only_a_functions_own_lines_travel_not_the_rest_of_its_file(tmp_path, mo
     function_pkl = (tmp_path / "runs" / "loud" / "function.pkl").read_bytes()
     assert b"return x.upper()" in function_pkl
     assert b"sk-live-do-not-ship" not in function_pkl
+
+
+def test_a_host_copies_to_s3_itself_and_this_machine_signs_the_record(
+    ssh_server, moto_server, s3, caplog, monkeypatch
+):
+    import sysconfig
+
+    monkeypatch.setenv("REMOTERUN_SIGNING_KEY", KEY)  # this machine's only: not the host's
+    cluster = make_cluster(
+        ssh_server,
+        python="/usr/bin/python3",
+        env={"PYTHONPATH": sysconfig.get_paths()["purelib"]},  # fsspec and s3fs there
+    )
+    try:
+        _recorded(cluster)
+        with caplog.at_level("DEBUG", logger="remoterun"):
+            copy = cluster.get_run("kept").to(
+                f"{s3}/signed/kept", storage_options=moto_server.storage_options()
+            )
+        assert "itself" in caplog.text and "through this process" not in caplog.text
+        config = json.loads(copy.folder.read_bytes("config.json"))
+        assert integrity.signature_problem(config, KEY.encode()) is None
+        assert rr.run(path=copy.url).result() == [0, 1, 2, 3, 4]
+    finally:
+        cluster.close()

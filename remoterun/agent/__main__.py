@@ -293,7 +293,14 @@ class Agent:
         src = RunFolder(fsspec.filesystem("file"), os.path.join(request["root"], name))
         dst = RunFolder(fs, path)
         try:
-            config = copy_folder(src, dst, overwrite=request["overwrite"], progress=False)
+            config = copy_folder(
+                src,
+                dst,
+                overwrite=request["overwrite"],
+                progress=False,
+                trusted=True,  # this host's own runs
+                write_records=request.get("records", True),
+            )
         except Exception as exc:
             if type(exc).__name__ in ("RunExistsError", "RunNotFoundError"):
                 # The client's copy would say the same: it raises this as its own type.

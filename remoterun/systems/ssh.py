@@ -541,10 +541,17 @@ class SSHHost(System):
             return super()._request(op, on_output)
 
     def copy_direct(
-        self, name: str, root: str, dst_url: str, storage_options: dict, overwrite: bool
+        self,
+        name: str,
+        root: str,
+        dst_url: str,
+        storage_options: dict,
+        overwrite: bool,
+        records: bool = True,
     ) -> str | None:
-        """Have the host copy its run folder to ``dst_url`` itself; None when it did, else
-        why it could not (the client then copies)."""
+        """Have the host copy its run folder to ``dst_url`` itself (without the records
+        unless ``records``: the client writes them, signed); None when it did, else why
+        it could not (the client then copies)."""
         op = {
             "op": "copy_out",
             "root": root,
@@ -552,6 +559,7 @@ class SSHHost(System):
             "dst": dst_url,
             "storage_options": storage_options,
             "overwrite": overwrite,
+            "records": records,
         }
         reply = self.request(op, run_name=name)
         if reply.get("refused") == "RunExistsError":
