@@ -1,0 +1,153 @@
+"""What a client may trust of an SSH host: connecting through a busy sshd, the package it
+runs from, the files it leaves, and calls that stop when their connection drops.
+
+Against real OpenSSH sshd instances on 127.0.0.1, each serving its own Unix user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import remote_tasks as tasks
+import servers
+from conftest import make_cluster
+
+import remoterun as rr
+from remoterun.systems.ssh import package_archive
+
+
+@pytest.fixture(scope="module")
+def host():
+    """A host of this module's own: its home is changed by the tests."""
+    server = servers.SshServer(servers.USER_C).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(host):
+    cluster = make_cluster(host)
+    yield cluster
+    cluster.close()
+
+
+def _as_host_user(host, path: Path) -> None:
+    uid = Path(host.home).stat().st_uid
+    os.chown(path, uid, uid)
+
+
+def whoami(_item=None) -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# --------------------------------------------------------------------------- the package
+
+
+def _pkg(host) -> Path:
+    return Path(host.home, ".remoterun", "pkg", package_archive().version)
+
+
+def _install(host) -> None:
+    """Have the package installed, and every process that imports from it gone."""
+    cluster = make_cluster(host)
+    assert rr.function(tasks.add, system=cluster)(1) == 3
+    cluster.close()
+    deadline = time.monotonic() + 10
+    while host.user_pids():  # the agent's fork server outlives it by a moment
+        assert time.monotonic() < deadline, "the host's processes do not exit"
+        time.sleep(0.02)
+
+
+def test_an_edited_package_file_is_installed_again_and_never_runs(host, scratch):
+    _install(host)
+    edited = _pkg(host) / "remoterun" / "agent" / "__init__.py"
+    original = edited.read_bytes()
+    ran = scratch / "edited-code-ran"
+    edited.write_bytes(f"open({str(ran)!r}, 'w').close()\n".encode() + original)
+    second = make_cluster(host)
+    assert rr.function(tasks.add, system=second)(2) == 4
+    second.close()
+    assert not ran.exists()
+    assert edited.read_bytes() == original
+
+
+def test_a_deleted_package_file_is_installed_again(host):
+    _install(host)
+    deleted = _pkg(host) / "remoterun" / "agent" / "protocol.py"
+    deleted.unlink()
+    second = make_cluster(host)
+    assert rr.function(tasks.add, system=second)(2) == 4
+    second.close()
+    assert deleted.exists()
+
+
+def test_an_added_module_in_the_package_is_refused(host, scratch):
+    _install(host)
+    ran = scratch / "added-module-ran"
+    added = _pkg(host) / "json.py"  # first on the agent's path: it would shadow the stdlib
+    added.write_text(f"open({str(ran)!r}, 'w').close()\nfrom json import *\n")
+    second = make_cluster(host)
+    assert rr.function(tasks.add, system=second)(2) == 4
+    second.close()
+    assert not added.exists()
+    assert not ran.exists()
+
+
+def import_probe() -> str:
+    import rrprobe  # from the PYTHONPATH the cluster's env sets
+
+    return rrprobe.VALUE
+
+
+def test_modules_in_the_home_folder_or_pythonpath_do_not_shadow_the_agents(host, tmp_path):
+    shadow_dir = Path(host.home, "shadowing")
+    shadow_dir.mkdir(exist_ok=True)
+    _as_host_user(host, shadow_dir)
+    planted = []
+    for folder in (Path(host.home), shadow_dir):
+        for name in ("cloudpickle.py", "json.py"):
+            path = folder / name
+            path.write_text(f"raise RuntimeError('the shadowing {path} was imported')\n")
+            _as_host_user(host, path)
+            planted.append(path)
+    probe = shadow_dir / "rrprobe.py"
+    probe.write_text("VALUE = 'found on PYTHONPATH'\n")
+    _as_host_user(host, probe)
+    try:
+        cluster = make_cluster(host, env={"PYTHONPATH": str(shadow_dir)})
+        assert rr.function(tasks.add, system=cluster)(1) == 3
+        # Recorded runs start from the agent's fork server, a new interpreter.
+        run = rr.function(tasks.add, system=cluster).run(2, run_name="unshadowed")
+        assert run.result(timeout=30) == 4
+        # The user's PYTHONPATH still serves the functions.
+        assert rr.function(import_probe, system=cluster)() == "found on PYTHONPATH"
+        cluster.close()
+    finally:
+        for path in planted:
+            path.unlink()
+        shutil.rmtree(shadow_dir, ignore_errors=True)
+
+
+def test_remoterun_files_on_the_host_are_private(host):
+    top = Path(host.home, ".remoterun")
+    if top.exists():
+        top.chmod(0o755)  # as an older remoterun left it
+    for folder in ("pkg", "setup"):
+        shutil.rmtree(top / folder, ignore_errors=True)
+    cluster = make_cluster(host, setup=[f"echo private-{os.getpid()}"])
+    rr.function(tasks.add, system=cluster)(1)
+    cluster.close()
+    pkg = _pkg(host)
+    for folder in (top, top / "pkg", pkg, pkg / "remoterun", top / "setup"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    files = [pkg / ".manifest", pkg / "remoterun" / "agent" / "__main__.py"]
+    files += list((top / "setup").iterdir())
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
