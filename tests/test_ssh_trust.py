@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -151,3 +154,71 @@ def test_remoterun_files_on_the_host_are_private(host):
     files += list((top / "setup").iterdir())
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+# --------------------------------------------------------------------------- lost connections
+
+
+def tick_forever(marker: str, pidfile: str) -> None:
+    """Append to ``marker`` every 20 ms, with a child process in the caller's group."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"])
+    with open(pidfile, "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    while True:
+        with open(marker, "a") as f:
+            f.write(".")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    return servers.pid_alive(pid)
+
+
+def _drop_client_socket(cluster, agent_pid: int) -> None:
+    cluster.hosts[0].client().get_transport().sock.shutdown(socket.SHUT_RDWR)
+
+
+def _kill_sshd_session(cluster, agent_pid: int) -> None:
+    stat_line = Path(f"/proc/{agent_pid}/stat").read_text()
+    session = int(stat_line.rsplit(")", 1)[1].split()[1])  # the sshd serving the agent
+    assert Path(f"/proc/{session}/comm").read_text().strip() == "sshd"
+    os.kill(session, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("drop", [_drop_client_socket, _kill_sshd_session])
+def test_a_synchronous_call_stops_when_its_connection_drops(host, scratch, drop):
+    cluster = make_cluster(host)
+    gate = scratch / "gate"
+    recorded = rr.function(tasks.wait_for_file, system=cluster).run(str(gate), run_name="kept")
+    marker, pidfile = scratch / "ticks", scratch / "pids"
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            rr.function(tick_forever, system=cluster)(str(marker), str(pidfile))
+        except BaseException as exc:  # what the caller sees
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the call never started"
+        time.sleep(0.02)
+    agent_pid, child_pid = map(int, pidfile.read_text().split())
+    drop(cluster, agent_pid)
+    deadline = time.monotonic() + 2
+    while _alive(agent_pid) or _alive(child_pid):
+        assert time.monotonic() < deadline, "the call runs on after its connection dropped"
+        time.sleep(0.02)
+    size = marker.stat().st_size
+    time.sleep(0.2)
+    assert marker.stat().st_size == size
+    caller.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], rr.SystemUnavailableError)
+    # The recorded run, detached, is not stopped with it.
+    gate.touch()
+    assert recorded.result(timeout=30) == "finished"
+    cluster.close()

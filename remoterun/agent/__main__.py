@@ -7,16 +7,19 @@ function prints, down to a subprocess writing to fd 1, can corrupt the frame str
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import os
 import select
+import signal
 import socket
 import struct
 import sys
 import termios
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import cloudpickle
 
@@ -24,6 +27,8 @@ from . import forkserver, layout, pickling, protocol, worker
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
+# Ops that run the user's function in the agent itself: stopped when the client is gone.
+_SYNCHRONOUS = frozenset({"call", "map"})
 
 
 class OutputCapture:
@@ -68,10 +73,84 @@ class OutputCapture:
                 self._drain(r, kind)
 
 
+class HangupWatch:
+    """Stops a synchronous call whose client is gone, as the client's Ctrl-C would.
+
+    sshd sends no signal when a connection drops: it closes the agent's stdin, and a
+    call running here would go on for as long as it takes. So, while a call runs (armed),
+    a thread waits for the protocol's input to become readable, which the client never
+    makes it while a request is in flight: readable then means end of file, or a
+    protocol violation. Readiness alone is not trusted (an earlier watcher that left on
+    POLLHUP made agents exit while still in use): end of file is confirmed with no bytes
+    waiting and a real read that returns nothing, through the protocol's own buffered
+    reader, so a byte that did come stays in the stream. Only then is the agent's
+    process group killed: the agent, the call, and the processes the call started in
+    it. Recorded runs are in sessions of their own; between calls, the serve loop reads
+    the end of file itself and returns.
+    """
+
+    def __init__(self, reader: io.BufferedReader):
+        self._reader = reader
+        self._fd = reader.fileno()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._lock = threading.Lock()
+        self._armed = threading.Event()
+        threading.Thread(target=self._watch, name="remoterun-hangup", daemon=True).start()
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Watch while the block runs; the caller reads nothing from the input meanwhile."""
+        with self._lock:
+            self._armed.set()
+        try:
+            yield
+        finally:
+            with self._lock:  # once this is held, the watcher reads nothing
+                self._armed.clear()
+            os.write(self._wake_w, b"x")
+
+    def _watch(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            self._armed.wait()
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:  # the call ended: the input is the serve loop's
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            with self._lock:
+                if not self._armed.is_set():
+                    continue
+                if _bytes_waiting(self._fd) or self._reader.peek(1):
+                    # Not the end: bytes mid-call break the protocol, but they are kept
+                    # for the serve loop, which answers them; watch no more this call.
+                    self._armed.clear()
+                    continue
+                _stop_process_group()
+
+
+def _bytes_waiting(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _stop_process_group() -> None:
+    """Kill this agent and every process of its group, at once, as Ctrl-C's stop does."""
+    if os.getpgrp() == os.getpid():  # under sshd (and the local system): its own group
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Agent:
     def __init__(self, read_fd: int, write_fd: int):
         reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
         self.read_exact = protocol.exact_reader(reader.read)
+        self.hangup = HangupWatch(reader)
         out = os.fdopen(write_fd, "wb", buffering=0)
         self.send = protocol.FrameWriter(out.write)
         self.output = OutputCapture(self.send)
@@ -96,7 +175,11 @@ class Agent:
             request = protocol.loads(payload)
             try:
                 handler = getattr(self, "op_" + request["op"])
-                reply = handler(request, req_id)
+                if request["op"] in _SYNCHRONOUS:
+                    with self.hangup.armed():
+                        reply = handler(request, req_id)
+                else:
+                    reply = handler(request, req_id)
             except BaseException as exc:  # an op never takes the agent down
                 self.output.flush()
                 self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))

@@ -630,10 +630,14 @@ class SSHHost(System):
 
         def stop() -> None:
             # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
-            # would run on in the agent. Recorded runs are in sessions of their own.
+            # would run on in the agent. The agent leads its process group (sshd made it a
+            # session leader): kill the group, with what the call started in it, as the
+            # agent does itself when its connection drops. Recorded runs are in sessions
+            # of their own.
             pid = conn.facts.get("pid")
             if isinstance(pid, int):
-                _exec(client, f"kill -KILL {pid}", timeout=self.connect_timeout)
+                command = f"kill -KILL -- -{pid} 2>/dev/null || kill -KILL {pid}"
+                _exec(client, command, timeout=self.connect_timeout)
 
         conn = AgentConnection(
             channel.recv,
