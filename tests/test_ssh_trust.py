@@ -50,6 +50,95 @@ def whoami(_item=None) -> str:
     return getpass.getuser()
 
 
+# --------------------------------------------------------------------------- a busy sshd
+
+
+@pytest.fixture
+def busy_host():
+    """An sshd that drops every unauthenticated connection past the second."""
+    server = servers.SshServer(servers.USER_B, extra_config="MaxStartups 2:100:2").start()
+    yield server
+    server.stop()
+
+
+def _hold_startup_slots(server, count: int) -> list[socket.socket]:
+    """Unauthenticated connections that take the server's MaxStartups slots."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection((server.host, server.port), timeout=5)
+        assert sock.recv(64).startswith(b"SSH-")  # accepted: it counts as starting up
+        held.append(sock)
+    return held
+
+
+def test_a_crowd_of_clients_connects_through_a_busy_sshd(busy_host):
+    clusters = [make_cluster(busy_host, f"crowd-{i}") for i in range(12)]
+    held = _hold_startup_slots(busy_host, 2)
+    # While the slots are taken, the server drops any new connection at once.
+    probe = socket.create_connection((busy_host.host, busy_host.port), timeout=5)
+    assert not probe.recv(64).startswith(b"SSH-")
+    probe.close()
+    results, errors = [], []
+
+    def call(cluster) -> None:
+        try:
+            results.append(rr.function(whoami, system=cluster)())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in clusters]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # every client has been dropped at least once by now
+    for sock in held:
+        sock.close()
+    for t in threads:
+        t.join()
+    for c in clusters:
+        c.close()
+    assert errors == []
+    assert results == [servers.USER_B] * 12
+
+
+def test_a_jump_host_connection_is_retried_too(busy_host, ssh_server, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        Path(ssh_server.known_hosts_path).read_text() + Path(busy_host.known_hosts_path).read_text()
+    )
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        ssh_server.ssh_config("jumpbox").replace(ssh_server.known_hosts_path, str(known))
+        + busy_host.ssh_config("busy").replace(busy_host.known_hosts_path, str(known))
+        + "    ProxyJump jumpbox\n"
+    )
+    cluster = rr.cluster("busy", ssh_config=str(config), python=busy_host.remote_python())
+    held = _hold_startup_slots(busy_host, 2)
+    threading.Timer(0.5, lambda: [s.close() for s in held]).start()
+    assert rr.function(whoami, system=cluster)() == servers.USER_B
+    cluster.close()
+
+
+def test_a_failed_login_is_not_retried(busy_host, tmp_path):
+    import subprocess
+
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    cluster = rr.cluster(
+        "stranger",
+        host=busy_host.host,
+        port=busy_host.port,
+        user=busy_host.user,
+        key=str(tmp_path / "k"),
+        known_hosts=str(busy_host.known_hosts_path),
+    )
+    before = busy_host.log().count("Connection from")
+    with pytest.raises(rr.SystemUnavailableError, match="authentication"):
+        rr.function(whoami, system=cluster)()
+    assert busy_host.log().count("Connection from") - before == 1
+    cluster.close()
+
+
 # --------------------------------------------------------------------------- the package
 
 

@@ -16,16 +16,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import os
 import posixpath
+import random
 import shlex
 import socket
 import tarfile
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, ContextManager, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Sequence
 
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
@@ -56,6 +58,10 @@ _WINDOW_SIZE = 32 << 20
 _MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
 _IDEMPOTENT = frozenset({"ping", "status", "cancel"})
+# Pauses between attempts to connect to a server that dropped the connection: the first,
+# and the most, before jitter (Endpoint.connect).
+_RETRY_FIRST = 0.05
+_RETRY_CAP = 1.0
 
 
 # --------------------------------------------------------------------------- the package
@@ -503,15 +509,18 @@ class SSHHost(System):
     def _connect(self) -> paramiko.SSHClient:
         self._close_jumps()
         try:
-            sock = None
+            open_sock = None
             via = ""
-            # Each hop is reached through the one before it, the host through the last.
+            # Each hop is reached through the one before it, the host through the last;
+            # each attempt at a hop gets a new channel from the one before.
             for hop, after in zip(self.jumps, self.jumps[1:] + [self.endpoint]):
-                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, open_sock, via)
                 self._jump_clients.append(jump)
-                sock = _tunnel(jump, after, hop)
+                open_sock = functools.partial(_tunnel, jump, after, hop)
                 via = f" (via jump host {hop.label})"
-            client = self.endpoint.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+            client = self.endpoint.connect(
+                self.trust_new_hosts, self.connect_timeout, open_sock, via
+            )
         except (HostKeyError, SystemUnavailableError):
             self._close_jumps()
             self.down_until = time.monotonic() + _DOWN_FOR
@@ -840,9 +849,44 @@ class _Endpoint:
         return f"{self.user}@{self.hostname}:{self.port}"
 
     def connect(
-        self, trust_new: bool, timeout: float, sock: Any = None, via: str = ""
+        self,
+        trust_new: bool,
+        timeout: float,
+        open_sock: Callable[[], Any] | None = None,
+        via: str = "",
     ) -> paramiko.SSHClient:
-        """An authenticated connection, the host key checked; errors say how to fix them."""
+        """An authenticated connection, the host key checked; errors say how to fix them.
+
+        ``open_sock`` opens the stream to connect over (a jump host's channel), else a TCP
+        connection is made. A connection the server drops before authentication (a busy
+        sshd past its MaxStartups) is tried again, after a pause that doubles up to
+        _RETRY_CAP, jittered so that clients dropped together do not all come back
+        together, for as long as ``timeout`` allows. A refused connection, a failed login
+        and a host key error are not tried again.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            sock = open_sock() if open_sock is not None else None
+            try:
+                return self._connect_once(trust_new, deadline - time.monotonic(), sock, via)
+            except _DroppedError as exc:
+                ceiling = min(_RETRY_CAP, _RETRY_FIRST * 2**attempt)
+                pause = ceiling / 2 + random.uniform(0, ceiling / 2)
+                if time.monotonic() + pause >= deadline:
+                    raise SystemUnavailableError(
+                        f"cannot reach {self.label}{via}: {exc} ({attempt + 1} attempts in "
+                        f"{timeout:g} s: the server drops new connections; if it is busy, "
+                        "raise connect_timeout, or its MaxStartups in sshd_config)"
+                    ) from None
+                logger.debug(
+                    "%s%s dropped the connection (%s); again in %.2f s", self.label, via, exc, pause
+                )
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _connect_once(
+        self, trust_new: bool, timeout: float, sock: Any, via: str
+    ) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         client.load_system_host_keys()
         for path in self.known_hosts:
@@ -885,6 +929,8 @@ class _Endpoint:
             ) from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             client.close()
+            if _dropped(exc):
+                raise _DroppedError(str(exc) or type(exc).__name__) from None
             raise SystemUnavailableError(f"cannot reach {self.label}{via}: {exc}") from None
         transport = client.get_transport()
         assert transport is not None
@@ -893,6 +939,23 @@ class _Endpoint:
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_keepalive(30)
         return client
+
+
+class _DroppedError(Exception):
+    """The server closed or reset a connection before it was authenticated."""
+
+
+def _dropped(exc: BaseException) -> bool:
+    """Whether a failed attempt to connect is one a busy server makes: closed or reset
+    during the handshake (sshd past its MaxStartups closes new connections at once), not
+    refused (nothing listens) nor timed out (the time is spent)."""
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
+        return True
+    return isinstance(exc, paramiko.SSHException) and (
+        "Error reading SSH protocol banner" in str(exc)
+        and "timed out" not in str(exc)
+        or isinstance(exc.__cause__ or exc.__context__, (ConnectionResetError, EOFError))
+    )
 
 
 def _endpoint(
