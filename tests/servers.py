@@ -419,6 +419,9 @@ class SshServer:
         ]
         if openssh_version() >= (9, 8):
             lines.append("PerSourcePenalties no")  # don't ban 127.0.0.1 after kills
+        # sshd takes a keyword's first value: extra_config's replace the defaults above.
+        extra = {line.split()[0].lower() for line in self.extra_config.splitlines() if line.split()}
+        lines = [line for line in lines if line.split()[0].lower() not in extra]
         text = "\n".join(lines) + "\n" + self.extra_config + "\n"
         self._path("sshd_config").write_text(text)
         self._path("known_hosts").write_text(self.known_hosts_line + "\n")

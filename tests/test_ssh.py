@@ -234,7 +234,7 @@ def test_unreachable_jump_host_is_named(ssh_server, second_server, tmp_path):
 def test_package_is_uploaded_once_per_version(ssh_server):
     from remoterun.systems.ssh import package_archive
 
-    version, _ = package_archive()
+    version = package_archive().version
     pkg = Path(ssh_server.home, ".remoterun", "pkg", version)
     first = make_cluster(ssh_server)
     rr.function(tasks.add, system=first)(1)

@@ -7,16 +7,19 @@ function prints, down to a subprocess writing to fd 1, can corrupt the frame str
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import os
 import select
+import signal
 import socket
 import struct
 import sys
 import termios
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import cloudpickle
 
@@ -25,6 +28,8 @@ from . import forkserver, integrity, layout, pickling, protocol, worker
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
+# Ops that run the user's function in the agent itself: stopped when the client is gone.
+_SYNCHRONOUS = frozenset({"call", "map"})
 
 
 class OutputCapture:
@@ -69,10 +74,95 @@ class OutputCapture:
                 self._drain(r, kind)
 
 
+class HangupWatch:
+    """Stops a synchronous call whose client is gone, as the client's Ctrl-C would.
+
+    sshd sends no signal when a connection drops: it closes the agent's stdin, and a call
+    running here would go on for as long as it takes. So a thread looks at the protocol's
+    input every _TICK while a call runs. The client never sends anything while a request
+    is in flight: readable then means end of file, or a protocol violation. Readiness
+    alone is not trusted (an earlier watcher that left on POLLHUP made agents exit while
+    still in use): end of file is confirmed with no bytes waiting and a real read that
+    returns nothing, through the protocol's own buffered reader, so a byte that did come
+    stays in the stream. Only then is the agent's process group killed: the agent, the
+    call, and the processes the call started in it. Recorded runs are in sessions of
+    their own; between calls, the serve loop reads the end of file itself and returns.
+
+    The thread looks on a timer rather than waiting on the input: a thread woken at
+    every call's start and end cost ~20% of a short call. Marking a call costs a lock;
+    the thread sleeps once no call has run for a while, until the next one.
+    """
+
+    _TICK = 0.25
+    _IDLE_TICKS = 8
+
+    def __init__(self, reader: io.BufferedReader):
+        self._reader = reader
+        self._poller = select.poll()
+        self._poller.register(reader.fileno(), select.POLLIN)
+        self._lock = threading.Lock()  # held while the input is looked at
+        self._running = False
+        self._calls = 0
+        self._asleep = False
+        self._wake = threading.Event()
+        threading.Thread(target=self._watch, name="remoterun-hangup", daemon=True).start()
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Watch while the block runs; the caller reads nothing from the input meanwhile."""
+        with self._lock:
+            self._running = True
+            self._calls += 1
+            wake, self._asleep = self._asleep, False
+        if wake:
+            self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:  # once this is held, the watcher reads nothing
+                self._running = False
+
+    def _watch(self) -> None:
+        seen, quiet = 0, 0
+        while True:
+            time.sleep(self._TICK)
+            with self._lock:
+                if self._running:
+                    if self._client_gone():
+                        _stop_process_group()
+                    continue
+                quiet = quiet + 1 if self._calls == seen else 0
+                seen = self._calls
+                if quiet < self._IDLE_TICKS:
+                    continue
+                self._asleep = True
+                self._wake.clear()
+            self._wake.wait()
+            quiet = 0
+
+    def _client_gone(self) -> bool:
+        if not self._poller.poll(0):
+            return False
+        # Bytes mid-call break the protocol, but they are left for the serve loop.
+        return not _bytes_waiting(self._reader.fileno()) and not self._reader.peek(1)
+
+
+def _bytes_waiting(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _stop_process_group() -> None:
+    """Kill this agent and every process of its group, at once, as Ctrl-C's stop does."""
+    if os.getpgrp() == os.getpid():  # under sshd (and the local system): its own group
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Agent:
     def __init__(self, read_fd: int, write_fd: int):
         reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
         self.read_exact = protocol.exact_reader(reader.read)
+        self.hangup = HangupWatch(reader)
         out = os.fdopen(write_fd, "wb", buffering=0)
         self.send = protocol.FrameWriter(out.write)
         self.output = OutputCapture(self.send)
@@ -97,7 +187,11 @@ class Agent:
             request = protocol.loads(payload)
             try:
                 handler = getattr(self, "op_" + request["op"])
-                reply = handler(request, req_id)
+                if request["op"] in _SYNCHRONOUS:
+                    with self.hangup.armed():
+                        reply = handler(request, req_id)
+                else:
+                    reply = handler(request, req_id)
             except BaseException as exc:  # an op never takes the agent down
                 self.output.flush()
                 self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))

@@ -17,7 +17,6 @@ A start time of ``-`` means unknown.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import queue
 import select
@@ -38,9 +37,10 @@ _MESSAGE = 64
 _START_ENV = dict(os.environ)
 _START_CWD = os.getcwd()
 _START_PATH = list(sys.path)
+# The agent's sys.path comes as arguments, and is set before anything is imported: a
+# json.py in the working directory (the host user's home) must not be imported first.
 _BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); "
-    "from remoterun.agent.forkserver import main; main()"
+    "import sys; sys.path[:] = sys.argv[2:]; from remoterun.agent.forkserver import main; main()"
 )
 ExitCallback = Callable[[int, int], None]
 
@@ -100,7 +100,7 @@ class ForkServer:
         agent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The new interpreter imports what this one did, from where it did: its sys.path
         # is set from the agent's, not through PYTHONPATH, which runs would inherit.
-        command = [sys.executable, "-c", _BOOT, str(server_end.fileno()), json.dumps(_START_PATH)]
+        command = [sys.executable, "-c", _BOOT, str(server_end.fileno()), *_START_PATH]
         try:
             self._proc = subprocess.Popen(
                 command,

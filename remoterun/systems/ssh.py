@@ -1,10 +1,11 @@
 """SSH clusters: one paramiko connection per host, a persistent agent over exec channels.
 
-The only module that imports paramiko. On first use of a host, remoterun's own source
-and the client's cloudpickle are uploaded with SFTP into ``~/.remoterun/pkg/<hash>/``
-(once per version), and ``python -m remoterun.agent`` is started from there over an exec
-channel; each concurrent call gets its own channel on the same connection. Run folders
-are read with SFTP over that same connection.
+The only module that imports paramiko. remoterun's own source and the client's
+cloudpickle are installed in ``~/.remoterun/pkg/<version>/`` on each host (once per
+version, private to the host's user), and the agent is started from there over an exec
+channel, once the host has checked the folder against the package's manifest of SHA-256
+digests (else it is installed again); each concurrent call gets its own channel on the
+same connection. Run folders are read with SFTP over that same connection.
 
 Host keys are checked against ``~/.ssh/known_hosts`` (and the cluster's own file); an
 unknown host is refused with the command that trusts it. No port is opened on any host.
@@ -15,17 +16,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import os
 import posixpath
-import secrets
+import random
 import shlex
 import socket
 import tarfile
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Sequence
 
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
@@ -56,16 +58,30 @@ _WINDOW_SIZE = 32 << 20
 _MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
 _IDEMPOTENT = frozenset({"ping", "status", "cancel"})
+# Pauses between attempts to connect to a server that dropped the connection: the first,
+# and the most, before jitter (Endpoint.connect).
+_RETRY_FIRST = 0.05
+_RETRY_CAP = 1.0
 
 
 # --------------------------------------------------------------------------- the package
 
 
-@functools.lru_cache(maxsize=1)
-def package_archive() -> tuple[str, bytes]:
-    """``(version hash, tar.gz bytes)`` of remoterun's and cloudpickle's Python sources.
+class HostPackage(NamedTuple):
+    """What the client installs on hosts: remoterun's and cloudpickle's Python sources."""
 
-    The hash covers every file's path and content, so any change uploads anew.
+    version: str  # names the host's folder, ~/.remoterun/pkg/<version>
+    archive: bytes  # tar.gz of the sources and their manifest
+    manifest_digest: str  # SHA-256 of the manifest, which holds each file's SHA-256
+
+
+@functools.lru_cache(maxsize=1)
+def package_archive() -> HostPackage:
+    """The package to install on hosts, built once per process.
+
+    The version covers every file's path and content, so any change installs anew. The
+    archive holds a manifest (``.manifest``, ``sha256sum`` format: ``<digest>  <path>``),
+    which the host checks the folder against each time an agent starts.
     """
     import cloudpickle
 
@@ -81,34 +97,138 @@ def package_archive() -> tuple[str, bytes]:
                 if filename.endswith(".py"):
                     path = os.path.join(folder, filename)
                     with open(path, "rb") as f:
-                        sources.append((os.path.relpath(path, base), f.read()))
-    digest = hashlib.blake2b(digest_size=10)
+                        sources.append((os.path.relpath(path, base).replace(os.sep, "/"), f.read()))
+    version = hashlib.blake2b(digest_size=10)
+    manifest = []
+    for name, data in sources:
+        version.update(name.encode() + b"\0" + data + b"\0")
+        manifest.append(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+    manifest_bytes = "".join(manifest).encode()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-        for name, data in sources:
-            digest.update(name.encode() + b"\0" + data + b"\0")
+        for name, data in [*sources, (".manifest", manifest_bytes)]:  # read by _HOST_PRELUDE
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            info.mode = 0o644
+            info.mode = 0o600  # the host's folders are private to their owner
             tar.addfile(info, io.BytesIO(data))
-    return digest.hexdigest(), buffer.getvalue()
+    return HostPackage(
+        version.hexdigest(), buffer.getvalue(), hashlib.sha256(manifest_bytes).hexdigest()
+    )
 
 
-# Extracts the uploaded archive next to its final place, then renames it there: a
-# folder under pkg/<hash> is always complete. Runs on the host's bare Python.
-_EXTRACT = """
-import os, shutil, sys, tarfile
-archive, target = sys.argv[1], sys.argv[2]
-tmp = target + ".tmp-" + str(os.getpid())
-with tarfile.open(archive) as tar:
-    tar.extractall(tmp)
-open(os.path.join(tmp, ".complete"), "w").close()
-try:
-    os.rename(tmp, target)
-except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)  # another client was first
-os.unlink(archive)
+# The start of every Python program the client runs on a host, before it imports anything
+# but os and sys (loaded before any path is searched). The host user's home (the working
+# directory, put first on sys.path as '') and PYTHONPATH must not shadow remoterun,
+# cloudpickle or the standard library: so the standard library comes first, then the
+# rest (PYTHONPATH, site-packages) for the user's functions, and the working directory
+# not at all; the package is put before them all once it checks out (_BOOT). ``python
+# -I`` would also drop the user's site-packages.
+# argv[1] is the package folder (relative to the home folder), argv[2] the manifest's digest.
+_HOST_PRELUDE = r"""
+import os, sys
+pkg, expected = os.path.abspath(sys.argv[1]), sys.argv[2]
+stdlib = os.path.dirname(os.__file__)
+zipped = os.path.join(os.path.dirname(stdlib), "python%d%d.zip" % sys.version_info[:2])
+lib = [p for p in sys.path if p in (stdlib, zipped) or (p.startswith(stdlib + os.sep)
+       and os.path.basename(p) not in ("site-packages", "dist-packages"))]
+sys.path[:] = lib + [p for p in sys.path if p not in lib and p not in ("", ".", os.getcwd(),
+                    pkg)]
+import hashlib
+
+
+def damage(folder):
+    # Why the folder is not the package the client sent, or "" when it is.
+    try:
+        with open(os.path.join(folder, ".manifest"), "rb") as f:
+            manifest = f.read()
+    except OSError:
+        return "it is missing" if not os.path.isdir(folder) else "its manifest is missing"
+    if hashlib.sha256(manifest).hexdigest() != expected:
+        return "its manifest was changed"
+    listed = {".manifest", ".complete"}
+    for line in manifest.decode().splitlines():
+        digest, name = line.split("  ", 1)
+        listed.add(name)
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    return name + " was changed"
+        except OSError:
+            return name + " is missing"
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            name = os.path.relpath(os.path.join(top, name), folder)
+            if name not in listed:
+                return name + " was added"
+    return ""
+
+
+def private(path):
+    # Owner only: what runs here (and a run's secrets) is nobody else's to read or change.
+    if os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
 """
+
+# Starts the agent once the package checks out; else says _DAMAGED_MESSAGE and exits, and
+# the client installs the package again. No request reaches an agent from a damaged folder.
+_BOOT = (
+    _HOST_PRELUDE
+    + r"""
+why = damage(pkg)
+if why:
+    sys.stderr.write("remoterun: the package is not as installed: %s\n" % why)
+    sys.exit(3)
+for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
+    private(path)
+sys.path.insert(0, pkg)
+del sys.argv[1:]
+import runpy
+runpy.run_module("remoterun.agent", run_name="__main__", alter_sys=True)
+"""
+)
+_DAMAGED_MESSAGE = "remoterun: the package is not as installed: "
+
+
+class _PackageDamaged(Exception):
+    """The host's copy of the package is missing, or not what the client installed."""
+
+
+# Installs the archive read from stdin: extracted next to its final place, checked, then
+# renamed there, so that a folder under pkg/<version> is complete. A folder that is
+# there but damaged is replaced; one that checks out (another client was first) is kept.
+_EXTRACT = (
+    _HOST_PRELUDE
+    + r"""
+import io, shutil, tarfile
+os.umask(0o077)
+archive = sys.stdin.buffer.read()
+for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    private(path)
+if damage(pkg):
+    tmp = "%s.tmp-%d" % (pkg, os.getpid())
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(tmp, filter="data")
+        else:
+            tar.extractall(tmp)
+    why = damage(tmp)
+    if why:
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit("the uploaded package does not check out: " + why)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    old = "%s.old-%d" % (pkg, os.getpid())
+    try:
+        if os.path.isdir(pkg) and damage(pkg):
+            os.rename(pkg, old)
+        os.rename(tmp, pkg)
+    except OSError:
+        pass  # another client was first
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+"""
+)
 
 
 # --------------------------------------------------------------------------- host keys
@@ -317,6 +437,8 @@ class SSHHost(System):
         self._fs: _SharedSFTPFileSystem | None = None
         self._lock = threading.Lock()
         self._python_abs: str | None = None
+        self._install_lock = threading.Lock()
+        self._installs = 0  # installs of the package by this client, to install once
         self.facts: dict = {}
         self.down_until = 0.0
         # One session of the connection is SFTP's, one is kept for control (stopping an
@@ -338,6 +460,11 @@ class SSHHost(System):
 
     def host_label(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
+
+    @property
+    def pkg_dir(self) -> str:
+        """Where the package lives on the host, relative to the home folder."""
+        return f"{PKG_DIR}/{package_archive().version}"
 
     def reads_locally(self, folder: Any) -> bool:
         host = getattr(folder.fs, "_host", None)
@@ -382,21 +509,23 @@ class SSHHost(System):
     def _connect(self) -> paramiko.SSHClient:
         self._close_jumps()
         try:
-            sock = None
+            open_sock = None
             via = ""
-            # Each hop is reached through the one before it, the host through the last.
+            # Each hop is reached through the one before it, the host through the last;
+            # each attempt at a hop gets a new channel from the one before.
             for hop, after in zip(self.jumps, self.jumps[1:] + [self.endpoint]):
-                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, open_sock, via)
                 self._jump_clients.append(jump)
-                sock = _tunnel(jump, after, hop)
+                open_sock = functools.partial(_tunnel, jump, after, hop)
                 via = f" (via jump host {hop.label})"
-            client = self.endpoint.connect(self.trust_new_hosts, self.connect_timeout, sock, via)
+            client = self.endpoint.connect(
+                self.trust_new_hosts, self.connect_timeout, open_sock, via
+            )
         except (HostKeyError, SystemUnavailableError):
             self._close_jumps()
             self.down_until = time.monotonic() + _DOWN_FOR
             raise
         self.down_until = 0.0
-        self._upload_package(client)
         self._run_setup(client)
         return client
 
@@ -410,9 +539,13 @@ class SSHHost(System):
         digest = hashlib.blake2b("\n".join(self.setup).encode(), digest_size=8).hexdigest()
         marker = f".remoterun/setup/{digest}"
         script = " && ".join(f"( {cmd} )" for cmd in self.setup)
+        # remoterun's files are the owner's only (umask 077); the commands keep the umask
+        # they would have had.
         command = (
-            f"cd && mkdir -p .remoterun/setup && if [ -e {marker}.done ]; then exit 0; fi; "
-            f"( {script} ) > {marker}.log 2>&1 && touch {marker}.done && exit 0; "
+            "cd && (umask 077 && mkdir -p .remoterun/setup && chmod 700 .remoterun "
+            f".remoterun/setup) && if [ -e {marker}.done ]; then exit 0; fi; "
+            f"(umask 077 && : > {marker}.log && chmod 600 {marker}.log) && "
+            f"( {script} ) >> {marker}.log 2>&1 && (umask 077 && touch {marker}.done) && exit 0; "
             f"status=$?; tail -c 2000 {marker}.log >&2; exit $status"
         )
         status, _, err = _exec(client, command, timeout=None)
@@ -427,36 +560,23 @@ class SSHHost(System):
         for jump in reversed(jumps):
             jump.close()
 
-    def _upload_package(self, client: paramiko.SSHClient) -> None:
-        version, archive = package_archive()
-        self.pkg_dir = f"{PKG_DIR}/{version}"
-        sftp = client.open_sftp()
-        try:
-            try:
-                sftp.stat(f"{self.pkg_dir}/.complete")
+    def _install_package(self, client: paramiko.SSHClient, seen: int) -> None:
+        """Install the package on the host (again), unless another thread did since this
+        one saw ``seen`` installs: the archive goes in on the extraction's stdin, so it
+        never lies on the host's disk."""
+        with self._install_lock:
+            if self._installs != seen:
                 return
-            except OSError:
-                pass
-            path = ""
-            for part in PKG_DIR.split("/"):
-                path = f"{path}/{part}" if path else part
-                try:
-                    sftp.mkdir(path)
-                except OSError:
-                    pass
-            upload = f"{PKG_DIR}/{version}.{secrets.token_hex(4)}.tar.gz"
-            with sftp.open(upload, "wb") as f:
-                f.write(archive)
-        finally:
-            sftp.close()
-        command = (
-            f"{self.python} -c {shlex.quote(_EXTRACT)} {shlex.quote(upload)} "
-            f"{shlex.quote(self.pkg_dir)}"
-        )
-        status, _, err = _exec(client, command, self.connect_timeout)
-        if status != 0:
-            raise SystemUnavailableError(self._python_failure(status, err))
-        logger.debug("uploaded remoterun %s to %s:%s", version, self.host_label(), self.pkg_dir)
+            package = package_archive()
+            command = (
+                f"cd && {self.python} -c {shlex.quote(_EXTRACT)} "
+                f"{shlex.quote(self.pkg_dir)} {package.manifest_digest}"
+            )
+            status, _, err = _exec(client, command, self.connect_timeout, stdin=package.archive)
+            if status != 0:
+                raise SystemUnavailableError(self._python_failure(status, err))
+            self._installs += 1
+        logger.debug("installed remoterun %s on %s", package.version, self.host_label())
 
     def _python_failure(self, status: int, err: str) -> str:
         hint = (
@@ -474,13 +594,35 @@ class SSHHost(System):
 
     def _open_agent(self) -> AgentConnection:
         client = self.client()
+        installs = self._installs
+        try:
+            return self._start_agent(client)
+        except _PackageDamaged as exc:
+            # Not there yet (a new host or version), or a file of it was changed or
+            # deleted: install it again rather than run it, then start the agent anew.
+            log = logger.debug if str(exc) == "it is missing" else logger.warning
+            log("remoterun in ~/%s on %s: %s; installing it", self.pkg_dir, self.host_label(), exc)
+            self._install_package(client, installs)
+        try:
+            return self._start_agent(client)
+        except _PackageDamaged as exc:
+            raise SystemUnavailableError(
+                f"remoterun in ~/{self.pkg_dir} on {self.host_label()}: {exc}, even after "
+                "installing it again; is something on the host changing that folder?"
+            ) from None
+
+    def _start_agent(self, client: paramiko.SSHClient) -> AgentConnection:
         transport = client.get_transport()
         assert transport is not None
         python = self._python_abs or self.python
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in self.env.items())
+        # The host checks the package against its manifest in this same exec, and the
+        # agent's modules come from the package, never from the home folder or PYTHONPATH
+        # (_BOOT). PYTHONPATH still names the package for the processes functions start.
         command = (
             f'cd && {exports}PYTHONPATH="$HOME/{self.pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}}" '
-            f"exec {python} -u -m remoterun.agent"
+            f"exec {python} -u -c {shlex.quote(_BOOT)} {shlex.quote(self.pkg_dir)} "
+            f"{package_archive().manifest_digest}"
         )
         try:
             channel = transport.open_session(
@@ -497,10 +639,14 @@ class SSHHost(System):
 
         def stop() -> None:
             # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
-            # would run on in the agent. Recorded runs are in sessions of their own.
+            # would run on in the agent. The agent leads its process group (sshd made it a
+            # session leader): kill the group, with what the call started in it, as the
+            # agent does itself when its connection drops. Recorded runs are in sessions
+            # of their own.
             pid = conn.facts.get("pid")
             if isinstance(pid, int):
-                _exec(client, f"kill -KILL {pid}", timeout=self.connect_timeout)
+                command = f"kill -KILL -- -{pid} 2>/dev/null || kill -KILL {pid}"
+                _exec(client, command, timeout=self.connect_timeout)
 
         conn = AgentConnection(
             channel.recv,
@@ -515,6 +661,8 @@ class SSHHost(System):
         except SystemUnavailableError:
             err = _drain_stderr(channel)
             status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+            if _DAMAGED_MESSAGE in err:  # the status is lost when the channel closes first
+                raise _PackageDamaged(err.split(_DAMAGED_MESSAGE, 1)[1].strip()) from None
             raise SystemUnavailableError(self._python_failure(status, err)) from None
         version = tuple(int(p) for p in facts["python"].split(".")[:2])
         if version < MIN_PYTHON:
@@ -608,8 +756,14 @@ class SSHHost(System):
         self._close_jumps()
 
 
-def _exec(client: paramiko.SSHClient, command: str, timeout: float | None) -> tuple[int, str, str]:
-    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+def _exec(
+    client: paramiko.SSHClient, command: str, timeout: float | None, stdin: bytes = b""
+) -> tuple[int, str, str]:
+    """Run ``command`` on the host, ``stdin`` as its input; ``(exit status, out, err)``."""
+    writer, stdout, stderr = client.exec_command(command, timeout=timeout)
+    if stdin:
+        writer.write(stdin)
+    writer.channel.shutdown_write()
     out = stdout.read().decode(errors="replace")
     err = stderr.read().decode(errors="replace")
     return stdout.channel.recv_exit_status(), out, err
@@ -703,9 +857,44 @@ class _Endpoint:
         return f"{self.user}@{self.hostname}:{self.port}"
 
     def connect(
-        self, trust_new: bool, timeout: float, sock: Any = None, via: str = ""
+        self,
+        trust_new: bool,
+        timeout: float,
+        open_sock: Callable[[], Any] | None = None,
+        via: str = "",
     ) -> paramiko.SSHClient:
-        """An authenticated connection, the host key checked; errors say how to fix them."""
+        """An authenticated connection, the host key checked; errors say how to fix them.
+
+        ``open_sock`` opens the stream to connect over (a jump host's channel), else a TCP
+        connection is made. A connection the server drops before authentication (a busy
+        sshd past its MaxStartups) is tried again, after a pause that doubles up to
+        _RETRY_CAP, jittered so that clients dropped together do not all come back
+        together, for as long as ``timeout`` allows. A refused connection, a failed login
+        and a host key error are not tried again.
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            sock = open_sock() if open_sock is not None else None
+            try:
+                return self._connect_once(trust_new, deadline - time.monotonic(), sock, via)
+            except _DroppedError as exc:
+                ceiling = min(_RETRY_CAP, _RETRY_FIRST * 2**attempt)
+                pause = ceiling / 2 + random.uniform(0, ceiling / 2)
+                if time.monotonic() + pause >= deadline:
+                    raise SystemUnavailableError(
+                        f"cannot reach {self.label}{via}: {exc} ({attempt + 1} attempts in "
+                        f"{timeout:g} s: the server drops new connections; if it is busy, "
+                        "raise connect_timeout, or its MaxStartups in sshd_config)"
+                    ) from None
+                logger.debug(
+                    "%s%s dropped the connection (%s); again in %.2f s", self.label, via, exc, pause
+                )
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _connect_once(
+        self, trust_new: bool, timeout: float, sock: Any, via: str
+    ) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         client.load_system_host_keys()
         for path in self.known_hosts:
@@ -748,6 +937,8 @@ class _Endpoint:
             ) from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             client.close()
+            if _dropped(exc):
+                raise _DroppedError(str(exc) or type(exc).__name__) from None
             raise SystemUnavailableError(f"cannot reach {self.label}{via}: {exc}") from None
         transport = client.get_transport()
         assert transport is not None
@@ -756,6 +947,23 @@ class _Endpoint:
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_keepalive(30)
         return client
+
+
+class _DroppedError(Exception):
+    """The server closed or reset a connection before it was authenticated."""
+
+
+def _dropped(exc: BaseException) -> bool:
+    """Whether a failed attempt to connect is one a busy server makes: closed or reset
+    during the handshake (sshd past its MaxStartups closes new connections at once), not
+    refused (nothing listens) nor timed out (the time is spent)."""
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)):
+        return True
+    return isinstance(exc, paramiko.SSHException) and (
+        "Error reading SSH protocol banner" in str(exc)
+        and "timed out" not in str(exc)
+        or isinstance(exc.__cause__ or exc.__context__, (ConnectionResetError, EOFError))
+    )
 
 
 def _endpoint(
