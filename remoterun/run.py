@@ -785,7 +785,10 @@ def run(
             resolved = resolve(system).placement(base)
             return Run(resolved.folder(base, root), resolved)
         # An explicit load by URL: its signature is checked whenever there is a team key.
-        return Run(RunFolder.from_url(path, **(storage_options or {})), trust="signed")
+        from .systems.storage import StorageSystem
+
+        store = StorageSystem(root, **(storage_options or {}))
+        return Run(store.folder(base), trust="signed")
     if name is None:
         raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
     resolved = resolve(system if system is not None else "here").placement(check_run_name(name))

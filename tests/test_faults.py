@@ -15,9 +15,7 @@ import faults  # noqa: E402
 
 # Cases that wait for issue 10 work being done on other branches. Non-strict: once the
 # behaviour lands they pass (XPASS), and their line here should go.
-PENDING = {
-    "kill.session.ssh": "a lost SSH connection stops a synchronous call on the host",
-}
+PENDING = {}
 
 
 def _cases(quick: bool) -> list:

@@ -425,3 +425,24 @@ def test_a_host_copies_to_s3_itself_and_this_machine_signs_the_record(
         assert rr.run(path=copy.url).result() == [0, 1, 2, 3, 4]
     finally:
         cluster.close()
+
+
+def test_ssh_urls_check_the_host_key(ssh_server):
+    cluster = make_cluster(ssh_server)
+    try:
+        _recorded(cluster)
+        url = cluster.get_run("kept").url
+        assert url.startswith("ssh://")
+        with pytest.raises(rr.HostKeyError, match="known_hosts"):
+            rr.run(path=url).status  # noqa: B018 - reading it connects
+        trusted = rr.run(
+            path=url,
+            storage_options={
+                "key": str(ssh_server.client_key_path),
+                "known_hosts": str(ssh_server.known_hosts_path),
+                "python": ssh_server.remote_python(),
+            },
+        )
+        assert trusted.status is rr.RunStatus.COMPLETED
+    finally:
+        cluster.close()

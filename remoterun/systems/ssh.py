@@ -26,6 +26,7 @@ import socket
 import tarfile
 import threading
 import time
+import urllib.parse
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Sequence
 
@@ -362,6 +363,34 @@ class _HostFileSystem:
 # Hosts of the clusters this process holds, so that a lineage link to an ssh:// URL finds
 # the connection (and its host-key checks) to read it with.
 _open_hosts: weakref.WeakValueDictionary[int, SSHHost] = weakref.WeakValueDictionary()
+
+
+def url_filesystem(url: str, **options: Any) -> tuple[Any, str]:
+    """The filesystem and path of an ``ssh://[user@]host[:port]/path`` (or ``sftp://``)
+    URL, over remoterun's own connection to that host: its key checked against
+    known_hosts and ~/.ssh/config honoured, as for a cluster (fsspec's own SFTP would take
+    any host key). ``options``: ``key``, ``known_hosts``, ``trust_new_hosts``,
+    ``python`` (the host is prepared as for a cluster, on first use)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host: ssh://[user@]host[:port]/path")
+    unknown = set(options) - {"key", "known_hosts", "trust_new_hosts", "python"}
+    if unknown:
+        raise ValueError(
+            f"ssh:// URLs take key=, known_hosts=, trust_new_hosts=, python=; "
+            f"not {', '.join(sorted(unknown))}"
+        )
+    cluster = SSHCluster(
+        parts.hostname,
+        host=parts.hostname,
+        user=parts.username,
+        port=parts.port,
+        key=options.get("key"),
+        known_hosts=options.get("known_hosts"),
+        trust_new_hosts=bool(options.get("trust_new_hosts")),
+        python=options.get("python") or "python3",
+    )
+    return _HostFileSystem(cluster.hosts[0]), parts.path or "/"
 
 
 def open_host(label: str) -> SSHHost | None:

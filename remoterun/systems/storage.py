@@ -35,7 +35,12 @@ class StorageSystem(System):
         self.storage_options = storage_options
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"
         try:
-            self._fs, self._root = fsspec.core.url_to_fs(self.url, **storage_options)
+            if protocol in ("ssh", "sftp"):  # host keys checked, as for a cluster
+                from .ssh import url_filesystem  # here: paramiko is an optional extra
+
+                self._fs, self._root = url_filesystem(self.url, **storage_options)
+            else:
+                self._fs, self._root = fsspec.core.url_to_fs(self.url, **storage_options)
         except ImportError as exc:
             extra, package = _EXTRAS.get(protocol, (None, None))
             if extra:
