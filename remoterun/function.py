@@ -23,6 +23,7 @@ import cloudpickle
 
 from . import cache, lineage
 from .agent import integrity, layout, pickling
+from .agent.store import fingerprint_differences
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -475,8 +476,6 @@ class RemoteFunction:
     def _shared_hit(self, request: dict) -> dict | None:
         """A COMPLETED run of the request's name and fingerprint in a shared store, as a
         reply with ``action="shared"``; None when no store has one."""
-        from .agent.worker import fingerprint_differences
-
         if not self._share_pairs():
             return None
         name = request["name"]

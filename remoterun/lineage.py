@@ -23,6 +23,7 @@ import posixpath
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .agent import layout
+from .agent.procs import HOSTNAME
 from .errors import RemoterunError, RunNotFoundError
 
 if TYPE_CHECKING:
@@ -161,8 +162,6 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
 
 
 def _this_host() -> str:
-    from .agent.worker import HOSTNAME
-
     return HOSTNAME
 
 

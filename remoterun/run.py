@@ -19,6 +19,8 @@ import traceback
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from .agent import integrity, layout
+from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
+from .agent.store import HostRuns
 from .errors import (
     CorruptRunError,
     RemoterunError,
@@ -153,8 +155,6 @@ class Run:
         if self.system is not None:  # an executing one finds a dead worker out
             return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
         if _is_local(self.folder.fs):
-            from .agent.worker import HostRuns
-
             return {"config": HostRuns(self.root).status(self.name)}
         return self.folder.read_record(want_outcome)
 
@@ -367,8 +367,6 @@ class Run:
                 raise RemoterunError(
                     f"run {self.name!r} at {self.url} has no system to cancel it on"
                 )
-            from .agent.worker import HostRuns
-
             self._config = HostRuns(self.root).cancel(self.name, grace)
         else:
             self._config = self.system.cancel(self.name, root=self.root, grace=grace)
@@ -541,8 +539,6 @@ class Run:
                 self._config = dict(self._context.config)
             return
         if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
-            from .agent.worker import HostRuns
-
             runs = HostRuns(self.root)
             with runs.lock(self.name):
                 config = runs.read_config(self.name)
@@ -870,8 +866,6 @@ class _ContextRecorder:
         if _is_local(folder.fs):
             # The same lock and liveness check recorded runs take on this machine, so a
             # block whose process died can be re-run and a live one is never moved aside.
-            from .agent.worker import BOOT_ID, HostRuns, process_start_time
-
             runs = HostRuns(self.run.root)
             runs.status(folder.name)  # marks a block whose process died as lost
             with runs.lock(folder.name):
@@ -970,7 +964,7 @@ class _ContextRecorder:
         if exc is None:
             config.update(status=layout.COMPLETED)
         else:
-            from .agent.worker import error_record
+            from .agent.failures import error_record  # cloudpickle: not at import
 
             record = error_record(exc)
             if record["exc"] is not None:
@@ -1002,8 +996,6 @@ def _archive(folder: RunFolder, previous: dict) -> int:
 
 
 def _hostname() -> str:
-    from .agent.worker import HOSTNAME
-
     return HOSTNAME
 
 

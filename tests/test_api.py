@@ -57,7 +57,9 @@ def test_import_remoterun_loads_no_heavy_dependency():
 
 
 def test_agent_imports_only_stdlib_and_cloudpickle():
-    loaded = _modules_after("import remoterun.agent.__main__, remoterun.agent.worker")
+    loaded = _modules_after(
+        "import remoterun.agent.__main__, remoterun.agent.server, remoterun.agent.worker"
+    )
     allowed = set(sys.stdlib_module_names) | {"cloudpickle", "remoterun", "_distutils_hack"}
     foreign = [
         m

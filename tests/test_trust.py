@@ -292,7 +292,7 @@ def _on_root(system, disk: Path, request):
 
 
 def test_a_recycled_pid_is_never_killed_as_a_lost_workers_session():
-    from remoterun.agent import worker
+    from remoterun.agent import procs as worker
 
     stranger = subprocess.Popen(["setsid", "sleep", "30"])
     try:

@@ -29,7 +29,8 @@ import time
 from typing import Callable
 
 from . import protocol
-from .worker import _open_fds, _spare_main, process_start_time
+from .procs import open_fds, process_start_time
+from .worker import spare_main
 
 _MESSAGE = 64
 # What the agent started with, before any user code ran: the server, and so every
@@ -245,7 +246,7 @@ def _serve(sock: socket.socket) -> int:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    for fd in _open_fds():
+    for fd in open_fds():
         if fd > 2 and fd != sock.fileno():
             try:
                 os.close(fd)
@@ -314,7 +315,7 @@ def _fork_spare(sock: socket.socket, wake: tuple[int, int]) -> None:
             for fd in (req_w, done_r, *wake):
                 os.close(fd)
             sock.close()
-            code = _spare_main(req_r, done_w)
+            code = spare_main(req_r, done_w)
         finally:
             os._exit(code)
     os.close(req_r)

@@ -237,7 +237,7 @@ class System:
     def _run_commands(
         self, cmds: list[str], python_lines: bool, run_name: str | None, stream: bool
     ) -> list[tuple[int, str, str]]:
-        from ..agent.worker import run_commands
+        from ..agent.commands import run_commands
         from ..function import RemoteFunction
 
         fn = RemoteFunction(run_commands, system=self, name="python" if python_lines else "cmd")

@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, ContextManager
 
+from ..agent.store import HostRuns
 from ..errors import SystemUnavailableError
 from .base import System, share_list
 from .connection import AgentConnection, ConnectionPool
@@ -154,8 +155,6 @@ class LocalSystem(System):
 
     def cached_hit(self, request: dict) -> dict | None:
         # The folders are on this machine: the agent's own lock-free hit check, here.
-        from ..agent.worker import HostRuns
-
         return HostRuns(request["root"]).cached_hit(request)
 
     def close(self) -> None:

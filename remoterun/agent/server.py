@@ -1,0 +1,488 @@
+"""The agent: serves remoterun's protocol on stdin/stdout (``python -m remoterun.agent``).
+
+The agent moves the protocol to private file descriptors first, then points fd 0 at
+/dev/null and fds 1 and 2 at pipes that it drains into STDOUT/STDERR frames. Nothing a
+function prints, down to a subprocess writing to fd 1, can corrupt the frame stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import termios
+import threading
+import time
+from typing import Any, Iterator
+
+import cloudpickle
+
+from ..errors import CorruptRunError, SigningKeyError
+from . import forkserver, integrity, layout, pickling, protocol
+from .failures import error_record
+from .store import HostRuns
+
+AGENT_VERSION = "1"
+_FN_CACHE_SIZE = 256
+# Ops that run the user's function in the agent itself: stopped when the client is gone.
+_SYNCHRONOUS = frozenset({"call", "map"})
+
+
+class OutputCapture:
+    """Forward whatever is written to fd 1 or fd 2 as output frames of the current request."""
+
+    def __init__(self, send: protocol.FrameWriter):
+        self._send = send
+        self._lock = threading.Lock()
+        self.req_id = 0
+        self._pipes: list[tuple[int, int]] = []
+        for fd, kind in ((1, protocol.STDOUT), (2, protocol.STDERR)):
+            r, w = os.pipe()
+            os.dup2(w, fd)
+            os.close(w)
+            self._pipes.append((r, kind))
+        for r, kind in self._pipes:
+            threading.Thread(target=self._drain_forever, args=(r, kind), daemon=True).start()
+
+    def _drain(self, r: int, kind: int) -> None:
+        # Caller holds the lock: reading and sending as one step keeps frames in order.
+        pending = struct.unpack("i", fcntl.ioctl(r, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if pending:
+            self._send.send(kind, self.req_id, os.read(r, pending))
+
+    def _drain_forever(self, r: int, kind: int) -> None:
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        while True:
+            poller.poll()
+            with self._lock:
+                self._drain(r, kind)
+
+    def flush(self) -> None:
+        """Forward everything written so far; call before replying to a request."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        with self._lock:
+            for r, kind in self._pipes:
+                self._drain(r, kind)
+
+
+class HangupWatch:
+    """Stops a synchronous call whose client is gone, as the client's Ctrl-C would.
+
+    sshd sends no signal when a connection drops: it closes the agent's stdin, and a call
+    running here would go on for as long as it takes. So a thread looks at the protocol's
+    input every _TICK while a call runs. The client never sends anything while a request
+    is in flight: readable then means end of file, or a protocol violation. Readiness
+    alone is not trusted (an earlier watcher that left on POLLHUP made agents exit while
+    still in use): end of file is confirmed with no bytes waiting and a real read that
+    returns nothing, through the protocol's own buffered reader, so a byte that did come
+    stays in the stream. Only then is the agent's process group killed: the agent, the
+    call, and the processes the call started in it. Recorded runs are in sessions of
+    their own; between calls, the serve loop reads the end of file itself and returns.
+
+    The thread looks on a timer rather than waiting on the input: a thread woken at
+    every call's start and end cost ~20% of a short call. Marking a call costs a lock;
+    the thread sleeps once no call has run for a while, until the next one.
+    """
+
+    _TICK = 0.25
+    _IDLE_TICKS = 8
+
+    def __init__(self, reader: io.BufferedReader):
+        self._reader = reader
+        self._poller = select.poll()
+        self._poller.register(reader.fileno(), select.POLLIN)
+        self._lock = threading.Lock()  # held while the input is looked at
+        self._running = False
+        self._calls = 0
+        self._asleep = False
+        self._wake = threading.Event()
+        threading.Thread(target=self._watch, name="remoterun-hangup", daemon=True).start()
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Watch while the block runs; the caller reads nothing from the input meanwhile."""
+        with self._lock:
+            self._running = True
+            self._calls += 1
+            wake, self._asleep = self._asleep, False
+        if wake:
+            self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:  # once this is held, the watcher reads nothing
+                self._running = False
+
+    def _watch(self) -> None:
+        seen, quiet = 0, 0
+        while True:
+            time.sleep(self._TICK)
+            with self._lock:
+                if self._running:
+                    if self._client_gone():
+                        _stop_process_group()
+                    continue
+                quiet = quiet + 1 if self._calls == seen else 0
+                seen = self._calls
+                if quiet < self._IDLE_TICKS:
+                    continue
+                self._asleep = True
+                self._wake.clear()
+            self._wake.wait()
+            quiet = 0
+
+    def _client_gone(self) -> bool:
+        if not self._poller.poll(0):
+            return False
+        # Bytes mid-call break the protocol, but they are left for the serve loop.
+        return not _bytes_waiting(self._reader.fileno()) and not self._reader.peek(1)
+
+
+def _bytes_waiting(fd: int) -> int:
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _stop_process_group() -> None:
+    """Kill this agent and every process of its group, at once, as Ctrl-C's stop does."""
+    if os.getpgrp() == os.getpid():  # under sshd (and the local system): its own group
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Agent:
+    def __init__(self, read_fd: int, write_fd: int):
+        reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
+        self.read_exact = protocol.exact_reader(reader.read)
+        self.hangup = HangupWatch(reader)
+        out = os.fdopen(write_fd, "wb", buffering=0)
+        self.send = protocol.FrameWriter(out.write)
+        self.output = OutputCapture(self.send)
+        self._functions: dict[str, Any] = {}
+        # Work to do once the current reply is sent (forking the next spare worker).
+        self._after_reply: list[Any] = []
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self) -> None:
+        while True:
+            try:
+                kind, req_id, payload = protocol.read_frame(self.read_exact)
+            except EOFError:
+                return
+            if kind == protocol.HELLO:
+                self.send.send(protocol.REPLY, req_id, protocol.dumps(self.hello()))
+                continue
+            if kind != protocol.REQUEST:
+                raise protocol.ProtocolError(f"unexpected frame kind {kind}")
+            self.output.req_id = req_id
+            request = protocol.loads(payload)
+            try:
+                handler = getattr(self, "op_" + request["op"])
+                if request["op"] in _SYNCHRONOUS:
+                    with self.hangup.armed():
+                        reply = handler(request, req_id)
+                else:
+                    reply = handler(request, req_id)
+            except BaseException as exc:  # an op never takes the agent down
+                self.output.flush()
+                self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))
+                continue
+            self.output.flush()
+            self.send.send(protocol.REPLY, req_id, protocol.dumps(reply))
+            while self._after_reply:
+                self._after_reply.pop()()
+
+    def hello(self) -> dict:
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "agent": AGENT_VERSION,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "executable": sys.executable,
+            "cloudpickle": getattr(cloudpickle, "__version__", "?"),
+            "cpus": os.cpu_count() or 1,
+            "home": os.path.expanduser("~"),
+        }
+
+    # ------------------------------------------------------------------ ops
+
+    def _function(self, request: dict) -> Any:
+        key = request.get("fn_key")
+        fn = self._functions.get(key) if key else None
+        if fn is None:
+            if request.get("fn") is None:
+                raise _Failure("unknown_function", f"function {key} is not cached here")
+            fn = cloudpickle.loads(request["fn"])
+            if key:
+                if len(self._functions) >= _FN_CACHE_SIZE:
+                    self._functions.pop(next(iter(self._functions)))
+                self._functions[key] = fn
+        return fn
+
+    def _load(self, request: dict, field: str) -> tuple[Any, Any]:
+        """The request's function and its unpickled ``field``; a failure to load either
+        (a module missing on this host) is reported as such, not as the function's error."""
+        try:
+            return self._function(request), cloudpickle.loads(request[field])
+        except _Failure:
+            raise
+        except BaseException as exc:
+            raise _Failure("load", _load_failure_message(exc)) from exc
+
+    def op_ping(self, request: dict, req_id: int) -> dict:
+        return {"time": time.time()}
+
+    def op_call(self, request: dict, req_id: int) -> dict:
+        """Call a function here, in the agent: the synchronous fast path (no folder)."""
+        fn, inputs = self._load(request, "inputs")
+        try:
+            if request.get("run_args"):
+                inputs = layout.resolve_run_arguments(inputs)
+            value = fn(*inputs["args"], **inputs["kwargs"])
+        except BaseException as exc:
+            raise _Failure("remote", "", exc, skip_frames=1) from exc
+        try:
+            return {"result": pickling.dumps(value)}
+        except Exception as exc:
+            raise _Failure(
+                "serialization",
+                f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
+            ) from exc
+
+    def op_map(self, request: dict, req_id: int) -> dict:
+        """Call a function on a chunk of argument tuples, one after the other.
+
+        Replies ``{"outcomes": [(True, result pickle) | (False, failure record), ...]}``:
+        one item's failure does not stop the others.
+        """
+        fn, items = self._load(request, "items")
+        outcomes: list[tuple[bool, Any]] = []
+        for args in items:
+            try:
+                value = fn(*args)
+            except BaseException as exc:
+                outcomes.append((False, _failure_record(_Failure("remote", "", exc, 1))))
+                continue
+            try:
+                outcomes.append((True, pickling.dumps(value)))
+            except Exception as exc:
+                message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
+                outcomes.append((False, _failure_record(_Failure("serialization", message))))
+        return {"outcomes": outcomes}
+
+    def op_submit(self, request: dict, req_id: int) -> dict:
+        """Record a run and start it detached, or answer from the cache.
+
+        With ``wait``, stream the run's logs as output frames and reply with its outcome.
+        """
+        runs = HostRuns(request["root"])
+        name = request["name"]
+        runs.path(name)  # validates the name before any I/O
+        hit = runs.cached_hit(request)
+        if hit is not None:
+            return hit
+        started = None
+        # Written before the name is claimed, so that a full disk refuses the run while
+        # nothing has changed; put in place if it starts, else removed.
+        integrity.signing_key()  # a bad team key is refused before anything is written
+        staged: dict = {}
+        stage_error: OSError | None = None
+        if not request.get("payload_omitted"):
+            try:
+                staged = runs.stage(request)
+            except OSError as exc:  # only an error if the run is to start
+                stage_error = exc
+        try:
+            with runs.lock(name):
+                decision = runs.claim(request)
+                action = decision["action"]
+                if action == "start" and request.get("payload_omitted"):
+                    # A miss that needs the function and inputs the client held back.
+                    return {"name": name, "action": "need_payload", "root": runs.root}
+                if action == "start":
+                    if stage_error is not None:
+                        raise stage_error
+                    attempt = runs.next_attempt(name, decision["previous"])
+                    exited = threading.Event()
+                    try:
+                        record = runs.prepare(request, attempt, staged)
+                        started = forkserver.take_spare()
+                        runs.start(
+                            request,
+                            record,
+                            started,
+                            forkserver.server().watch,
+                            on_exit=lambda pid, status: exited.set(),
+                        )
+                    except OSError:
+                        runs.undo_attempt(name, attempt)
+                        raise
+        finally:
+            runs.discard(staged)  # what prepare did not move into the run's folder
+        reply: dict[str, Any] = {"name": name, "action": action, "root": runs.root}
+        if started is not None:
+            self._after_reply.append(forkserver.prepare_spare)
+            if request.get("wait"):
+                self._follow_until(runs, name, started.done_fd, exited)
+            os.close(started.done_fd)
+        if action in ("mismatch", "exists", "busy"):
+            reply["differences"] = decision.get("differences", [])
+        config = runs.read_config(name) if action == "start" else decision.get("config")
+        if request.get("want_outcome"):
+            reply.update(runs.with_outcome(name, config))
+        else:
+            reply["config"] = config
+        return reply
+
+    def _follow_until(
+        self, runs: HostRuns, name: str, done_fd: int, exited: threading.Event
+    ) -> None:
+        """Forward the run's log files as output frames until its worker says its outcome
+        is written, or has exited (a child it forked may hold the done pipe open)."""
+        kinds = {layout.STDOUT: protocol.STDOUT, layout.STDERR: protocol.STDERR}
+        files = {f: open(runs.file(name, f), "rb") for f in kinds}  # noqa: SIM115
+        try:
+            delay = 0.0005
+            while True:
+                finished = bool(select.select([done_fd], [], [], delay)[0]) or exited.is_set()
+                for filename, f in files.items():
+                    data = f.read()
+                    if data:
+                        self.send.send(kinds[filename], self.output.req_id, data)
+                if finished:
+                    break
+                delay = min(delay * 2, 0.05)
+        finally:
+            for f in files.values():
+                f.close()
+        # The reaper marks a run that left no outcome; wait for it to have done so.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            config = runs.read_config(name) or {}
+            if config.get("status") != layout.RUNNING:
+                return
+            time.sleep(0.001)
+
+    def op_copy_out(self, request: dict, req_id: int) -> dict:
+        """Copy a run folder of this host to another filesystem (S3) from here, so that
+        its bytes do not travel through the client.
+
+        Needs fsspec and the destination's backend in this host's Python, which the agent
+        itself does not: without them, or when the destination cannot be reached from
+        here, the reply says so (``copied: False``) and the client copies instead.
+        """
+        name = request["name"]
+        HostRuns(request["root"]).path(name)  # validates the name
+        try:
+            import fsspec
+
+            from remoterun.folder import RunFolder, copy_folder
+
+            fs, path = fsspec.core.url_to_fs(request["dst"], **request["storage_options"])
+        except Exception as exc:  # ImportError, an unknown protocol: the client copies
+            return {"copied": False, "why": f"{type(exc).__name__}: {exc}"}
+        src = RunFolder(fsspec.filesystem("file"), os.path.join(request["root"], name))
+        dst = RunFolder(fs, path)
+        try:
+            config = copy_folder(
+                src,
+                dst,
+                overwrite=request["overwrite"],
+                progress=False,
+                trusted=True,  # this host's own runs
+                write_records=request.get("records", True),
+            )
+        except Exception as exc:
+            if type(exc).__name__ in ("RunExistsError", "RunNotFoundError"):
+                # The client's copy would say the same: it raises this as its own type.
+                return {"copied": False, "refused": type(exc).__name__, "why": str(exc)}
+            return {"copied": False, "why": f"{type(exc).__name__}: {exc}"}
+        return {"copied": True, "config": config}
+
+    def op_status(self, request: dict, req_id: int) -> dict:
+        runs = HostRuns(request["root"])
+        config = runs.status(request["name"])
+        if request.get("want_outcome"):
+            return runs.with_outcome(request["name"], config)
+        return {"config": config}
+
+    def op_cancel(self, request: dict, req_id: int) -> dict:
+        runs = HostRuns(request["root"])
+        return {"config": runs.cancel(request["name"], float(request.get("grace", 3.0)))}
+
+
+class _Failure(Exception):
+    """A failed op with a kind the client maps to its own error type."""
+
+    def __init__(
+        self, kind: str, message: str, exc: BaseException | None = None, skip_frames: int = 0
+    ):
+        super().__init__(message)
+        self.remoterun_kind = kind
+        self.original = exc
+        self.skip_frames = skip_frames
+
+
+def _load_failure_message(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (ImportError, AttributeError)):
+        return (
+            f"the function or its arguments could not be loaded on this host ({text}). "
+            "Install the module there, or have it shipped by value with "
+            "cloudpickle.register_pickle_by_value(module)"
+        )
+    return f"the function or its arguments could not be loaded on this host ({text})"
+
+
+def _failure_record(exc: BaseException) -> dict:
+    if isinstance(exc, _Failure):
+        if exc.original is not None:
+            record = error_record(exc.original, skip_frames=exc.skip_frames)
+        else:
+            record = {"type": "", "message": str(exc), "traceback": "", "exc": None}
+        record["kind"] = exc.remoterun_kind
+        return record
+    record = error_record(exc)
+    if isinstance(exc, CorruptRunError):
+        record.update(kind="corrupt", filename=exc.filename, url=exc.url)
+    elif isinstance(exc, SigningKeyError):
+        record["kind"] = "key"
+    elif isinstance(exc, ValueError) and "invalid run name" in str(exc):
+        record["kind"] = "name"
+    elif isinstance(exc, OSError):
+        record["kind"] = "storage"
+    else:
+        record["kind"] = "agent"
+    return record
+
+
+def main() -> None:
+    # Move the protocol off fds 0 and 1 before anything can print.
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # Before any user code runs: recorded runs are forked from this clean process.
+    forkserver.server()
+    agent = Agent(read_fd, write_fd)
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    try:
+        agent.serve()
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass

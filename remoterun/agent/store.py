@@ -1,0 +1,521 @@
+"""The host's run store: the run folders under one root on this host's disk, and every
+decision about their fate.
+
+Everything that decides the fate of a run folder happens here, on the host that holds it,
+under a per-name ``flock``: whether a cached run is a hit, which attempt is archived, who
+starts the one execution when many clients ask at once, whether a RUNNING run's worker is
+still alive. The client sends one request and gets one answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator, Protocol
+
+from ..errors import CorruptRunError
+from . import integrity, layout
+from .procs import (
+    BOOT_ID,
+    HOSTNAME,
+    describe_exit,
+    kill_group,
+    kill_leftovers,
+    process_start_time,
+    worker_alive,
+)
+
+ExitCallback = Callable[[int, int], None]
+
+
+class SpareWorker(Protocol):
+    """What ``start`` needs of a worker (the fork server's ``SpareWorker``)."""
+
+    pid: int
+    proc_start: int | None
+
+    def hand_over(self, request: dict) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+# How long a status check waits for a dead worker's reaper before marking it lost itself.
+_REAPER_GRACE = 0.5
+
+
+# Run roots this process has made sure are private (one chmod per root and process).
+_private_roots: set[str] = set()
+
+
+class HostRuns:
+    """The run folders under one root on this host's own disk."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, layout.check_run_name(name))
+
+    def file(self, name: str, filename: str) -> str:
+        return os.path.join(self.root, name, filename)
+
+    def _make_root(self) -> None:
+        """Create the root (and ``.locks``) private to this user, once per process. A root
+        in remoterun's own home (``~/.remoterun``) that an older version left readable by
+        others is tightened; a root the user made elsewhere keeps the mode they chose (its
+        run folders are private all the same). Staged files that a killed agent left are
+        removed."""
+        if self.root in _private_roots:
+            return
+        layout.makedirs_private(os.path.join(self.root, layout.LOCKS))
+        if ".remoterun" in self.root.split(os.sep):
+            try:
+                info = os.stat(self.root)
+                if info.st_uid == os.getuid() and info.st_mode & 0o077:
+                    os.chmod(self.root, layout.FOLDER_MODE)
+            except OSError:
+                pass
+        _remove_stale_staging(os.path.join(self.root, layout.STAGING))
+        _private_roots.add(self.root)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the per-name lock that every change of a run's fate takes. Lock files are
+        the owner's only: no other user can open one, so none can block a name."""
+        self._make_root()
+        path = os.path.join(self.root, layout.LOCKS, name + ".lock")
+        try:
+            fd = layout.open_private(path, os.O_RDWR)
+        except FileNotFoundError:  # the root was removed since: make it again
+            _private_roots.discard(self.root)
+            self._make_root()
+            fd = layout.open_private(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def read_config(self, name: str) -> dict | None:
+        """The run's record, None when there is none; raises CorruptRunError for a
+        ``config.json`` that is not one."""
+        try:
+            with open(self.file(name, layout.CONFIG), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return layout.decode_record(data)
+        except layout.CorruptRecord as exc:
+            raise CorruptRunError(
+                layout.corrupt_message(name, self.path(name), str(exc)),
+                url=self.path(name),
+                filename=layout.CONFIG,
+            ) from None
+
+    def write_config(self, name: str, config: dict) -> None:
+        layout.write_atomic(self.file(name, layout.CONFIG), layout.encode_record(config))
+
+    def write_pickle(self, name: str, filename: str, data: bytes, config: dict) -> None:
+        """Write one of the run's pickles and note its digest in ``config`` (which the
+        caller writes after it)."""
+        layout.write_atomic(self.file(name, filename), data)
+        config.setdefault(integrity.DIGESTS, {})[filename] = integrity.digest(data)
+
+    def read_file(self, name: str, filename: str) -> bytes | None:
+        try:
+            with open(self.file(name, filename), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, name: str) -> dict | None:
+        """The run's config, after marking a RUNNING run whose worker is gone as FAILED."""
+        self.path(name)
+        config = self.read_config(name)
+        if config is None and os.path.isdir(self.path(name)):
+            # A folder without config.json is being archived for a re-execution, which
+            # holds the lock until the new attempt is recorded: read it then.
+            with self.lock(name):
+                config = self.read_config(name)
+        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+            # The agent that forked the worker, if it still lives, is recording how it
+            # ended (the signal, the exit code): give it a moment to say so first.
+            deadline = time.monotonic() + _REAPER_GRACE
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+                config = self.read_config(name)
+                if not config or config.get("status") != layout.RUNNING:
+                    return config
+            with self.lock(name):
+                config = self.read_config(name)
+                if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+                    config = self._mark_lost(name, config, "its process is gone")
+        return config
+
+    def _mark_lost(self, name: str, config: dict, why: str) -> dict:
+        """Record a run whose worker is gone as FAILED, after killing what the worker left
+        running in its process group. When the record cannot be written (a full disk),
+        the FAILED record is returned all the same, and written at a later look."""
+        kill_leftovers(config)
+        config.update(
+            status=layout.FAILED,
+            end_time=layout.utc_now(),
+            error=f"{layout.WORKER_LOST}: {why}",
+            error_type="remoterun.errors.WorkerLostError",
+            error_traceback="",
+        )
+        try:
+            self.write_config(name, config)
+        except OSError as exc:
+            config["error"] += f" (not recorded on disk: {layout.storage_message(exc)})"
+        return config
+
+    def outcome(self, name: str, config: dict, folder: str | None = None) -> dict:
+        """A terminal run's ``result`` or ``error_pickle`` bytes, for a reply; read from
+        ``folder`` (an archived attempt's) instead of the run's own when given."""
+        folder = folder or self.path(name)
+        filename = layout.RESULT if config.get("status") == layout.COMPLETED else layout.ERROR
+        try:
+            with open(os.path.join(folder, filename), "rb") as f:
+                data: bytes | None = f.read()
+        except FileNotFoundError:
+            data = None
+        return {"result": data} if filename == layout.RESULT else {"error_pickle": data}
+
+    def with_outcome(self, name: str, config: dict | None) -> dict:
+        """``{"config": config}`` plus, for a terminal run, the outcome of that very attempt.
+
+        When the name was executed again between the reads, the attempt's files have been
+        archived (a re-execution moves them under the lock before it writes anything):
+        they are read from there, so config and outcome always belong together.
+        """
+        reply: dict[str, Any] = {"config": config}
+        if not config or config.get("status") not in layout.TERMINAL:
+            return reply
+        reply.update(self.outcome(name, config))
+        if self.read_config(name) == config:
+            return reply
+        with self.lock(name):
+            if self.read_config(name) == config:
+                return {"config": config, **self.outcome(name, config)}
+            folder = self._archived(name, config)
+            if folder is not None:
+                return {"config": config, **self.outcome(name, config, folder)}
+            config = self.read_config(name)  # gone altogether: say what is there now
+            reply = {"config": config}
+            if config and config.get("status") in layout.TERMINAL:
+                reply.update(self.outcome(name, config))
+        return reply
+
+    def _archived(self, name: str, config: dict) -> str | None:
+        """The ``attempts/<n>/`` folder holding the attempt whose record is ``config``."""
+        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
+        numbers = [str(config.get("attempt") or 1)]
+        try:
+            numbers += sorted((d for d in os.listdir(attempts) if d.isdigit()), key=int)
+        except FileNotFoundError:
+            return None
+        for number in numbers:
+            folder = os.path.join(attempts, number)
+            try:
+                with open(os.path.join(folder, layout.CONFIG), "rb") as f:
+                    if layout.decode_record(f.read()) == config:
+                        return folder
+            except (FileNotFoundError, ValueError):
+                continue
+        return None
+
+    # ------------------------------------------------------------------ claims
+
+    def cached_hit(self, request: dict) -> dict | None:
+        """The reply to a ``get`` submit that is a plain cache hit, without taking the lock;
+        None when the lock is needed to decide.
+
+        config.json is replaced atomically, and a COMPLETED record is only ever replaced
+        by a re-execution, which would answer the same.
+        """
+        if request["mode"] != "get":
+            return None
+        name = request["name"]
+        try:
+            config = self.read_config(name)
+        except CorruptRunError:
+            return None  # the locked path decides what a damaged record means
+        if not config or config.get("status") != layout.COMPLETED:
+            return None
+        if fingerprint_differences(config, request):
+            return None
+        reply = {"name": name, "action": "hit", "root": self.root, "config": config}
+        if request.get("want_outcome"):
+            reply.update(self.outcome(name, config))
+            if self.read_config(name) != config:
+                return None  # re-executed while we read: let the locked path decide
+        return reply
+
+    def claim(self, request: dict) -> dict:
+        """Decide what a submit request does; the caller holds ``lock(name)``.
+
+        Returns ``{"action": ..., "config": ...}``; ``"start"`` comes with ``"previous"``,
+        the record of the attempt that ``start_attempt`` will archive (None if none).
+        Nothing is changed on disk but the marking of a lost worker.
+        """
+        name = request["name"]
+        try:
+            config = self.read_config(name)
+        except CorruptRunError as exc:
+            # A damaged record is no run to keep: executing the name again keeps its
+            # files under attempts/<n>/, as for a failed run.
+            sys.stderr.write(f"remoterun: {exc}\n")
+            return {"action": "start", "previous": {"attempt": None}}
+        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+            config = self._mark_lost(name, config, "its process is gone")
+        if config is None:
+            return {"action": "start", "previous": None}
+        mode = request["mode"]
+        if mode == "new":
+            if request.get("exclusive"):
+                return {"action": "exists", "config": config}
+            if config.get("status") == layout.RUNNING:
+                return {"action": "busy", "config": config}
+            return {"action": "start", "previous": config}
+        status = config.get("status")
+        if status in (layout.COMPLETED, layout.RUNNING):
+            differences = fingerprint_differences(config, request)
+            if differences:
+                policy = request.get("on_mismatch", "error")
+                if policy == "error":
+                    return {"action": "mismatch", "config": config, "differences": differences}
+                if policy == "rerun":
+                    if status == layout.RUNNING:
+                        return {"action": "busy", "config": config}
+                    return {"action": "start", "previous": config}
+            return {"action": "hit" if status == layout.COMPLETED else "attach", "config": config}
+        # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
+        return {"action": "start", "previous": config}
+
+    def undo_attempt(self, name: str, attempt: int) -> None:
+        """Take back a new attempt that could not be recorded (a full disk): remove what
+        it put in the folder and move the previous attempt, archived for it, back."""
+        folder = self.path(name)
+        for filename in layout.ATTEMPT_FILES:
+            try:
+                os.unlink(os.path.join(folder, filename))
+            except OSError:
+                pass
+        archived = os.path.join(folder, layout.ATTEMPTS, str(attempt - 1))
+        if attempt > 1 and os.path.isdir(archived):
+            for filename in os.listdir(archived):
+                os.replace(os.path.join(archived, filename), os.path.join(folder, filename))
+            os.rmdir(archived)
+        for empty in (os.path.join(folder, layout.ATTEMPTS), folder):
+            try:
+                os.rmdir(empty)
+            except OSError:
+                pass
+
+    def next_attempt(self, name: str, previous: dict | None) -> int:
+        """Archive the previous attempt, if any; return the new attempt's number."""
+        return 1 if previous is None else self._archive(name, previous)
+
+    def _archive(self, name: str, config: dict) -> int:
+        """Move the files of the current attempt to ``attempts/<n>/``; return the next n."""
+        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
+        number = int(config.get("attempt") or 1)
+        layout.makedirs_private(attempts)
+        taken = {int(d) for d in os.listdir(attempts) if d.isdigit()}
+        while number in taken:
+            number = max(taken) + 1
+        target = os.path.join(attempts, str(number))
+        os.mkdir(target, layout.FOLDER_MODE)
+        # config.json first: a folder without config reads as "no run" rather than as
+        # a half-moved attempt that still claims its old status.
+        for filename in layout.ATTEMPT_FILES:
+            src = self.file(name, filename)
+            if os.path.exists(src):
+                os.replace(src, os.path.join(target, filename))
+        return number + 1
+
+    # ------------------------------------------------------------------ starting
+
+    def stage(self, request: dict) -> dict[str, tuple[str, str]]:
+        """Write a new run's function and inputs to hidden temporary files, before the
+        name is claimed: what does not fit on the disk is refused while nothing has
+        changed. Returns ``{filename: (temporary path, digest)}`` for ``prepare``."""
+        self._make_root()
+        staging = os.path.join(self.root, layout.STAGING)
+        staged: dict[str, tuple[str, str]] = {}
+        try:
+            layout.makedirs_private(staging)
+            for filename, field in ((layout.FUNCTION, "fn"), (layout.INPUTS, "inputs")):
+                data = request.get(field)
+                if data is None:
+                    continue
+                tmp = layout.staging_name(os.path.join(staging, f"{request['name']}.{filename}"))
+                layout.write_atomic(tmp, data)
+                staged[filename] = (tmp, integrity.digest(data))
+        except OSError as exc:
+            self.discard(staged)
+            raise OSError(
+                exc.errno,
+                f"the function and arguments of run {request['name']!r} do not fit in "
+                f"{self.root} ({layout.storage_message(exc)}); nothing was started",
+            ) from exc
+        return staged
+
+    @staticmethod
+    def discard(staged: dict[str, tuple[str, str]]) -> None:
+        for tmp, _ in staged.values():
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def prepare(self, request: dict, attempt: int, staged: dict[str, tuple[str, str]]) -> dict:
+        """Put the files of a new run in place (its staged function and inputs, empty
+        logs); return its record, which ``start`` writes once the worker is known."""
+        name = request["name"]
+        layout.makedirs_private(self.path(name))
+        for filename in (layout.STDOUT, layout.STDERR):
+            os.close(layout.open_private(self.file(name, filename), os.O_WRONLY | os.O_TRUNC))
+        digests = {}
+        for filename, (tmp, digest) in staged.items():
+            os.replace(tmp, self.file(name, filename))
+            digests[filename] = digest
+        config = dict(request.get("record") or {})
+        config[integrity.DIGESTS] = digests
+        config.update(
+            name=name,
+            status=layout.NOT_STARTED,
+            attempt=attempt,
+            host=HOSTNAME,
+            boot_id=BOOT_ID,
+            python=sys.version.split()[0],
+            executable=sys.executable,
+        )
+        for key in ("start_time", "end_time", "error", "error_traceback", "pid"):
+            config.setdefault(key, None)
+        for key in ("upstream", "downstream"):
+            config.setdefault(key, [])
+        for key in ("tags", "metrics"):
+            config.setdefault(key, {})
+        return config
+
+    def start(
+        self,
+        request: dict,
+        config: dict,
+        worker: SpareWorker,
+        watch: Callable[[int, ExitCallback], None],
+        on_exit: ExitCallback | None = None,
+    ) -> None:
+        """Record a prepared run RUNNING in ``worker``'s name (a spare of the fork server)
+        and hand it the run; its ``done_fd`` becomes readable once the outcome is written.
+        ``watch(pid, callback)`` calls back when the worker exits, with its wait status;
+        ``on_exit(pid, wait_status)`` runs then too.
+
+        The caller holds ``lock(name)``. The RUNNING record, written here in the warm
+        parent, always precedes the worker's outcome: the worker only learns of the run
+        after it.
+        """
+        name = request["name"]
+        config = dict(config)
+        config.update(
+            status=layout.RUNNING,
+            start_time=layout.utc_now(),
+            pid=worker.pid,
+            pgid=worker.pid,  # the worker's setsid() made it its group's leader
+            proc_start=worker.proc_start,
+        )
+        try:
+            self.write_config(name, config)
+            worker.hand_over(request)
+        except BaseException:
+            worker.discard()  # it exits on EOF; the watcher reaps it and marks it lost
+            raise
+        finally:
+            self._watch(name, worker.pid, watch, on_exit)
+
+    def _watch(
+        self,
+        name: str,
+        pid: int,
+        watch: Callable[[int, ExitCallback], None],
+        on_exit: ExitCallback | None,
+    ) -> None:
+        """When the worker exits, mark it lost if it left no outcome."""
+
+        def exited(pid: int, status: int) -> None:
+            try:
+                with self.lock(name):
+                    config = self.read_config(name)
+                    if (
+                        config
+                        and config.get("status") == layout.RUNNING
+                        and config.get("pid") == pid
+                    ):
+                        self._mark_lost(name, config, f"its process {describe_exit(status)}")
+            except (OSError, CorruptRunError) as exc:  # a later look marks it, or says why
+                sys.stderr.write(f"remoterun: run {name!r} ended, not recorded: {exc}\n")
+            finally:
+                if on_exit is not None:
+                    on_exit(pid, status)
+
+        watch(pid, exited)
+
+    # ------------------------------------------------------------------ cancel
+
+    def cancel(self, name: str, grace: float) -> dict | None:
+        """Stop a RUNNING run's process group (SIGTERM, SIGKILL after ``grace`` seconds)
+        and record CANCELLED. A terminal run is left as it is."""
+        with self.lock(name):
+            config = self.read_config(name)
+            if config is None or config.get("status") in layout.TERMINAL:
+                return config
+            if config.get("status") == layout.RUNNING and worker_alive(config):
+                pid = config.get("pid")
+                pgid = config.get("pgid", pid)
+                if isinstance(pgid, int) and config.get("host") == HOSTNAME:
+                    kill_group(pgid, pid, grace)
+            config.update(
+                status=layout.CANCELLED,
+                end_time=layout.utc_now(),
+                error="cancelled",
+                error_type="remoterun.errors.RunCancelledError",
+            )
+            self.write_config(name, config)
+            return config
+
+
+def _remove_stale_staging(staging: str) -> None:
+    """Remove staged files whose writer (the pid in their name) is gone."""
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return
+    for filename in names:
+        pid = filename.rpartition(".")[0].rpartition(".")[2].partition("-")[0]
+        if pid.isdigit() and process_start_time(int(pid)) is None:
+            try:
+                os.unlink(os.path.join(staging, filename))
+            except OSError:
+                pass
+
+
+def fingerprint_differences(config: dict, request: dict) -> list[str]:
+    """Names of the parameters whose fingerprints differ from the recorded run's."""
+    wanted = (request.get("record") or {}).get("fingerprint") or {}
+    if request.get("lookup") or not wanted:
+        return []
+    recorded = config.get("fingerprint") or {}
+    old, new = recorded.get("params"), wanted.get("params")
+    if isinstance(old, dict) and isinstance(new, dict):
+        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if recorded.get("args") != wanted.get("args"):
+        return ["arguments"]
+    return []
