@@ -30,9 +30,21 @@ from __future__ import annotations
 class RemoterunError(Exception):
     """Base class of every error remoterun raises on purpose."""
 
+    #: The code this error crosses the wire with, from an agent to its client (the
+    #: ``kind`` of a failure record; ``remoterun.agent.protocol.Failure`` names them).
+    #: "" for errors that do not cross it as themselves.
+    code = ""
+
+    @classmethod
+    def from_record(cls, record: dict, host: str) -> RemoterunError:
+        """The error a failure record of this code stands for."""
+        return cls(record.get("message") or "the remote side failed")
+
 
 class InvalidRunNameError(RemoterunError, ValueError):
     """A run name or run path that is not allowed (slashes, ``..``, empty, too long)."""
+
+    code = "name"
 
 
 class RunNotFoundError(RemoterunError, LookupError):
@@ -64,9 +76,13 @@ class CacheMismatchError(RemoterunError):
 class SerializationError(RemoterunError, TypeError):
     """An argument, function or return value cannot be pickled."""
 
+    code = "serialization"
+
 
 class RunStorageError(RemoterunError, OSError):
     """A run folder cannot be read or written (permissions, full disk, missing root)."""
+
+    code = "storage"
 
 
 class CorruptRunError(RunStorageError):
@@ -78,10 +94,20 @@ class CorruptRunError(RunStorageError):
         filename: the file at fault (``config.json``, ``result.pkl``, ...).
     """
 
+    code = "corrupt"
+
     def __init__(self, message: str, *, url: str = "", filename: str = ""):
         super().__init__(message)
         self.url = url
         self.filename = filename
+
+    @classmethod
+    def from_record(cls, record: dict, host: str) -> CorruptRunError:
+        return cls(
+            record.get("message") or "a damaged run",
+            url=record.get("url") or "",
+            filename=record.get("filename") or "",
+        )
 
     def __str__(self) -> str:  # OSError would print "[Errno None] ..." once filename is set
         return str(self.args[0]) if self.args else ""
@@ -103,6 +129,12 @@ class UntrustedRunError(RemoterunError):
 class SigningKeyError(RemoterunError):
     """A team signing key is needed and there is none, or the one given is malformed."""
 
+    code = "key"
+
+    @classmethod
+    def from_record(cls, record: dict, host: str) -> SigningKeyError:
+        return cls(f"{record.get('message')} (on {host or 'the host'})")
+
 
 class SystemUnavailableError(RemoterunError):
     """A system cannot be reached or its agent cannot be started."""
@@ -110,6 +142,12 @@ class SystemUnavailableError(RemoterunError):
 
 class AgentError(SystemUnavailableError):
     """The agent broke the protocol, refused the handshake or died mid-request."""
+
+    code = "agent"
+
+    @classmethod
+    def from_record(cls, record: dict, host: str) -> AgentError:
+        return cls(f"the agent on {host or 'the host'} failed: {record.get('message')}")
 
 
 class HostKeyError(SystemUnavailableError):
@@ -206,32 +244,21 @@ def exception_from_record(
     pickled exception) and ``kind``. For a remote exception whose pickle loads, the
     function's own exception is returned with a RemoteError as its ``__cause__``.
     """
-    kind = record.get("kind", "remote")
     message = record.get("message") or "the remote side failed"
-    if kind == "serialization":
-        return SerializationError(message)
-    if kind == "storage":
-        return RunStorageError(message)
-    if kind == "name":
-        return InvalidRunNameError(message)
-    if kind == "corrupt":
-        return CorruptRunError(
-            message, url=record.get("url") or "", filename=record.get("filename") or ""
-        )
-    if kind == "key":
-        return SigningKeyError(f"{message} (on {host or 'the host'})")
-    if kind == "agent":
-        return AgentError(f"the agent on {host or 'the host'} failed: {message}")
+    by_code = _BY_CODE.get(record.get("kind") or "")
+    if by_code is not None:
+        return by_code.from_record(record, host)
+    # A failed run's record (a "remote" failure): mapped by the type it names.
     exc_type = record.get("type") or ""
-    if exc_type == "remoterun.errors.SerializationError":
+    if exc_type == _qualified(SerializationError):
         return SerializationError(message)
-    if exc_type == "remoterun.errors.RunStorageError":
+    if exc_type == _qualified(RunStorageError):
         where = f"run {run_name!r}" if run_name else "the run"
         return RunStorageError(f"{where} failed: {message}")
     common = dict(run_name=run_name, host=host, log_paths=log_paths)
-    if exc_type.endswith("RunCancelledError"):
+    if exc_type == _qualified(RunCancelledError):
         return RunCancelledError(f"run {run_name!r} was cancelled", **common)
-    if message.startswith("worker lost"):
+    if exc_type == _qualified(WorkerLostError):
         return WorkerLostError(message, exc_type=exc_type, **common)
     remote = RemoteError(
         message,
@@ -252,3 +279,21 @@ def exception_from_record(
             original.__suppress_context__ = True
             return original
     return remote
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# code -> the error a failure record of that code is raised as (see RemoterunError.code).
+_BY_CODE: dict[str, type[RemoterunError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRunNameError,
+        SerializationError,
+        RunStorageError,
+        CorruptRunError,
+        SigningKeyError,
+        AgentError,
+    )
+}

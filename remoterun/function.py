@@ -23,6 +23,7 @@ import cloudpickle
 
 from . import cache, lineage
 from .agent import integrity, layout, pickling
+from .agent.protocol import Action, Failure, Mode, Op
 from .agent.store import fingerprint_differences
 from .errors import (
     CacheMismatchError,
@@ -43,6 +44,8 @@ from .systems.connection import AgentConnection, AgentFailure
 logger = logging.getLogger(__name__)
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
+# The action of a reply made here, not by a host: a hit in a shared store.
+SHARED = "shared"
 _SHARE_TRUSTS = ("signed", "writers")
 #: Sets ``share_trust`` for every function that does not set it itself.
 SHARE_TRUST_ENV = "REMOTERUN_SHARE_TRUST"
@@ -136,7 +139,7 @@ class RemoteFunction:
         The run is detached: it goes on if this process exits.
         """
         _settle_run_arguments(self.fn, args, kwargs)
-        reply = self._submit(args, kwargs, run_name, mode="new", wait=False)
+        reply = self._submit(args, kwargs, run_name, mode=Mode.NEW, wait=False)
         run = self._run_handle(reply)
         _link(lineage_kind(reply), run)
         return run
@@ -157,21 +160,21 @@ class RemoteFunction:
             args,
             kwargs,
             self._cached_name(args, kwargs, run_name, arg_fp),
-            mode="get",
+            mode=Mode.GET,
             wait=True,
             on_output=print_output,
             arg_fp=arg_fp,
         )
-        if reply["action"] == "shared":
+        if reply["action"] == SHARED:
             value = _loads_shared(reply)
             _link(lineage.USED, reply["run"])
             return value
-        if reply["action"] == "attach":
+        if reply["action"] == Action.ATTACH:
             return self._run_handle(reply).result()  # linked as used by result()
         if current_run() is not None:  # linked whether it completed or not
             _link(lineage_kind(reply), self._run_handle(reply))
         value = self._outcome(reply)
-        if reply["action"] == "start" and self._shares():
+        if reply["action"] == Action.START and self._shares():
             self._publish(self._run_handle(reply))
         return value
 
@@ -183,12 +186,12 @@ class RemoteFunction:
         _settle_run_arguments(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)
         name = self._cached_name(args, kwargs, run_name, arg_fp)
-        reply = self._submit(args, kwargs, name, mode="get", wait=False, arg_fp=arg_fp)
-        if reply["action"] == "shared":
+        reply = self._submit(args, kwargs, name, mode=Mode.GET, wait=False, arg_fp=arg_fp)
+        if reply["action"] == SHARED:
             _link(lineage.USED, reply["run"])
             return reply["run"]
         run = self._run_handle(reply)
-        if reply["action"] == "start" and self._shares():
+        if reply["action"] == Action.START and self._shares():
             run._on_completed = self._publish  # published once it has COMPLETED
         # A run attached to while RUNNING is linked as used once its result is read.
         _link(lineage_kind(reply), run)
@@ -265,7 +268,7 @@ class RemoteFunction:
 
         def run_chunk(start: int, chunk: list[tuple]) -> None:
             data = _dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
-            op = {"op": "map", "fn_key": fn_key, "items": data}
+            op = {"op": Op.MAP, "fn_key": fn_key, "items": data}
             with system._connection() as conn:
                 host = conn.label
                 try:
@@ -312,7 +315,9 @@ class RemoteFunction:
     def _call(self, args: tuple, kwargs: dict, *, run_name: str | None, stream: bool) -> Any:
         on_output = print_output if stream else None
         if run_name is not None:
-            reply = self._submit(args, kwargs, run_name, mode="new", wait=True, on_output=on_output)
+            reply = self._submit(
+                args, kwargs, run_name, mode=Mode.NEW, wait=True, on_output=on_output
+            )
             _link(lineage_kind(reply), self._run_handle(reply))
             return self._outcome(reply)
         fn_bytes, fn_key = self._pickle_function()
@@ -324,7 +329,7 @@ class RemoteFunction:
             _link(lineage.USED, run)
         inputs = _pickle_inputs(self.fn, args, kwargs)
         failed: dict | None = None
-        op: dict[str, Any] = {"op": "call", "fn_key": fn_key, "inputs": inputs}
+        op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
         if passed and _has_references(args, kwargs):
             op["run_args"] = True
         with self.system._connection() as conn:  # the least-loaded host's agent
@@ -351,7 +356,7 @@ class RemoteFunction:
         try:
             reply = conn.request(op, on_output)
         except AgentFailure as failure:
-            if failure.record.get("kind") != "unknown_function":
+            if failure.record.get("kind") != Failure.UNKNOWN_FUNCTION:
                 raise
             op["fn"] = fn_bytes  # the agent evicted it from its cache
             reply = conn.request(op, on_output)
@@ -378,23 +383,23 @@ class RemoteFunction:
         try:
             # A hit needs only the arguments' fingerprint; the code's (a walk over all
             # the code the function reaches) is added when the run is to be recorded.
-            record = self._record(args, kwargs, system, with_code=mode != "get", arg_fp=arg_fp)
+            record = self._record(args, kwargs, system, with_code=mode != Mode.GET, arg_fp=arg_fp)
         except SerializationError:
-            if mode != "get":
+            if mode != Mode.GET:
                 self._payload(args, kwargs, system)  # an argument that cannot travel says so
             raise
         request: dict[str, Any] = {
-            "op": "submit",
+            "op": Op.SUBMIT,
             "root": system.root,
             "mode": mode,
             "wait": wait,
             "want_outcome": wait,
             "exclusive": generated,
-            "lookup": mode == "get" and not args and not kwargs,
+            "lookup": mode == Mode.GET and not args and not kwargs,
             "on_mismatch": self.on_mismatch,
             "record": record,
         }
-        if mode == "get":
+        if mode == Mode.GET:
             # A cache hit needs neither the function nor the inputs: send them only when
             # the host answers that the run has to execute.
             request["payload_omitted"] = True
@@ -409,7 +414,7 @@ class RemoteFunction:
             )
             reply["system"] = system
             action = reply["action"]
-            if action == "need_payload":
+            if action == Action.NEED_PAYLOAD:
                 # A miss here: a teammate may have published the run to a shared store.
                 shared = self._shared_hit(request)
                 if shared is not None:
@@ -418,10 +423,10 @@ class RemoteFunction:
                 request["record"]["fingerprint"].update(self._code_record())
                 request.pop("payload_omitted", None)
                 continue
-            if action == "exists" and generated:
+            if action == Action.EXISTS and generated:
                 continue
             break
-        if action == "mismatch":
+        if action == Action.MISMATCH:
             differences = tuple(reply.get("differences") or ())
             raise CacheMismatchError(
                 f"run {reply['name']!r} on {system.name} was made from other arguments: "
@@ -430,7 +435,7 @@ class RemoteFunction:
                 run_name=reply["name"],
                 differences=differences,
             )
-        if action == "busy":
+        if action == Action.BUSY:
             raise RunNotFinishedError(
                 f"run {reply['name']!r} is already RUNNING on {system.name}: wait for it with "
                 "get_or_call / get_or_run, or cancel it before starting it again"
@@ -510,7 +515,7 @@ class RemoteFunction:
             folder.check_trusted(config, required=trust == "signed")
             logger.debug("cache hit for %s in the shared store %s", name, url)
             return {
-                "action": "shared",
+                "action": SHARED,
                 "name": name,
                 "config": config,
                 "result": reply.get("result"),
@@ -762,9 +767,9 @@ def lineage_kind(reply: dict) -> str | None:
     """How a submit's run relates to the run that made the request: it was started
     (``produced``), found COMPLETED (``used``), or neither yet (attached to)."""
     action = reply.get("action")
-    if action == "start":
+    if action == Action.START:
         return lineage.PRODUCED
-    if action in ("hit", "shared"):
+    if action in (Action.HIT, SHARED):
         return lineage.USED
     return None
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from .agent import integrity, layout
 from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
+from .agent.protocol import Failure
 from .agent.store import HostRuns
 from .errors import (
     CorruptRunError,
@@ -732,7 +733,7 @@ def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> B
     if status not in (layout.FAILED, layout.CANCELLED):
         return RunNotFinishedError(f"run {run.name!r} is {status}, not failed")
     record = {
-        "kind": "remote",
+        "kind": Failure.REMOTE,
         "message": config.get("error") or f"run {run.name!r} {status}",
         "type": config.get("error_type") or "",
         "traceback": config.get("error_traceback") or "",

@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 
-from ..errors import CorruptRunError
+from ..errors import CorruptRunError, InvalidRunNameError
 from . import integrity
 
 CONFIG = "config.json"
@@ -47,9 +47,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def check_run_name(name: object) -> str:
-    """Return ``name`` if it is a valid run name; raise ValueError naming the rule if not."""
+    """Return ``name`` if it is a valid run name; raise InvalidRunNameError (a ValueError)
+    naming the rule if not."""
     if not isinstance(name, str) or not RUN_NAME_RE.fullmatch(name):
-        raise ValueError(
+        raise InvalidRunNameError(
             f"invalid run name {name!r}: a run name is 1 to 128 characters of letters, "
             "digits, '.', '_' and '-', starting with a letter or digit (no '/', no '..')"
         )

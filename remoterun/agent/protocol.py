@@ -21,6 +21,15 @@ import struct
 import threading
 from typing import Any, Callable
 
+from ..errors import (
+    AgentError,
+    CorruptRunError,
+    InvalidRunNameError,
+    RunStorageError,
+    SerializationError,
+    SigningKeyError,
+)
+
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!BIQ")
 
@@ -30,6 +39,58 @@ REPLY = 3  # agent -> client: the op's result dict
 FAIL = 4  # agent -> client: {"kind": str, "type": str, "message": str, "traceback": str, ...}
 STDOUT = 5  # agent -> client: raw bytes the function wrote to stdout
 STDERR = 6  # agent -> client: raw bytes the function wrote to stderr
+
+
+class Op:
+    """What a REQUEST asks for: its ``"op"`` field."""
+
+    PING = "ping"  # {} -> {"time"}
+    CALL = "call"  # fn/fn_key, inputs -> {"result"}: the synchronous fast path
+    MAP = "map"  # fn/fn_key, items -> {"outcomes": [(ok, result or failure record)]}
+    SUBMIT = "submit"  # a recorded run: start it, or answer from the cache -> Action
+    STATUS = "status"  # root, name -> {"config"} (+ outcome), a lost worker found out
+    CANCEL = "cancel"  # root, name, grace -> {"config"}
+    COPY_OUT = "copy_out"  # root, name, dst -> the host copies a run to an object store
+
+
+# Ops that run the user's function in the agent itself.
+SYNCHRONOUS_OPS = frozenset({Op.CALL, Op.MAP})
+
+
+class Mode:
+    """How a SUBMIT treats a run of that name: start a new one, or get the cached one."""
+
+    NEW = "new"
+    GET = "get"
+
+
+class Action:
+    """What the host decided for a SUBMIT: its reply's ``"action"``."""
+
+    START = "start"  # executing now (a new attempt)
+    HIT = "hit"  # a COMPLETED run of that name and fingerprint: nothing executes
+    ATTACH = "attach"  # the run is RUNNING: wait for it
+    MISMATCH = "mismatch"  # recorded from other arguments ("differences")
+    EXISTS = "exists"  # a generated name that is taken: pick another
+    BUSY = "busy"  # RUNNING, and a new attempt was asked for
+    NEED_PAYLOAD = "need_payload"  # a miss: send the function and inputs held back
+
+
+class Failure:
+    """The ``"kind"`` of a FAIL frame's record; ``remoterun.errors.exception_from_record``
+    turns each into its exception, at one place on the client."""
+
+    REMOTE = "remote"  # the function raised: "type", "traceback", "exc" (its pickle)
+    LOAD = "load"  # the function or its arguments cannot be loaded on this host
+    UNKNOWN_FUNCTION = "unknown_function"  # fn_key not cached here: send fn again
+    # remoterun's own errors cross as themselves, by their code (and fields):
+    SERIALIZATION = SerializationError.code  # a value that cannot be pickled
+    STORAGE = RunStorageError.code  # the run folder cannot be written (OSError)
+    NAME = InvalidRunNameError.code  # an invalid run name
+    CORRUPT = CorruptRunError.code  # a damaged run: "url", "filename"
+    KEY = SigningKeyError.code  # an unusable team signing key
+    AGENT = AgentError.code  # anything else: the agent itself failed
+
 
 # Below this size, header and payload are joined and written at once.
 SINGLE_WRITE_LIMIT = 1 << 20

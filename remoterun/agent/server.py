@@ -23,15 +23,14 @@ from typing import Any, Iterator
 
 import cloudpickle
 
-from ..errors import CorruptRunError, SigningKeyError
+from ..errors import CorruptRunError, InvalidRunNameError, SigningKeyError
 from . import forkserver, integrity, layout, pickling, protocol
 from .failures import error_record
+from .protocol import SYNCHRONOUS_OPS, Action, Failure
 from .store import HostRuns
 
 AGENT_VERSION = "1"
 _FN_CACHE_SIZE = 256
-# Ops that run the user's function in the agent itself: stopped when the client is gone.
-_SYNCHRONOUS = frozenset({"call", "map"})
 
 
 class OutputCapture:
@@ -189,7 +188,7 @@ class Agent:
             request = protocol.loads(payload)
             try:
                 handler = getattr(self, "op_" + request["op"])
-                if request["op"] in _SYNCHRONOUS:
+                if request["op"] in SYNCHRONOUS_OPS:
                     with self.hangup.armed():
                         reply = handler(request, req_id)
                 else:
@@ -223,7 +222,7 @@ class Agent:
         fn = self._functions.get(key) if key else None
         if fn is None:
             if request.get("fn") is None:
-                raise _Failure("unknown_function", f"function {key} is not cached here")
+                raise _Failure(Failure.UNKNOWN_FUNCTION, f"function {key} is not cached here")
             fn = cloudpickle.loads(request["fn"])
             if key:
                 if len(self._functions) >= _FN_CACHE_SIZE:
@@ -239,7 +238,7 @@ class Agent:
         except _Failure:
             raise
         except BaseException as exc:
-            raise _Failure("load", _load_failure_message(exc)) from exc
+            raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
 
     def op_ping(self, request: dict, req_id: int) -> dict:
         return {"time": time.time()}
@@ -252,7 +251,7 @@ class Agent:
                 inputs = layout.resolve_run_arguments(inputs)
             value = fn(*inputs["args"], **inputs["kwargs"])
         except BaseException as exc:
-            raise _Failure("remote", "", exc, skip_frames=1) from exc
+            raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
         try:
             return {"result": pickling.dumps(value)}
         except Exception as exc:
@@ -273,13 +272,13 @@ class Agent:
             try:
                 value = fn(*args)
             except BaseException as exc:
-                outcomes.append((False, _failure_record(_Failure("remote", "", exc, 1))))
+                outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
                 continue
             try:
                 outcomes.append((True, pickling.dumps(value)))
             except Exception as exc:
                 message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
-                outcomes.append((False, _failure_record(_Failure("serialization", message))))
+                outcomes.append((False, _failure_record(_Failure(Failure.SERIALIZATION, message))))
         return {"outcomes": outcomes}
 
     def op_submit(self, request: dict, req_id: int) -> dict:
@@ -308,10 +307,10 @@ class Agent:
             with runs.lock(name):
                 decision = runs.claim(request)
                 action = decision["action"]
-                if action == "start" and request.get("payload_omitted"):
+                if action == Action.START and request.get("payload_omitted"):
                     # A miss that needs the function and inputs the client held back.
-                    return {"name": name, "action": "need_payload", "root": runs.root}
-                if action == "start":
+                    return {"name": name, "action": Action.NEED_PAYLOAD, "root": runs.root}
+                if action == Action.START:
                     if stage_error is not None:
                         raise stage_error
                     attempt = runs.next_attempt(name, decision["previous"])
@@ -337,9 +336,9 @@ class Agent:
             if request.get("wait"):
                 self._follow_until(runs, name, started.done_fd, exited)
             os.close(started.done_fd)
-        if action in ("mismatch", "exists", "busy"):
+        if action in (Action.MISMATCH, Action.EXISTS, Action.BUSY):
             reply["differences"] = decision.get("differences", [])
-        config = runs.read_config(name) if action == "start" else decision.get("config")
+        config = runs.read_config(name) if action == Action.START else decision.get("config")
         if request.get("want_outcome"):
             reply.update(runs.with_outcome(name, config))
         else:
@@ -455,16 +454,16 @@ def _failure_record(exc: BaseException) -> dict:
         record["kind"] = exc.remoterun_kind
         return record
     record = error_record(exc)
-    if isinstance(exc, CorruptRunError):
-        record.update(kind="corrupt", filename=exc.filename, url=exc.url)
+    if isinstance(exc, CorruptRunError):  # before OSError: it is a RunStorageError too
+        record.update(kind=Failure.CORRUPT, filename=exc.filename, url=exc.url)
     elif isinstance(exc, SigningKeyError):
-        record["kind"] = "key"
-    elif isinstance(exc, ValueError) and "invalid run name" in str(exc):
-        record["kind"] = "name"
+        record["kind"] = Failure.KEY
+    elif isinstance(exc, InvalidRunNameError):
+        record["kind"] = Failure.NAME
     elif isinstance(exc, OSError):
-        record["kind"] = "storage"
+        record["kind"] = Failure.STORAGE
     else:
-        record["kind"] = "agent"
+        record["kind"] = Failure.AGENT
     return record
 
 

@@ -27,6 +27,7 @@ from .procs import (
     process_start_time,
     worker_alive,
 )
+from .protocol import Action, Mode
 
 ExitCallback = Callable[[int, int], None]
 
@@ -240,7 +241,7 @@ class HostRuns:
         config.json is replaced atomically, and a COMPLETED record is only ever replaced
         by a re-execution, which would answer the same.
         """
-        if request["mode"] != "get":
+        if request["mode"] != Mode.GET:
             return None
         name = request["name"]
         try:
@@ -251,7 +252,7 @@ class HostRuns:
             return None
         if fingerprint_differences(config, request):
             return None
-        reply = {"name": name, "action": "hit", "root": self.root, "config": config}
+        reply = {"name": name, "action": Action.HIT, "root": self.root, "config": config}
         if request.get("want_outcome"):
             reply.update(self.outcome(name, config))
             if self.read_config(name) != config:
@@ -272,32 +273,35 @@ class HostRuns:
             # A damaged record is no run to keep: executing the name again keeps its
             # files under attempts/<n>/, as for a failed run.
             sys.stderr.write(f"remoterun: {exc}\n")
-            return {"action": "start", "previous": {"attempt": None}}
+            return {"action": Action.START, "previous": {"attempt": None}}
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
             config = self._mark_lost(name, config, "its process is gone")
         if config is None:
-            return {"action": "start", "previous": None}
+            return {"action": Action.START, "previous": None}
         mode = request["mode"]
-        if mode == "new":
+        if mode == Mode.NEW:
             if request.get("exclusive"):
-                return {"action": "exists", "config": config}
+                return {"action": Action.EXISTS, "config": config}
             if config.get("status") == layout.RUNNING:
-                return {"action": "busy", "config": config}
-            return {"action": "start", "previous": config}
+                return {"action": Action.BUSY, "config": config}
+            return {"action": Action.START, "previous": config}
         status = config.get("status")
         if status in (layout.COMPLETED, layout.RUNNING):
             differences = fingerprint_differences(config, request)
             if differences:
                 policy = request.get("on_mismatch", "error")
                 if policy == "error":
-                    return {"action": "mismatch", "config": config, "differences": differences}
+                    return {"action": Action.MISMATCH, "config": config, "differences": differences}
                 if policy == "rerun":
                     if status == layout.RUNNING:
-                        return {"action": "busy", "config": config}
-                    return {"action": "start", "previous": config}
-            return {"action": "hit" if status == layout.COMPLETED else "attach", "config": config}
+                        return {"action": Action.BUSY, "config": config}
+                    return {"action": Action.START, "previous": config}
+            return {
+                "action": Action.HIT if status == layout.COMPLETED else Action.ATTACH,
+                "config": config,
+            }
         # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
-        return {"action": "start", "previous": config}
+        return {"action": Action.START, "previous": config}
 
     def undo_attempt(self, name: str, attempt: int) -> None:
         """Take back a new attempt that could not be recorded (a full disk): remove what

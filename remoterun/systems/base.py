@@ -16,6 +16,7 @@ import sys
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from ..agent import layout, protocol
+from ..agent.protocol import Op
 from ..errors import (
     CorruptRunError,
     RemoterunError,
@@ -124,13 +125,13 @@ class System:
         """
         if not self.executes:
             return self.folder(name, root).read_record(want_outcome)
-        op = {"op": "status", "root": root or self.root, "name": check_run_name(name)}
+        op = {"op": Op.STATUS, "root": root or self.root, "name": check_run_name(name)}
         op["want_outcome"] = want_outcome
         return self.request(op, run_name=name)
 
     def cancel(self, name: str, *, root: str | None = None, grace: float = 3.0) -> dict | None:
         """Stop the run's process group and record CANCELLED; return its config."""
-        op = {"op": "cancel", "root": root or self.root, "name": check_run_name(name)}
+        op = {"op": Op.CANCEL, "root": root or self.root, "name": check_run_name(name)}
         op["grace"] = grace
         return self.request(op, run_name=name)["config"]
 
