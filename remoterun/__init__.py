@@ -33,8 +33,7 @@ from .errors import (
     WorkerLostError,
 )
 from .run import Run, RunStatus, current_run, run
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> module that defines it
 _LAZY = {

@@ -40,6 +40,7 @@ from .run import Run, RunStatus, current_run, failure_from_config
 from .systems import resolve
 from .systems.base import System, print_output, share_list
 from .systems.connection import AgentConnection, AgentFailure
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -595,7 +596,6 @@ class RemoteFunction:
         with_code: bool = True,
         arg_fp: dict[str, Any] | None = None,
     ) -> dict:
-        from . import __version__
         from .run import _creator
 
         fingerprint: dict[str, Any] = self._code_record() if with_code else {}

@@ -38,6 +38,7 @@ from .folder import (
     protocols,
     split_run_url,
 )
+from .version import __version__
 
 if TYPE_CHECKING:
     import fsspec
@@ -891,8 +892,6 @@ class _ContextRecorder:
 
     def _begin(self, previous: dict | None) -> None:
         """Move an earlier attempt aside and make this block's config."""
-        from . import __version__
-
         folder = self.run.folder
         attempt = 1
         folder.makedirs()
