@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import cache, lineage
+from . import cache, context, lineage
 from .agent import integrity, layout, pickling
 from .agent.protocol import Action, Failure, Mode, Op
 from .agent.store import fingerprint_differences
@@ -596,7 +596,6 @@ class RemoteFunction:
         with_code: bool = True,
         arg_fp: dict[str, Any] | None = None,
     ) -> dict:
-        from .run import _creator
 
         fingerprint: dict[str, Any] = self._code_record() if with_code else {}
         if self._run_type == "function":
@@ -610,7 +609,7 @@ class RemoteFunction:
             "fn_qualname": _qualified_name(self.fn),
             "cmds": list(self._cmds),
             "fingerprint": fingerprint,
-            "creator": _creator(),
+            "creator": context.creator(),
             "remoterun_version": __version__,
             "system": system.name,
             "parent": parent.url if parent is not None else None,
