@@ -33,18 +33,18 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, NamedTuple, Seq
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
-from ..errors import (
+from ...errors import (
     AgentError,
     HostKeyError,
     RunExistsError,
     RunNotFoundError,
     SystemUnavailableError,
 )
-from .base import System, share_list
-from .connection import AgentConnection, ConnectionPool
+from ..base import System, share_list
+from ..connection import AgentConnection, ConnectionPool
 
 if TYPE_CHECKING:
-    from ..run import Run
+    from ...run import Run
 
 logger = logging.getLogger(__name__)
 
@@ -771,7 +771,7 @@ class SSHHost(System):
         return fs
 
     def folder(self, name: str, root: str | None = None) -> Any:
-        from ..folder import RunFolder, check_run_name
+        from ...folder import RunFolder, check_run_name
 
         check_run_name(name)
         return RunFolder(_HostFileSystem(self), f"{(root or self.root).rstrip('/')}/{name}")
@@ -1117,7 +1117,7 @@ class SSHCluster(System):
         """Keep this cluster's definition in ``$REMOTERUN_HOME/clusters/<name>.json`` (key
         file paths, never keys), so that ``rr.cluster(name)`` and the ``remoterun`` command
         find it; return the file's path."""
-        from . import save_cluster
+        from .. import save_cluster
 
         return save_cluster(self.name, self._options)
 
@@ -1171,7 +1171,7 @@ class SSHCluster(System):
         return self.placement(name).cancel(name, root=root, grace=grace)
 
     def get_run(self, name: str) -> Run:
-        from ..errors import RunNotFoundError
+        from ...errors import RunNotFoundError
 
         first = self.placement(name)
         for host in [first] + [h for h in self.hosts if h is not first]:
@@ -1242,3 +1242,9 @@ def _host_options(entry: str | dict, common: dict) -> dict:
 
 def _rebuild_cluster(name: str, options: dict) -> SSHCluster:
     return SSHCluster(name, **options)
+
+
+# Pickles name the rebuild function in the package, as before the module became one: a
+# cluster's pickle, and so the fingerprint of an argument that holds a cluster, keep
+# their bytes.
+_rebuild_cluster.__module__ = "remoterun.systems.ssh"
