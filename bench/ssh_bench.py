@@ -5,7 +5,7 @@ users, since stopping a server kills every process of its user). The remote Pyth
 Debian's /usr/bin/python3, which has no cloudpickle: the naive per-call baseline gets
 cloudpickle's own source uploaded once with SFTP into ~/.rrbench/site (PYTHONPATH).
 
-remoterun's side needs ``rr.cluster`` (remoterun/systems/ssh.py); until it exists its
+remoterun's side needs ``rr.cluster`` (remoterun/systems/ssh/); until it exists its
 rows say "n/a (rr.cluster not available)" and the baselines still run.
 """
 
@@ -228,7 +228,7 @@ def make_pool(ctx: Context, name: str) -> Any:
 
 
 def close_cluster(cluster: Any) -> None:
-    """Close a cluster's connections, whatever ssh.py names that."""
+    """Close a cluster's connections, whatever remoterun.systems.ssh names that."""
     for name in ("close", "shutdown", "disconnect"):
         method = getattr(cluster, name, None)
         if callable(method):

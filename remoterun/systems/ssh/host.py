@@ -1,0 +1,433 @@
+"""One host of an SSH cluster: its connection (through its jump hosts), the package
+installed and agents started over exec channels of that connection, and its run folders
+read over SFTP on it."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import posixpath
+import shlex
+import threading
+import time
+import weakref
+from typing import Any, ContextManager, Sequence
+
+import paramiko
+
+from ...errors import (
+    AgentError,
+    HostKeyError,
+    RunExistsError,
+    RunNotFoundError,
+    SystemUnavailableError,
+)
+from ...folder import RunFolder, check_run_name
+from ..base import System
+from ..connection import AgentConnection, ConnectionPool
+from .commands import _drain_stderr, _exec
+from .endpoint import _endpoint, _jump_hops, _tunnel
+from .package import (
+    MIN_PYTHON,
+    boot_command,
+    package_archive,
+    package_damage,
+    package_dir,
+    upload_package,
+)
+from .sftp import _HostFileSystem, _SharedSFTPFileSystem
+
+logger = logging.getLogger(__name__)
+
+# A host that failed to connect is left out of placement for this long.
+_DOWN_FOR = 30.0
+# A wide channel window: at paramiko's default (2 MB) a large argument or result spends
+# most of its time waiting for window adjustments.
+_WINDOW_SIZE = 32 << 20
+_MAX_PACKET = 32 << 10
+# Ops that may be sent again after a lost connection: they change nothing twice.
+_IDEMPOTENT = frozenset({"ping", "status", "cancel"})
+
+# Hosts of the clusters this process holds, so that a lineage link to an ssh:// URL finds
+# the connection (and its host-key checks) to read it with.
+_open_hosts: weakref.WeakValueDictionary[int, SSHHost] = weakref.WeakValueDictionary()
+
+
+def open_host(label: str) -> SSHHost | None:
+    """A host of a live cluster of this process whose label is ``user@host:port``."""
+    for host in list(_open_hosts.values()):
+        if host.host_label() == label:
+            return host
+    return None
+
+
+class _PackageDamaged(Exception):
+    """The host's copy of the package is missing, or not what the client installed."""
+
+
+def _endpoint_field(name: str) -> Any:
+    return property(
+        lambda self: getattr(self.endpoint, name),
+        lambda self, value: setattr(self.endpoint, name, value),
+    )
+
+
+class SSHHost(System):
+    """One host of a cluster: its connection, its agents and its run folders."""
+
+    executes = True
+
+    def __init__(
+        self,
+        cluster_name: str,
+        *,
+        alias: str,
+        user: str | None,
+        key: str | None,
+        port: int | None,
+        python: str,
+        env: dict[str, str],
+        setup: Sequence[str],
+        known_hosts: str | None,
+        trust_new_hosts: bool,
+        connect_timeout: float,
+        root: str,
+        ssh_config: str | None,
+        max_sessions: int = 10,
+        proxy_jump: str | None = None,
+    ):
+        if max_sessions < 3:
+            raise ValueError(
+                "max_sessions must be at least 3 (one for SFTP, one for control, one agent)"
+            )
+        self.alias = alias
+        self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
+        self.endpoint = _endpoint(alias, user, port, key, ssh_config, self.known_hosts)
+        jump = proxy_jump if proxy_jump is not None else self.endpoint.proxy_jump
+        # Each hop is resolved like a host (its ~/.ssh/config entry, its keys), now, so a
+        # malformed ProxyJump fails when the cluster is made, not at its first call.
+        # A hop without an IdentityFile of its own is offered the host's key too.
+        self.jumps = [
+            _endpoint(hop, hop_user, hop_port, None, ssh_config, self.known_hosts)
+            for hop_user, hop, hop_port in _jump_hops(jump)
+        ]
+        for hop in self.jumps:
+            if not hop.config_keys:
+                hop.config_keys = [self.endpoint.key] if self.endpoint.key else []
+                hop.look_for_keys = True
+        self._jump_clients: list[paramiko.SSHClient] = []
+        self.python = python
+        self.env = dict(env)
+        self.setup = list(setup)
+        self.trust_new_hosts = trust_new_hosts
+        self.connect_timeout = connect_timeout
+        self._root_spec = root
+        self.name = f"{cluster_name}:{alias}"
+        self._client: paramiko.SSHClient | None = None
+        self._fs: _SharedSFTPFileSystem | None = None
+        self._lock = threading.Lock()
+        self._python_abs: str | None = None
+        self._install_lock = threading.Lock()
+        self._installs = 0  # installs of the package by this client, to install once
+        self.facts: dict = {}
+        self.down_until = 0.0
+        # One session of the connection is SFTP's, one is kept for control (stopping an
+        # agent whose call was interrupted); the rest may be agents.
+        self.max_sessions = max_sessions
+        self._pool = ConnectionPool(
+            self._open_agent, max_idle=max_sessions - 2, max_open=max_sessions - 2
+        )
+        _open_hosts[id(self)] = self
+
+    def __repr__(self) -> str:
+        return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
+
+    # Where the host is and as whom: its endpoint holds them, with how to authenticate.
+    hostname = _endpoint_field("hostname")
+    user = _endpoint_field("user")
+    port = _endpoint_field("port")
+    key = _endpoint_field("key")
+
+    def host_label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    @property
+    def pkg_dir(self) -> str:
+        """Where the package lives on the host, relative to the home folder."""
+        return package_dir()
+
+    def reads_locally(self, folder: Any) -> bool:
+        host = getattr(folder.fs, "_host", None)
+        return host is not None and host.host_label() == self.host_label()
+
+    @property
+    def busy(self) -> int:
+        return self._pool.busy
+
+    @property
+    def cpus(self) -> int:
+        return int(self.facts.get("cpus") or 1)
+
+    def parallelism(self) -> int:
+        if not self.facts:
+            self._request({"op": "ping"})
+        return min(self.cpus, self.max_sessions - 2)
+
+    # ------------------------------------------------------------------ connecting
+
+    def client(self) -> paramiko.SSHClient:
+        """The host's one connection, opened (and the package uploaded) on first use."""
+        client = self._client
+        if (
+            client is not None
+            and client.get_transport() is not None
+            and client.get_transport().is_active()
+        ):
+            return client
+        with self._lock:
+            client = self._client
+            if (
+                client is None
+                or client.get_transport() is None
+                or not client.get_transport().is_active()
+            ):
+                self._pool.close()
+                self._fs = None
+                client = self._client = self._connect()
+        return client
+
+    def _connect(self) -> paramiko.SSHClient:
+        self._close_jumps()
+        try:
+            open_sock = None
+            via = ""
+            # Each hop is reached through the one before it, the host through the last;
+            # each attempt at a hop gets a new channel from the one before.
+            for hop, after in zip(self.jumps, self.jumps[1:] + [self.endpoint]):
+                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, open_sock, via)
+                self._jump_clients.append(jump)
+                open_sock = functools.partial(_tunnel, jump, after, hop)
+                via = f" (via jump host {hop.label})"
+            client = self.endpoint.connect(
+                self.trust_new_hosts, self.connect_timeout, open_sock, via
+            )
+        except (HostKeyError, SystemUnavailableError):
+            self._close_jumps()
+            self.down_until = time.monotonic() + _DOWN_FOR
+            raise
+        self.down_until = 0.0
+        self._run_setup(client)
+        return client
+
+    def _run_setup(self, client: paramiko.SSHClient) -> None:
+        """Run the cluster's setup commands once per host; again when the list changes.
+
+        Their output is kept in ``~/.remoterun/setup/<hash>.log`` on the host.
+        """
+        if not self.setup:
+            return
+        digest = hashlib.blake2b("\n".join(self.setup).encode(), digest_size=8).hexdigest()
+        marker = f".remoterun/setup/{digest}"
+        script = " && ".join(f"( {cmd} )" for cmd in self.setup)
+        # remoterun's files are the owner's only (umask 077); the commands keep the umask
+        # they would have had.
+        command = (
+            "cd && (umask 077 && mkdir -p .remoterun/setup && chmod 700 .remoterun "
+            f".remoterun/setup) && if [ -e {marker}.done ]; then exit 0; fi; "
+            f"(umask 077 && : > {marker}.log && chmod 600 {marker}.log) && "
+            f"( {script} ) >> {marker}.log 2>&1 && (umask 077 && touch {marker}.done) && exit 0; "
+            f"status=$?; tail -c 2000 {marker}.log >&2; exit $status"
+        )
+        status, _, err = _exec(client, command, timeout=None)
+        if status != 0:
+            raise SystemUnavailableError(
+                f"the setup commands failed on {self.host_label()} (exit {status}; full "
+                f"output in ~/{marker}.log there):\n{err.strip()}"
+            )
+
+    def _close_jumps(self) -> None:
+        jumps, self._jump_clients = self._jump_clients, []
+        for jump in reversed(jumps):
+            jump.close()
+
+    def _install_package(self, client: paramiko.SSHClient, seen: int) -> None:
+        """Install the package on the host (again), unless another thread did since this
+        one saw ``seen`` installs: the archive goes in on the extraction's stdin, so it
+        never lies on the host's disk."""
+        with self._install_lock:
+            if self._installs != seen:
+                return
+            status, err = upload_package(client, self.python, self.connect_timeout)
+            if status != 0:
+                raise SystemUnavailableError(self._python_failure(status, err))
+            self._installs += 1
+        logger.debug("installed remoterun %s on %s", package_archive().version, self.host_label())
+
+    def _python_failure(self, status: int, err: str) -> str:
+        hint = (
+            f"install Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ there, or pass "
+            "python='/path/to/python3' to rr.cluster"
+        )
+        if status == 127 or "not found" in err:
+            return f"no Python interpreter {self.python!r} on {self.host_label()}: {hint}"
+        return (
+            f"the Python interpreter {self.python!r} on {self.host_label()} failed "
+            f"(exit {status}): {err.strip()[-800:]}; {hint}"
+        )
+
+    # ------------------------------------------------------------------ agents
+
+    def _open_agent(self) -> AgentConnection:
+        client = self.client()
+        installs = self._installs
+        try:
+            return self._start_agent(client)
+        except _PackageDamaged as exc:
+            # Not there yet (a new host or version), or a file of it was changed or
+            # deleted: install it again rather than run it, then start the agent anew.
+            log = logger.debug if str(exc) == "it is missing" else logger.warning
+            log("remoterun in ~/%s on %s: %s; installing it", self.pkg_dir, self.host_label(), exc)
+            self._install_package(client, installs)
+        try:
+            return self._start_agent(client)
+        except _PackageDamaged as exc:
+            raise SystemUnavailableError(
+                f"remoterun in ~/{self.pkg_dir} on {self.host_label()}: {exc}, even after "
+                "installing it again; is something on the host changing that folder?"
+            ) from None
+
+    def _start_agent(self, client: paramiko.SSHClient) -> AgentConnection:
+        transport = client.get_transport()
+        assert transport is not None
+        command = boot_command(self._python_abs or self.python, self.env)
+        try:
+            channel = transport.open_session(
+                window_size=_WINDOW_SIZE, max_packet_size=_MAX_PACKET, timeout=self.connect_timeout
+            )
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SystemUnavailableError(
+                f"cannot open a channel to {self.host_label()}: {exc}"
+            ) from exc
+
+        def close() -> None:
+            channel.close()
+
+        def stop() -> None:
+            # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
+            # would run on in the agent. The agent leads its process group (sshd made it a
+            # session leader): kill the group, with what the call started in it, as the
+            # agent does itself when its connection drops. Recorded runs are in sessions
+            # of their own.
+            pid = conn.facts.get("pid")
+            if isinstance(pid, int):
+                command = f"kill -KILL -- -{pid} 2>/dev/null || kill -KILL {pid}"
+                _exec(client, command, timeout=self.connect_timeout)
+
+        conn = AgentConnection(
+            channel.recv,
+            channel.sendall,
+            close,
+            label=self.host_label(),
+            alive=lambda: not (channel.closed or channel.eof_received),
+            stop=stop,
+        )
+        try:
+            facts = conn.handshake()
+        except SystemUnavailableError:
+            err = _drain_stderr(channel)
+            status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+            damage = package_damage(err)
+            if damage is not None:  # the status is lost when the channel closes first
+                raise _PackageDamaged(damage) from None
+            raise SystemUnavailableError(self._python_failure(status, err)) from None
+        version = tuple(int(p) for p in facts["python"].split(".")[:2])
+        if version < MIN_PYTHON:
+            conn.close()
+            raise SystemUnavailableError(
+                f"{facts['executable']} on {self.host_label()} is Python {facts['python']}; "
+                f"remoterun needs {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer"
+            )
+        self.facts = facts
+        self._python_abs = shlex.quote(facts["executable"])
+        return conn
+
+    def _connection(self) -> ContextManager[AgentConnection]:
+        return self._pool.connection()
+
+    def _request(self, op: dict, on_output: Any = None) -> dict:
+        try:
+            return super()._request(op, on_output)
+        except AgentError:
+            if op.get("op") not in _IDEMPOTENT:
+                raise
+            # The connection dropped (sshd restarted, network blip): reconnect, ask again.
+            logger.info("lost the agent on %s; reconnecting", self.host_label())
+            return super()._request(op, on_output)
+
+    def copy_direct(
+        self,
+        name: str,
+        root: str,
+        dst_url: str,
+        storage_options: dict,
+        overwrite: bool,
+        records: bool = True,
+    ) -> str | None:
+        """Have the host copy its run folder to ``dst_url`` itself (without the records
+        unless ``records``: the client writes them, signed); None when it did, else why
+        it could not (the client then copies)."""
+        op = {
+            "op": "copy_out",
+            "root": root,
+            "name": name,
+            "dst": dst_url,
+            "storage_options": storage_options,
+            "overwrite": overwrite,
+            "records": records,
+        }
+        reply = self.request(op, run_name=name)
+        if reply.get("refused") == "RunExistsError":
+            raise RunExistsError(reply["why"])
+        if reply.get("refused") == "RunNotFoundError":
+            raise RunNotFoundError(reply["why"])
+        return None if reply["copied"] else reply["why"]
+
+    # ------------------------------------------------------------------ storage
+
+    @property
+    def root(self) -> str:
+        spec = self._root_spec
+        if spec.startswith("~"):
+            if not self.facts:
+                self._request({"op": "ping"})
+            spec = self.facts["home"] + spec[1:]
+        elif not spec.startswith("/"):
+            if not self.facts:
+                self._request({"op": "ping"})
+            spec = posixpath.join(self.facts["home"], spec)
+        return posixpath.normpath(spec)
+
+    def filesystem(self) -> _SharedSFTPFileSystem:
+        client = self.client()
+        fs = self._fs
+        if fs is None or fs.client is not client:
+            with self._lock:
+                if self._fs is None or self._fs.client is not client:
+                    self._fs = _SharedSFTPFileSystem(client, self.host_label())
+                fs = self._fs
+        return fs
+
+    def folder(self, name: str, root: str | None = None) -> Any:
+        check_run_name(name)
+        return RunFolder(_HostFileSystem(self), f"{(root or self.root).rstrip('/')}/{name}")
+
+    def close(self) -> None:
+        self._pool.close()
+        with self._lock:
+            client, self._client, self._fs = self._client, None, None
+        if client is not None:
+            client.close()
+        self._close_jumps()
