@@ -774,8 +774,9 @@ def lineage_kind(reply: dict) -> str | None:
 
 
 def _link(kind: str | None, run: Run) -> None:
-    if kind is not None and current_run() is not None:
-        lineage.note(kind, run)
+    outer = current_run()
+    if kind is not None and outer is not None:
+        lineage.note(kind, run, outer=outer)
 
 
 def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:

@@ -18,16 +18,18 @@ holding it (the host that ran the run), and on this machine when it is not found
 
 from __future__ import annotations
 
-import os
 import posixpath
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
+from . import registry
 from .agent import layout
 from .agent.procs import HOSTNAME
 from .errors import RemoterunError, RunNotFoundError
+from .folder import RunFolder, local_filesystem, protocols
 
-if TYPE_CHECKING:
-    from .run import Run
+# Runs are handled through their public surface, and the handles a record links to are
+# made with ``holder.at(folder, system)``: this module sits below ``run``.
+Run = Any
 
 USED = "used"
 PRODUCED = "produced"
@@ -35,25 +37,22 @@ PRODUCED = "produced"
 # --------------------------------------------------------------------------- recording
 
 
-def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None = None) -> None:
-    """Link ``run`` to ``outer``, by default the run executing this code (if any), as
-    ``used`` or ``produced``.
+def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None) -> None:
+    """Link ``run`` to ``outer`` (the run executing this code, if any), as ``used`` or
+    ``produced``.
 
     A run is never linked to itself; a run the current run produced is not linked again
     as used (its parent link says it already). A link already made costs nothing; one
     that cannot be written is logged, never raised: the work it records has happened.
     """
-    from .run import current_run
-
-    outer = outer or current_run()
     if outer is None:
         return
     url = run.url
     if url == outer.url:
         return
     if attempt is None:
-        attempt = (run._config or {}).get("attempt")
-    key = (_identity(outer), url, attempt, kind)
+        attempt = (run.known_config or {}).get("attempt")
+    key = (outer.execution, url, attempt, kind)
     if key in _noted:
         return
 
@@ -70,7 +69,7 @@ def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None =
         return True
 
     try:
-        outer._update_config(change)
+        outer.update_record(change)
     except (RemoterunError, OSError) as exc:
         import logging
 
@@ -88,26 +87,15 @@ def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None =
 _noted: set[tuple] = set()
 
 
-def _identity(outer: Run) -> str:
-    """One execution of ``outer``: a block by its start, a recorded run by this process
-    (a worker executes one run)."""
-    context = outer._context
-    if context is not None and context.config:
-        return f"{outer.url}@{context.config.get('start_time')}"
-    return f"{outer.url}@pid{os.getpid()}"
-
-
 def record_fields(used: list[tuple[str, int | None]]) -> dict[str, Any]:
     """The ``upstream``/``links`` fields of a new run's record that used these runs."""
     links = [{"url": url, "kind": USED, "attempt": attempt} for url, attempt in used]
     return {"upstream": list(dict.fromkeys(url for url, _ in used)), "links": links}
 
 
-def check_not_self(run: Run) -> None:
-    """Refuse to wait for the run executing this very code: it would wait forever."""
-    from .run import current_run
-
-    outer = current_run()
+def check_not_self(run: Run, outer: Run | None) -> None:
+    """Refuse to wait for the run executing this very code (``outer``): it would wait
+    forever."""
     if outer is not None and outer.url == run.url and not run.done():
         raise RemoterunError(
             f"run {run.name!r} cannot wait for itself: it is the run executing this code. "
@@ -121,9 +109,6 @@ def check_not_self(run: Run) -> None:
 def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
     """The Run a link in ``holder``'s record names, at its attempt; None when it cannot be
     reached from here (an SSH host no open cluster connects to)."""
-    from .folder import RunFolder, local_filesystem
-    from .run import Run
-
     scheme, _, rest = url.partition("://")
     if not rest:
         scheme, rest = "file", url
@@ -135,27 +120,27 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
     run: Run | None = None
     if scheme == "file":
         path = "/" + rest.lstrip("/")
-        host = getattr(holder.folder.fs, "_host", None)
+        host = _host_of(holder)
         if host is not None:  # a path on the host that holds the record
-            candidate = Run(host.folder(name, posixpath.dirname(path)), host)
+            candidate = holder.at(host.folder(name, posixpath.dirname(path)), host)
             try:
                 if candidate.folder.exists():
                     run = candidate
             except RemoterunError:  # not readable there: written by a client
                 pass
         if run is None:  # on this machine: only a record written here
-            local = _at_attempt(Run(RunFolder(local_filesystem(), path)), attempt)
-            host = (local._config or {}).get("host")
+            local = _at_attempt(holder.at(RunFolder(local_filesystem(), path)), attempt)
+            host = (local.known_config or {}).get("host")
             return local if host in (None, _this_host()) else None
     elif scheme == "ssh":
         host = _open_host(holder, rest.split("/", 1)[0])
         if host is None:
             return None
-        run = Run(host.folder(name, "/" + posixpath.dirname(rest.split("/", 1)[1])), host)
+        run = holder.at(host.folder(name, "/" + posixpath.dirname(rest.split("/", 1)[1])), host)
     elif scheme in _STORES:
         options = getattr(holder.folder.fs, "storage_options", None) or {}
         same = scheme in _protocols(holder)
-        run = Run(RunFolder.from_url(url, **(options if same else {})))
+        run = holder.at(RunFolder.from_url(url, **(options if same else {})))
     else:  # a link never makes remoterun reach out to an arbitrary kind of URL
         return None
     return _at_attempt(run, attempt)
@@ -165,40 +150,39 @@ def _this_host() -> str:
     return HOSTNAME
 
 
+def _host_of(holder: Run) -> Any:
+    """The SSH host that holds ``holder``'s folder, if it is on one."""
+    system = holder.system
+    if system is None or holder.folder.local or not hasattr(system, "host_label"):
+        return None
+    return system if system.executes else None
+
+
 # Where a link may point besides file:// and ssh://: stores that hold runs.
 _STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 
 
 def _protocols(run: Run) -> tuple[str, ...]:
-    from .folder import protocols
-
     return protocols(run.folder.fs)
 
 
 def _open_host(holder: Run, label: str) -> Any:
-    host = getattr(holder.folder.fs, "_host", None)
+    host = _host_of(holder)
     if host is not None and host.host_label() == label:
         return host
-    try:
-        from .systems.ssh import open_host
-    except ImportError:
-        return None
-    return open_host(label)
+    return registry.open_host(label)
 
 
 def _at_attempt(run: Run, attempt: int | None) -> Run:
     """The run at that attempt, its record read: its own folder while the attempt is
     current, else the archived ``attempts/<n>/``."""
-    from .run import Run
-
     config = run.folder.read_config()
     if attempt is not None and config is not None and config.get("attempt") not in (attempt, None):
-        archived = Run(run.folder.attempt(attempt))
-        archived._config = archived.folder.read_config()
-        if archived._config is not None:
+        archived_folder = run.folder.attempt(attempt)
+        archived = run.at(archived_folder, None, archived_folder.read_config())
+        if archived.known_config is not None:
             return archived
-    run._config = config
-    return run
+    return run.at(run.folder, run.system, config)
 
 
 def links(run: Run, kind: str | None = None) -> Iterator[tuple[str, str, int | None]]:
@@ -222,7 +206,7 @@ def linked(run: Run, kind: str | None = None) -> list[Run]:
     found = []
     for _, url, attempt in links(run, kind):
         other = resolve(run, url, attempt)
-        if other is not None and other._config is not None:
+        if other is not None and other.known_config is not None:
             found.append(other)
     return found
 
@@ -236,7 +220,7 @@ def steps(run: Run) -> list[Run]:
     def visit(current: Run) -> None:
         for kind, url, attempt in links(current):
             other = resolve(current, url, attempt)
-            if other is None or other._config is None or other.url in seen:
+            if other is None or other.known_config is None or other.url in seen:
                 continue
             seen.add(other.url)
             found.append(other)
@@ -334,7 +318,7 @@ def graph(run: Run, max_runs: int = 1000) -> RunGraph:
         current = queue.pop(0)
         for kind, url, attempt in links(current):
             other = resolve(current, url, attempt)
-            if other is None or other._config is None:
+            if other is None or other.known_config is None:
                 continue
             if other.url not in nodes:
                 if len(nodes) >= max_runs:

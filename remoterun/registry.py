@@ -25,7 +25,7 @@ SYSTEMS: dict[str, tuple[str, str | None]] = {
     "here": ("remoterun.systems.local:local", None),
     "storage": ("remoterun.systems.storage:StorageSystem", None),
     "cluster": ("remoterun.systems:cluster", "ssh"),
-    "saved": ("remoterun.systems:saved_cluster", None),
+    "saved": ("remoterun.systems.saved:saved_cluster", None),
 }
 
 

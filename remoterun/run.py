@@ -11,11 +11,11 @@ import enum
 import os
 import posixpath
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-from . import context, export
+from . import context, export, lineage, registry
 from .agent import integrity, layout
-from .agent.protocol import Failure
+from .agent.protocol import Action, Failure, Mode, Op
 from .agent.store import HostRuns
 from .errors import (
     CorruptRunError,
@@ -29,14 +29,15 @@ from .folder import (
     check_run_name,
     copy_folder,
     copy_records,
+    local_filesystem,
     protocols,
     split_run_url,
 )
+from .version import __version__
 
-if TYPE_CHECKING:
-    import fsspec
-
-    from .systems.base import System
+# A System (``remoterun.systems``, the layer above, which makes Run handles); typed
+# loosely here, so that this module does not import it.
+System = Any
 
 
 class RunStatus(str, enum.Enum):
@@ -120,6 +121,24 @@ class Run:
     def __hash__(self) -> int:
         return hash(self.url)
 
+    def at(self, folder: RunFolder, system: Any = None, config: dict | None = None) -> Run:
+        """A handle of the same kind and trust on another folder (a linked run's, an
+        earlier attempt's), its record as given (None: read when asked)."""
+        return type(self)(folder, system, config, trust=self._trust)
+
+    @property
+    def known_config(self) -> dict | None:
+        """The record as last read, None if it was never read (or there is none)."""
+        return self._config
+
+    @property
+    def execution(self) -> str:
+        """One execution of this run as seen from this process: a block by its start, a
+        recorded run by this process (a worker executes one run)."""
+        if self._context is not None and self._context.config:
+            return f"{self.url}@{self._context.config.get('start_time')}"
+        return f"{self.url}@pid{os.getpid()}"
+
     # ------------------------------------------------------------------ status
 
     @property
@@ -172,9 +191,7 @@ class Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
         if self._config is None or self._config.get("status") not in layout.TERMINAL:
-            from .lineage import check_not_self
-
-            check_not_self(self)
+            lineage.check_not_self(self, current_run())
         # A run seen once does not vanish, but its record can read as absent for a moment
         # while the name is executed again elsewhere: look again before saying it is gone.
         missing_since = None
@@ -218,9 +235,7 @@ class Run:
         """
         value = self._result_value(timeout)
         if current_run() is not None:
-            from .lineage import USED, note
-
-            note(USED, self)
+            lineage.note(lineage.USED, self, outer=current_run())
         return value
 
     def _result_value(self, timeout: float | None = None) -> Any:
@@ -268,9 +283,7 @@ class Run:
     def _argument_run(self, value: Any) -> Any:
         """A run passed as an argument (recorded as a reference) as a Run again."""
         if isinstance(value, layout.RunArgument):
-            from .lineage import resolve
-
-            return resolve(self, value.url, value.attempt) or value
+            return lineage.resolve(self, value.url, value.attempt) or value
         if type(value) in (list, tuple):
             return type(value)(self._argument_run(v) for v in value)
         if type(value) is dict:
@@ -498,14 +511,14 @@ class Run:
                 old_steps = [] if overwrite else steps.get(key, [None] * len(values))
                 steps[key] = old_steps + [step]
 
-        self._update_config(update)
+        self.update_record(update)
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set the tag ``key`` (text, a number or a bool; anything else as its ``str``)."""
         _check_key(key, "tag")
         if not isinstance(value, (str, int, float, bool)) and value is not None:
             value = str(value)
-        self._update_config(lambda config: config.setdefault("tags", {}).__setitem__(key, value))
+        self.update_record(lambda config: config.setdefault("tags", {}).__setitem__(key, value))
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record the run's parameters (values kept as JSON when they can be, else as
@@ -520,9 +533,9 @@ class Run:
                 clean[key] = value
             except (TypeError, ValueError):
                 clean[key] = repr(value)
-        self._update_config(lambda config: config.setdefault("params", {}).update(clean))
+        self.update_record(lambda config: config.setdefault("params", {}).update(clean))
 
-    def _update_config(self, change: Any) -> None:
+    def update_record(self, change: Any) -> None:
         """Change the run's record in place: under its lock on this machine (the worker
         writes its outcome under the same lock, re-reading the record first), in the
         block's own record for a ``with rr.run(...)`` block. ``change(config)`` returns
@@ -555,45 +568,33 @@ class Run:
 
     def parent(self) -> Run | None:
         """The run that started this one, or None."""
-        from .lineage import resolve
-
         url = self.config.get("parent")
-        found = resolve(self, url) if url else None
-        return found if found is not None and found._config is not None else None
+        found = lineage.resolve(self, url) if url else None
+        return found if found is not None and found.known_config is not None else None
 
     def children(self) -> list[Run]:
         """The runs this run started (its ``downstream``), in order."""
-        from .lineage import PRODUCED, linked
-
-        return linked(self, PRODUCED)
+        return lineage.linked(self, lineage.PRODUCED)
 
     def upstream(self) -> list[Run]:
         """The finished runs whose results this run used: cache hits, results it read,
         runs passed to it as arguments."""
-        from .lineage import USED, linked
-
-        return linked(self, USED)
+        return lineage.linked(self, lineage.USED)
 
     def steps(self) -> list[Run]:
         """Every run this run started or used and, through the runs it started, theirs:
         a pipeline's steps, whether they executed or came from the cache."""
-        from .lineage import steps
-
-        return steps(self)
+        return lineage.steps(self)
 
     def find_step(self, name: str) -> Run:
         """The step (see ``steps``) whose run name is ``name``, else the only step of the
         function ``name``. Raises RunNotFoundError when there is none."""
-        from .lineage import find_step
-
-        return find_step(self, name)
+        return lineage.find_step(self, name)
 
     def graph(self, max_runs: int = 1000) -> Any:
         """The runs linked to this one, both ways and transitively, as a ``RunGraph``
         (``nodes``, ``edges``, ``to_dot()`` for Graphviz)."""
-        from .lineage import graph
-
-        return graph(self, max_runs)
+        return lineage.graph(self, max_runs)
 
     # ------------------------------------------------------------------ re-running
 
@@ -602,32 +603,103 @@ class Run:
         as a new run on ``system`` (default: this run's own system, else this machine);
         return it at once, RUNNING. Its record names this run as its ``source``.
 
-        Unpickles the recorded function here: re-run only runs you trust.
+        The recorded bytes are sent as they are, once checked against their digests (and
+        the signature, where one is needed): the function is not unpickled here.
         """
-        from .function import RemoteFunction
-
         config = self.config
         if config.get("run_type") == "context":
             raise RemoterunError(
                 f"run {self.name!r} recorded a `with rr.run(...)` block: there is no "
                 "function to re-run"
             )
-        data = self.folder.read_bytes(layout.FUNCTION)
-        fn = self._unpickle(layout.FUNCTION, data)
+        fn = self._checked_bytes(layout.FUNCTION)
+        inputs = self._checked_bytes(layout.INPUTS)
+        used = self._runs_passed()
+        if used:  # runs passed as arguments travel as their results, read here
+            inputs = self._inputs_with_results(used)
         if system is None:
             system = self.system if self.system is not None and self.system.executes else "here"
-        remote = RemoteFunction(fn, system=system, name=config.get("fn_name") or None)
-        remote._run_type = config.get("run_type") or "function"
-        remote._cmds = list(config.get("cmds") or [])
-        remote._extra_record = {"source": self.url, "source_attempt": config.get("attempt")}
-        inputs = self.inputs()
-        for value in (*inputs["args"], *inputs["kwargs"].values()):
+        outer = current_run()
+        record = {key: config.get(key) for key in _RERUN_FIELDS}
+        record.update(
+            creator=context.creator(),
+            remoterun_version=__version__,
+            parent=outer.url if outer is not None else None,
+            source=self.url,
+            source_attempt=config.get("attempt"),
+        )
+        if used:
+            record.update(lineage.record_fields([(r.url, r.config.get("attempt")) for r in used]))
+        request = {
+            "op": Op.SUBMIT,
+            "mode": Mode.NEW,
+            "wait": False,
+            "want_outcome": False,
+            "exclusive": run_name is None,
+            "lookup": False,
+            "record": record,
+            "fn": fn,
+            "inputs": inputs,
+        }
+        for _ in range(100):
+            name = run_name or layout.generate_run_name(config.get("fn_name") or "rerun")
+            target = registry.resolve(system).placement(name)
+            record["system"] = target.name
+            request.update(name=name, root=target.root)
+            reply = target.request(request, run_name=name)
+            if reply["action"] != Action.EXISTS or run_name is not None:
+                break
+        if reply["action"] in (Action.BUSY, Action.EXISTS):
+            raise RunNotFinishedError(
+                f"run {name!r} is already RUNNING on {target.name}: re-run under another name"
+            )
+        reply_config = reply.get("config") or {}
+        started = Run(
+            target.folder(name, reply.get("root")),
+            target,
+            reply_config,
+            attempt=reply_config.get("attempt"),
+        )
+        lineage.note(lineage.PRODUCED, started, outer=outer)
+        return started
+
+    def _runs_passed(self) -> list[Run]:
+        """The runs passed to this run as arguments (recorded as references), reached
+        from here; RemoterunError for one that cannot be."""
+        raw = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+        found = []
+        for value in (*raw.get("args", ()), *raw.get("kwargs", {}).values()):
             if isinstance(value, layout.RunArgument):
-                raise RemoterunError(
-                    f"run {self.name!r} was passed the run {value.url} as an argument, which "
-                    "cannot be reached from here: re-run it where that run is"
-                )
-        return remote.run(*inputs["args"], run_name=run_name, **inputs["kwargs"])
+                run = lineage.resolve(self, value.url, value.attempt)
+                if run is None or run.known_config is None:
+                    raise RemoterunError(
+                        f"run {self.name!r} was passed the run {value.url} as an argument, "
+                        "which cannot be reached from here: re-run it where that run is"
+                    )
+                found.append(run)
+        return found
+
+    def _inputs_with_results(self, runs: list[Run]) -> bytes:
+        """The inputs, pickled again with each run argument replaced by its result."""
+        from .agent import pickling  # cloudpickle: not at import
+
+        raw = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+        results = iter([run._result_value() for run in runs])
+
+        def value(item: Any) -> Any:
+            return next(results) if isinstance(item, layout.RunArgument) else item
+
+        args = [value(a) for a in raw.get("args", ())]
+        kwargs = {k: value(v) for k, v in raw.get("kwargs", {}).items()}
+        return pickling.dumps({"args": args, "kwargs": kwargs})
+
+    def _checked_bytes(self, filename: str) -> bytes:
+        """One of the run's pickles, as bytes checked against the record."""
+        required = self._signature_required()
+        self.folder.check_trusted(self.config, required=required)
+        return self.folder.check_digest(
+            self.config, filename, self.folder.read_bytes(filename), legacy_ok=not required
+        )
 
     def export(self, path: str, *, format: str | None = None) -> str:
         """Write the run's record (``config.json`` plus its URL) to ``path`` (a file path or
@@ -655,6 +727,10 @@ class Run:
             self._config = recorder.finish(exc)
 
 
+# What a re-run's record takes from its source's.
+_RERUN_FIELDS = ("run_type", "fn_name", "fn_qualname", "cmds", "fingerprint")
+
+
 def _check_key(key: Any, what: str) -> None:
     if not isinstance(key, str) or not key:
         raise TypeError(f"a {what} name must be a non-empty string, not {key!r}")
@@ -664,9 +740,6 @@ def _destination(
     system: Any, path: str | None, name: str, storage_options: dict
 ) -> tuple[System, RunFolder]:
     """Where ``run.to(system, path)`` puts the run named ``name``."""
-    from .systems import resolve
-    from .systems.storage import StorageSystem
-
     if system == "s3":
         if not path:
             raise RemoterunError(
@@ -677,9 +750,9 @@ def _destination(
     if is_url and path is None:
         url = os.path.expanduser(system).rstrip("/")
         root = url.rpartition("/")[0] if url.rpartition("/")[2] == name else url
-        target = StorageSystem(root, **storage_options)
+        target = registry.load("storage")(root, **storage_options)
         return target, target.folder(name)
-    target = resolve(system).placement(name)
+    target = registry.resolve(system).placement(name)
     if path is None:
         return target, target.folder(name)
     root, base = split_run_url(path)
@@ -696,7 +769,7 @@ def _destination(
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def _is_local(fs: Any) -> bool:
     return bool({"file", "local"} & set(protocols(fs)))
 
 
@@ -743,8 +816,7 @@ def run(
 
     The run need not exist yet: ``with rr.run(name=...) as r:`` records the block as a run.
     """
-    from .systems import resolve
-
+    resolve = registry.resolve
     if path is not None:
         if name is not None and posixpath.basename(path.rstrip("/")) != name:
             raise RemoterunError(
@@ -755,9 +827,7 @@ def run(
             resolved = resolve(system).placement(base)
             return Run(resolved.folder(base, root), resolved)
         # An explicit load by URL: its signature is checked whenever there is a team key.
-        from .systems.storage import StorageSystem
-
-        store = StorageSystem(root, **(storage_options or {}))
+        store = registry.load("storage")(root, **(storage_options or {}))
         return Run(store.folder(base), trust="signed")
     if name is None:
         raise RemoterunError("rr.run() needs a name=, or a path= to the run's folder")
@@ -777,7 +847,5 @@ def current_run() -> Run | None:
         return block
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
-        from .folder import local_filesystem
-
         return Run(RunFolder(local_filesystem(), run_dir))
     return None

@@ -362,10 +362,3 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, where: str) -> None:
         raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
     if not found:
         raise RunStorageError(f"cannot list the runs in {where}: there is no bucket {bucket!r}")
-
-
-def unknown_system(spec: object) -> RemoterunError:
-    return RemoterunError(
-        f"cannot tell which system {spec!r} is: use 'here', a System object, "
-        "a folder path or an fsspec URL"
-    )

@@ -11,9 +11,9 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from ...errors import RunNotFoundError, SystemUnavailableError
-from .. import save_cluster
 from ..base import System, share_list
 from ..connection import AgentConnection
+from ..saved import save_cluster
 from .endpoint import parse_destination
 from .host import _DOWN_FOR, SSHHost
 from .sftp import _HostFileSystem, _SharedSFTPFileSystem

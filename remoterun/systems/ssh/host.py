@@ -12,11 +12,11 @@ import posixpath
 import shlex
 import threading
 import time
-import weakref
 from typing import Any, ContextManager, Sequence
 
 import paramiko
 
+from ... import registry
 from ...errors import (
     AgentError,
     HostKeyError,
@@ -49,18 +49,6 @@ _WINDOW_SIZE = 32 << 20
 _MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
 _IDEMPOTENT = frozenset({"ping", "status", "cancel"})
-
-# Hosts of the clusters this process holds, so that a lineage link to an ssh:// URL finds
-# the connection (and its host-key checks) to read it with.
-_open_hosts: weakref.WeakValueDictionary[int, SSHHost] = weakref.WeakValueDictionary()
-
-
-def open_host(label: str) -> SSHHost | None:
-    """A host of a live cluster of this process whose label is ``user@host:port``."""
-    for host in list(_open_hosts.values()):
-        if host.host_label() == label:
-            return host
-    return None
 
 
 class _PackageDamaged(Exception):
@@ -139,7 +127,7 @@ class SSHHost(System):
         self._pool = ConnectionPool(
             self._open_agent, max_idle=max_sessions - 2, max_open=max_sessions - 2
         )
-        _open_hosts[id(self)] = self
+        registry.add_open_host(self)  # lineage reads ssh:// links through it
 
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"

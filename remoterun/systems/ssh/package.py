@@ -19,11 +19,11 @@ from typing import NamedTuple
 import cloudpickle
 import paramiko
 
-import remoterun
-
 from .commands import _exec
 
 PKG_DIR = ".remoterun/pkg"
+# remoterun's own folder: this file is remoterun/systems/ssh/package.py.
+_REMOTERUN = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIN_PYTHON = (3, 9)
 
 
@@ -44,8 +44,7 @@ def package_archive() -> HostPackage:
     which the host checks the folder against each time an agent starts.
     """
     sources = []
-    for package in (remoterun, cloudpickle):
-        top = os.path.dirname(os.path.abspath(package.__file__))
+    for top in (_REMOTERUN, os.path.dirname(os.path.abspath(cloudpickle.__file__))):
         base = os.path.dirname(top)
         for folder, dirs, files in os.walk(top):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
