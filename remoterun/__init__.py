@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "Explanation": ".function",
+    "Explanation": ".fingerprint",
     "LocalSystem": ".systems.local",
     "RemoteFunction": ".function",
     "RunGraph": ".lineage",
@@ -51,7 +51,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .function import Explanation, RemoteFunction, function
+    from .fingerprint import Explanation
+    from .function import RemoteFunction, function
     from .lineage import RunGraph
     from .systems import cluster
     from .systems.base import System

@@ -29,6 +29,7 @@ import cloudpickle
 
 from ..errors import CorruptRunError
 from . import integrity, layout, pickling, protocol
+from .fingerprints import fingerprint_differences
 
 if TYPE_CHECKING:
     from .forkserver import SpareWorker
@@ -648,20 +649,6 @@ def _kill_group(pgid: int, pid: int, grace: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def fingerprint_differences(config: dict, request: dict) -> list[str]:
-    """Names of the parameters whose fingerprints differ from the recorded run's."""
-    wanted = (request.get("record") or {}).get("fingerprint") or {}
-    if request.get("lookup") or not wanted:
-        return []
-    recorded = config.get("fingerprint") or {}
-    old, new = recorded.get("params"), wanted.get("params")
-    if isinstance(old, dict) and isinstance(new, dict):
-        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if recorded.get("args") != wanted.get("args"):
-        return ["arguments"]
-    return []
 
 
 # --------------------------------------------------------------------------- the worker
