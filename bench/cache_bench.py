@@ -17,7 +17,7 @@ import tasks
 from harness import Context, Row, at_most, baseline_row, measure, measure_pair
 
 import remoterun as rr
-from remoterun import cache
+from remoterun import fingerprint
 
 TREE_SIZE = 50
 
@@ -41,23 +41,25 @@ def _source_hash(fn: Callable) -> str:
 
 
 def fingerprint_tree(ctx: Context) -> list[Row]:
-    """``cache.code_fingerprint`` of a function reaching 50 functions: warm (as at every
+    """``fingerprint.code_fingerprint`` of a function reaching 50 functions: warm (as at every
     call of a cached step: the walk is redone, each function's digest is cached) and
     cold (the first call in a process)."""
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, folder)
         try:
             warm_mod = _tree_module(Path(folder))
-            assert len(cache.code_components(warm_mod.f0)) == TREE_SIZE
+            assert len(fingerprint.code_components(warm_mod.f0)) == TREE_SIZE
             n = ctx.n(300, 50)
             warm, source = measure_pair(
-                lambda: cache.code_fingerprint(warm_mod.f0),
+                lambda: fingerprint.code_fingerprint(warm_mod.f0),
                 lambda: _source_hash(warm_mod.f0),
                 n,
                 warmup=5,
             )
             cold_mods = [_tree_module(Path(folder)) for _ in range(ctx.n(30, 8))]
-            cold = measure(lambda: cache.code_fingerprint(cold_mods.pop().f0), len(cold_mods), 0)
+            cold = measure(
+                lambda: fingerprint.code_fingerprint(cold_mods.pop().f0), len(cold_mods), 0
+            )
         finally:
             sys.path.remove(folder)
     name = f"fingerprint of a {TREE_SIZE}-function call tree"

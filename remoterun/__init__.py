@@ -37,7 +37,7 @@ from .version import __version__
 
 # public name -> module that defines it
 _LAZY = {
-    "Explanation": ".function",
+    "Explanation": ".fingerprint",
     "LocalSystem": ".systems.local",
     "RemoteFunction": ".function",
     "RunGraph": ".lineage",
@@ -50,7 +50,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .function import Explanation, RemoteFunction, function
+    from .fingerprint import Explanation
+    from .function import RemoteFunction, function
     from .lineage import RunGraph
     from .systems import cluster
     from .systems.base import System

@@ -15,16 +15,14 @@ import logging
 import os
 import sys
 import threading
-import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import cache, context, lineage
+from . import context, fingerprint, lineage
 from .agent import integrity, layout, pickling
 from .agent.protocol import Action, Failure, Mode, Op
-from .agent.store import fingerprint_differences
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -35,6 +33,7 @@ from .errors import (
     SigningKeyError,
     exception_from_record,
 )
+from .fingerprint import Explanation
 from .folder import check_run_name
 from .run import Run, RunStatus, current_run, failure_from_config
 from .systems import resolve
@@ -212,24 +211,15 @@ class RemoteFunction:
             run = system.get_run(name)
         except RunNotFoundError:
             run = None
-        if run is not None and run.status is RunStatus.COMPLETED:
-            reasons = _fingerprint_changes(run.config.get("fingerprint") or {}, wanted)
-            if not any(r.startswith("argument") for r in reasons) or not (args or kwargs):
-                return Explanation(True, name, run.url, [])
-        qualname = _qualified_name(self.fn)
-        earlier = [
-            r
-            for r in system.runs()
-            if r.config.get("fn_name") == self.name
-            and r.config.get("status") == "COMPLETED"
-            # the same function, not another of the same name (older records lack it)
-            and r.config.get("fn_qualname", qualname) == qualname
-        ]
-        if not earlier:
-            return Explanation(False, name, None, [f"no earlier COMPLETED run of {self.name}"])
-        nearest = max(earlier, key=lambda r: r.config.get("end_time") or "")
-        reasons = _fingerprint_changes(nearest.config.get("fingerprint") or {}, wanted)
-        return Explanation(False, name, nearest.url, reasons or ["the run name differs"])
+        return fingerprint.explain(
+            name,
+            wanted,
+            completed=run if run is not None and run.status is RunStatus.COMPLETED else None,
+            runs=system.runs,
+            fn_name=self.name,
+            fn_qualname=_qualified_name(self.fn),
+            with_arguments=bool(args or kwargs),
+        )
 
     def map(
         self,
@@ -503,7 +493,7 @@ class RemoteFunction:
                     qualname,
                 )
                 continue
-            differences = fingerprint_differences(config, request)
+            differences = fingerprint.fingerprint_differences(config, request)
             if differences and self.on_mismatch != "ignore":
                 logger.info(
                     "%s holds %s made from other arguments (%s): not used",
@@ -554,7 +544,7 @@ class RemoteFunction:
     def _arguments_fingerprint(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         if self._run_type != "function":
             return None
-        return cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+        return fingerprint.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
 
     def _cached_name(
         self, args: tuple, kwargs: dict, run_name: str | None, arg_fp: dict | None = None
@@ -566,27 +556,13 @@ class RemoteFunction:
                 f"{self.name}.get_or_call/get_or_run need a run_name=, or the function must "
                 "be made with rr.function(..., cache=True) to derive one from code and arguments"
             )
-        fingerprint = arg_fp or cache.argument_fingerprint(
+        arguments = arg_fp or fingerprint.argument_fingerprint(
             self.fn, args, kwargs, ignore=self.ignore
         )
-        digest = hashlib.blake2b(
-            (self._code() + fingerprint["args"]).encode(), digest_size=6
-        ).hexdigest()
-        return f"{self.name}-{digest}"
-
-    def _code(self, components: dict[str, str] | None = None) -> str:
-        """The code fingerprint: of ``version=`` when given, else of everything the
-        function's code reaches (computed at each call, so that an edited helper counts;
-        each function's own part is cached per code object)."""
-        if self.version is not None:
-            return hashlib.blake2b(f"version:{self.version}".encode(), digest_size=16).hexdigest()
-        return cache.code_fingerprint(self.fn, components)
+        return fingerprint.cached_run_name(self.name, self.fn, self.version, arguments)
 
     def _code_record(self) -> dict[str, Any]:
-        if self.version is not None:
-            return {"code": self._code(), "version": self.version}
-        components = cache.code_components(self.fn)
-        return {"code": self._code(components), "components": components}
+        return fingerprint.code_record(self.fn, self.version)
 
     def _record(
         self,
@@ -597,10 +573,11 @@ class RemoteFunction:
         arg_fp: dict[str, Any] | None = None,
     ) -> dict:
 
-        fingerprint: dict[str, Any] = self._code_record() if with_code else {}
+        call_fingerprint: dict[str, Any] = self._code_record() if with_code else {}
         if self._run_type == "function":
-            fingerprint.update(
-                arg_fp or cache.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
+            call_fingerprint.update(
+                arg_fp
+                or fingerprint.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
             )
         parent = current_run()
         record = {
@@ -608,7 +585,7 @@ class RemoteFunction:
             "fn_name": self.name,
             "fn_qualname": _qualified_name(self.fn),
             "cmds": list(self._cmds),
-            "fingerprint": fingerprint,
+            "fingerprint": call_fingerprint,
             "creator": context.creator(),
             "remoterun_version": __version__,
             "system": system.name,
@@ -710,55 +687,6 @@ def function(
     return RemoteFunction(fn, **options)
 
 
-class Explanation:
-    """What ``fn.explain(...)`` found: ``hit``, the ``run_name`` the call would use, the
-    run it was compared with (``compared_to``) and the ``reasons`` for a miss."""
-
-    def __init__(self, hit: bool, run_name: str, compared_to: str | None, reasons: list[str]):
-        self.hit = hit
-        self.run_name = run_name
-        self.compared_to = compared_to
-        self.reasons = reasons
-
-    def __bool__(self) -> bool:
-        return self.hit
-
-    def __repr__(self) -> str:
-        return f"<Explanation hit={self.hit} run_name={self.run_name!r} reasons={self.reasons}>"
-
-    def __str__(self) -> str:
-        if self.hit:
-            return f"hit: run {self.run_name!r} at {self.compared_to}"
-        against = f" (against {self.compared_to})" if self.compared_to else ""
-        lines = [f"miss: run {self.run_name!r} would execute{against}"]
-        return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
-
-
-def _fingerprint_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two recorded fingerprints, in words."""
-    reasons = []
-    if old.get("version") != new.get("version"):
-        reasons.append(f"version: {old.get('version')!r} -> {new.get('version')!r}")
-    before, after = old.get("components"), new.get("components")
-    if isinstance(before, dict) and isinstance(after, dict):
-        for key in sorted(before.keys() | after.keys()):
-            if key not in before:
-                reasons.append(f"code: {key} is new")
-            elif key not in after:
-                reasons.append(f"code: {key} is no longer used")
-            elif before[key] != after[key]:
-                what = "value" if not key.startswith("lib:") else "version"
-                kind = "changed" if what == "value" else f"{before[key]} -> {after[key]}"
-                reasons.append(f"code: {key} {kind}")
-    elif old.get("code") != new.get("code") and "version" not in new:
-        reasons.append("code: changed (the earlier run recorded no details)")
-    old_params, new_params = old.get("params") or {}, new.get("params") or {}
-    for key in sorted(old_params.keys() | new_params.keys()):
-        if old_params.get(key) != new_params.get(key):
-            reasons.append(f"argument {key!r} differs")
-    return reasons
-
-
 # --------------------------------------------------------------------------- lineage
 
 
@@ -784,7 +712,7 @@ def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:
     if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
         return
     named = [(f"args[{i}]", v) for i, v in enumerate(args)] + list(kwargs.items())
-    bound = cache.bind_arguments(fn, args, kwargs)
+    bound = fingerprint.bind_arguments(fn, args, kwargs)
     for position, value in named:
         if not isinstance(value, Run):
             continue
@@ -858,68 +786,8 @@ def _loads_shared(reply: dict) -> Any:
 _by_value_lock = threading.Lock()
 
 
-_user_package_cache: dict[str, str | None] = {}
-
-
-def _user_package(module_name: str | None) -> str | None:
-    """The top-level package of a module of the user's own (not stdlib, not installed)."""
-    if not module_name or module_name == "__main__":
-        return None
-    try:
-        return _user_package_cache[module_name]
-    except KeyError:
-        pass
-    package = _find_user_package(module_name)
-    if module_name in sys.modules:  # a module not imported yet may be found later
-        _user_package_cache[module_name] = package
-    return package
-
-
-def _find_user_package(module_name: str) -> str | None:
-    top = module_name.split(".")[0]
-    if top == "remoterun":
-        return None
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
-    if not path:
-        return None
-    if os.path.realpath(path).startswith(cache.library_prefixes()):
-        return None
-    return top if top in sys.modules else None
-
-
-def _user_packages(*objects: Any) -> set[str]:
-    """User packages that ``objects`` come from or refer to (one level deep), so that
-    they can be pickled by value and need not be installed on the executing host."""
-    found: set[str] = set()
-    for obj in objects:
-        target = inspect.unwrap(obj) if callable(obj) else obj
-        candidates = [getattr(target, "__module__", None), type(target).__module__]
-        code = getattr(target, "__code__", None)
-        globals_ = getattr(target, "__globals__", {})
-        if code is not None:
-            for name in _global_names(code):
-                value = globals_.get(name)
-                if isinstance(value, types.ModuleType):
-                    candidates.append(value.__name__)
-                elif value is not None:
-                    candidates.append(getattr(value, "__module__", None))
-        for module_name in candidates:
-            package = _user_package(module_name if isinstance(module_name, str) else None)
-            if package:
-                found.add(package)
-    return found
-
-
-def _global_names(code: types.CodeType) -> Iterable[str]:
-    yield from code.co_names
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _global_names(const)
-
-
 def _dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
-    packages = _user_packages(fn, *related)
+    packages = fingerprint.user_packages(fn, *related)
     with _by_value_lock:
         # Only what is not registered already, so that a module the user registered
         # themselves stays registered afterwards.
@@ -943,7 +811,7 @@ def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     try:
         return _dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
     except SerializationError as exc:
-        for name, value in cache.bind_arguments(fn, args, kwargs).items():
+        for name, value in fingerprint.bind_arguments(fn, args, kwargs).items():
             try:
                 cloudpickle.dumps(value)
             except Exception as inner:

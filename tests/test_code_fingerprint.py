@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from remoterun import cache
+from remoterun import fingerprint as cache
 
 PIPELINE = '''
 import json

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from ..errors import CorruptRunError
 from . import integrity, layout
+from .fingerprints import fingerprint_differences
 from .procs import (
     BOOT_ID,
     HOSTNAME,
@@ -509,17 +510,3 @@ def _remove_stale_staging(staging: str) -> None:
                 os.unlink(os.path.join(staging, filename))
             except OSError:
                 pass
-
-
-def fingerprint_differences(config: dict, request: dict) -> list[str]:
-    """Names of the parameters whose fingerprints differ from the recorded run's."""
-    wanted = (request.get("record") or {}).get("fingerprint") or {}
-    if request.get("lookup") or not wanted:
-        return []
-    recorded = config.get("fingerprint") or {}
-    old, new = recorded.get("params"), wanted.get("params")
-    if isinstance(old, dict) and isinstance(new, dict):
-        return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if recorded.get("args") != wanted.get("args"):
-        return ["arguments"]
-    return []

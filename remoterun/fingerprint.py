@@ -1,9 +1,18 @@
 """Fingerprints of code and arguments: what decides that a cached run still fits a call.
 
+Everything about them is here: the argument fingerprint, the code fingerprint and its
+components, the one test of "is this the user's own code?" (:func:`library`, which also
+decides what is pickled by value), the name of a ``cache=True`` run, and the comparisons:
+``explain``'s in words (:func:`changes`, :class:`Explanation`) and the host's hit or
+mismatch (:func:`fingerprint_differences`, defined in the stdlib-only agent, which
+cannot import this module, and re-exported here).
+
 The argument fingerprint hashes each bound parameter on its own, so a mismatch can name
 the parameter that differs. Values of common built-in types are encoded canonically (a
 set hashes the same whatever the hash seed); numpy arrays and pandas frames by content;
-a Run by which run (and attempt) it is; other objects by their cloudpickle bytes.
+a Run by which run (and attempt) it is (found by its ``__remoterun_fingerprint__``,
+so that this module imports nothing of the client); other objects by their cloudpickle
+bytes.
 """
 
 from __future__ import annotations
@@ -11,12 +20,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import os
 import struct
+import sys
+import sysconfig
 import types
 from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from .agent.fingerprints import fingerprint_differences as fingerprint_differences
 from .errors import SerializationError
 
 _DIGEST_SIZE = 16
@@ -241,6 +254,118 @@ def argument_fingerprint(
     return {"args": total.hexdigest(), "params": params}
 
 
+# --------------------------------------------------------------------------- library or user code
+
+
+@functools.lru_cache(maxsize=1)
+def library_prefixes() -> tuple[str, ...]:
+    """Folders of installed code: the stdlib and site-packages of this interpreter."""
+    paths = sysconfig.get_paths()
+    prefixes = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
+
+
+_STDLIB = frozenset(getattr(sys, "stdlib_module_names", ()))
+
+# module name -> library(module name), for the modules that are loaded: one that is not
+# imported yet counts as the user's own until it is.
+_libraries: dict[str, str | None] = {}
+
+
+def library(module_name: str) -> str | None:
+    """``"<package> <version>"`` when ``module_name`` is library code, else None.
+
+    This is the one answer to "is this the user's own code?", for the code fingerprint
+    (library code counts by version and is not looked into) and for pickling (the
+    user's own packages travel by value). Library code: the stdlib and ``builtins``,
+    remoterun itself, a module loaded from this interpreter's installed folders
+    (:func:`library_prefixes`), or one loaded without a file (``"<package> builtin"``).
+    The user's own: ``__main__``, a module loaded from anywhere else, or one not loaded.
+    """
+    try:
+        return _libraries[module_name]
+    except KeyError:
+        pass
+    top = module_name.split(".")[0]
+    module = sys.modules.get(module_name)
+    if top in ("builtins", "remoterun") or top in _STDLIB:
+        found: str | None = f"{top} {_version_of(top)}"
+    elif module_name == "__main__" or module is None:
+        return None
+    else:
+        path = getattr(module, "__file__", None)
+        if not path:
+            found = f"{top} builtin"
+        elif os.path.realpath(path).startswith(library_prefixes()):
+            found = f"{top} {_version_of(top)}"
+        else:
+            found = None
+    if module is not None:
+        _libraries[module_name] = found
+    return found
+
+
+def _version_of(top: str) -> str:
+    if top in _STDLIB or top == "builtins":
+        return "python " + ".".join(map(str, sys.version_info[:2]))
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib import metadata
+
+        return metadata.version(top)
+    except Exception:
+        return "?"
+
+
+# module name -> user_package(module name), for the modules that are loaded (asked at
+# every call that pickles a function or its arguments).
+_user_packages: dict[str, str | None] = {}
+
+
+def user_package(module_name: str | None) -> str | None:
+    """The top-level package of a loaded module of the user's own (see :func:`library`),
+    to be pickled by value; None for library code, ``__main__`` (cloudpickle sends it by
+    value anyway) and modules not loaded."""
+    if not module_name or module_name == "__main__":
+        return None
+    try:
+        return _user_packages[module_name]
+    except KeyError:
+        pass
+    if module_name not in sys.modules:  # may be imported later
+        return None
+    top = module_name.split(".")[0]
+    package = top if library(module_name) is None and top in sys.modules else None
+    _user_packages[module_name] = package
+    return package
+
+
+def user_packages(*objects: Any) -> set[str]:
+    """User packages that ``objects`` come from or refer to (one level deep), so that
+    they can be pickled by value and need not be installed on the executing host."""
+    found: set[str] = set()
+    for obj in objects:
+        target = inspect.unwrap(obj) if callable(obj) else obj
+        candidates = [getattr(target, "__module__", None), type(target).__module__]
+        code = getattr(target, "__code__", None)
+        globals_ = getattr(target, "__globals__", {})
+        if code is not None:
+            for name in _names(code, free=False):
+                value = globals_.get(name)
+                if isinstance(value, types.ModuleType):
+                    candidates.append(value.__name__)
+                elif value is not None:
+                    candidates.append(getattr(value, "__module__", None))
+        for module_name in candidates:
+            package = user_package(module_name if isinstance(module_name, str) else None)
+            if package:
+                found.add(package)
+    return found
+
+
 # --------------------------------------------------------------------------- code
 
 
@@ -262,54 +387,6 @@ def _own_digest(code: types.CodeType, skip_doc: bool) -> str:
     h = _hasher()
     _code_digest(code, h, skip_doc)
     return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def library_prefixes() -> tuple[str, ...]:
-    """Folders of installed code: the stdlib and site-packages of this interpreter."""
-    import os
-    import sys
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    prefixes = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix}
-    return tuple(os.path.realpath(p) + os.sep for p in prefixes if p)
-
-
-@functools.lru_cache(maxsize=4096)
-def _library(module_name: str) -> str | None:
-    """``"<package> <version>"`` when ``module_name`` is library code (stdlib, installed
-    packages, remoterun itself), else None: the user's own code, fingerprinted by content."""
-    import os
-    import sys
-
-    top = module_name.split(".")[0]
-    if top in ("builtins", "remoterun") or top in getattr(sys, "stdlib_module_names", ()):
-        return f"{top} {_version_of(top)}"
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
-    if module_name == "__main__" or not path:
-        return None if module_name == "__main__" or module is None else f"{top} builtin"
-    if os.path.realpath(path).startswith(library_prefixes()):
-        return f"{top} {_version_of(top)}"
-    return None
-
-
-def _version_of(top: str) -> str:
-    import sys
-
-    if top in getattr(sys, "stdlib_module_names", ()) or top == "builtins":
-        return "python " + ".".join(map(str, sys.version_info[:2]))
-    version = getattr(sys.modules.get(top), "__version__", None)
-    if isinstance(version, str):
-        return version
-    try:
-        from importlib import metadata
-
-        return metadata.version(top)
-    except Exception:
-        return "?"
 
 
 _SIMPLE = (int, float, complex, str, bytes, bool, type(None), frozenset, tuple, list, dict, set)
@@ -352,10 +429,10 @@ class _Walk:
 
     def _library(self, module: str) -> bool:
         """Record library code by package and version; whether ``module`` is library code."""
-        library = _library(module)
-        if library is not None:
-            self.components[f"lib:{library.split()[0]}"] = library
-        return library is not None
+        label = library(module)
+        if label is not None:
+            self.components[f"lib:{label.split()[0]}"] = label
+        return label is not None
 
     def _function(self, fn: types.FunctionType) -> None:
         module = fn.__module__ or "?"
@@ -373,7 +450,7 @@ class _Walk:
             if name not in globals_:
                 continue
             value = globals_[name]
-            if isinstance(value, types.ModuleType) and _library(value.__name__) is None:
+            if isinstance(value, types.ModuleType) and library(value.__name__) is None:
                 # A module of the user's own: follow the attributes the code reads.
                 for attr in sorted(names):
                     if attr in vars(value):
@@ -420,12 +497,14 @@ class _Walk:
             self.components[key] = f"unhashable {type(value).__qualname__}"
 
 
-def _names(code: types.CodeType) -> Iterable[str]:
+def _names(code: types.CodeType, free: bool = True) -> Iterable[str]:
+    """The global (and with ``free``, closure) names that ``code`` and its nested code read."""
     yield from code.co_names
-    yield from code.co_freevars
+    if free:
+        yield from code.co_freevars
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            yield from _names(const)
+            yield from _names(const, free)
 
 
 def code_components(fn: Callable) -> dict[str, str]:
@@ -453,3 +532,126 @@ def code_fingerprint(fn: Callable, components: dict[str, str] | None = None) -> 
     for key in sorted(parts):
         h.update(f"{key}={parts[key]}\n".encode())
     return h.hexdigest()
+
+
+def code_record(fn: Callable, version: str | None) -> dict[str, Any]:
+    """The code's part of a run's recorded fingerprint: ``{"code", "version"}`` when
+    ``version=`` stands for the code, else ``{"code", "components"}`` (what ``explain``
+    names when they change)."""
+    if version is not None:
+        return {"code": _code(fn, version), "version": version}
+    components = code_components(fn)
+    return {"code": _code(fn, version, components), "components": components}
+
+
+def cached_run_name(
+    prefix: str, fn: Callable, version: str | None, arguments: dict[str, Any]
+) -> str:
+    """The run name of a ``cache=True`` call without ``run_name``: ``<prefix>-<digest>``
+    of the code (or ``version``) and of ``arguments``, the call's
+    :func:`argument_fingerprint`."""
+    digest = hashlib.blake2b(
+        (_code(fn, version) + arguments["args"]).encode(), digest_size=6
+    ).hexdigest()
+    return f"{prefix}-{digest}"
+
+
+def _code(fn: Callable, version: str | None, components: dict[str, str] | None = None) -> str:
+    """The code fingerprint: of ``version`` when given, else of everything the
+    function's code reaches (computed at each call, so that an edited helper counts;
+    each function's own part is cached per code object)."""
+    if version is not None:
+        return hashlib.blake2b(f"version:{version}".encode(), digest_size=16).hexdigest()
+    return code_fingerprint(fn, components)
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def changes(old: dict, new: dict) -> list[str]:
+    """What differs between two recorded fingerprints, in words (``explain``'s reasons).
+
+    Whether the host takes a recorded run as a hit is :func:`fingerprint_differences`.
+    """
+    reasons = []
+    if old.get("version") != new.get("version"):
+        reasons.append(f"version: {old.get('version')!r} -> {new.get('version')!r}")
+    before, after = old.get("components"), new.get("components")
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(before.keys() | after.keys()):
+            if key not in before:
+                reasons.append(f"code: {key} is new")
+            elif key not in after:
+                reasons.append(f"code: {key} is no longer used")
+            elif before[key] != after[key]:
+                what = "value" if not key.startswith("lib:") else "version"
+                kind = "changed" if what == "value" else f"{before[key]} -> {after[key]}"
+                reasons.append(f"code: {key} {kind}")
+    elif old.get("code") != new.get("code") and "version" not in new:
+        reasons.append("code: changed (the earlier run recorded no details)")
+    old_params, new_params = old.get("params") or {}, new.get("params") or {}
+    for key in sorted(old_params.keys() | new_params.keys()):
+        if old_params.get(key) != new_params.get(key):
+            reasons.append(f"argument {key!r} differs")
+    return reasons
+
+
+class Explanation:
+    """What ``fn.explain(...)`` found: ``hit``, the ``run_name`` the call would use, the
+    run it was compared with (``compared_to``) and the ``reasons`` for a miss."""
+
+    def __init__(self, hit: bool, run_name: str, compared_to: str | None, reasons: list[str]):
+        self.hit = hit
+        self.run_name = run_name
+        self.compared_to = compared_to
+        self.reasons = reasons
+
+    def __bool__(self) -> bool:
+        return self.hit
+
+    def __repr__(self) -> str:
+        return f"<Explanation hit={self.hit} run_name={self.run_name!r} reasons={self.reasons}>"
+
+    def __str__(self) -> str:
+        if self.hit:
+            return f"hit: run {self.run_name!r} at {self.compared_to}"
+        against = f" (against {self.compared_to})" if self.compared_to else ""
+        lines = [f"miss: run {self.run_name!r} would execute{against}"]
+        return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
+
+
+def explain(
+    run_name: str,
+    wanted: dict[str, Any],
+    *,
+    completed: Any,
+    runs: Callable[[], Iterable[Any]],
+    fn_name: str,
+    fn_qualname: str,
+    with_arguments: bool,
+) -> Explanation:
+    """Whether a call recording the fingerprint ``wanted`` under ``run_name`` is a hit.
+
+    ``completed`` is the COMPLETED run of that name (None if there is none): a hit unless
+    an argument differs (only asked when the call has arguments). On a miss ``runs()``
+    is listed once and the call is compared with the latest COMPLETED run of the same
+    function (``fn_name`` and ``fn_qualname``). Runs are read through ``.config`` and
+    ``.url`` only.
+    """
+    if completed is not None:
+        reasons = changes(completed.config.get("fingerprint") or {}, wanted)
+        if not any(r.startswith("argument") for r in reasons) or not with_arguments:
+            return Explanation(True, run_name, completed.url, [])
+    earlier = [
+        r
+        for r in runs()
+        if r.config.get("fn_name") == fn_name
+        and r.config.get("status") == "COMPLETED"
+        # the same function, not another of the same name (older records lack it)
+        and r.config.get("fn_qualname", fn_qualname) == fn_qualname
+    ]
+    if not earlier:
+        return Explanation(False, run_name, None, [f"no earlier COMPLETED run of {fn_name}"])
+    nearest = max(earlier, key=lambda r: r.config.get("end_time") or "")
+    reasons = changes(nearest.config.get("fingerprint") or {}, wanted)
+    return Explanation(False, run_name, nearest.url, reasons or ["the run name differs"])
