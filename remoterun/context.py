@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from . import lineage
 from .agent import layout
 from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
+from .agent.record import RunRecord
 from .agent.store import HostRuns
 from .errors import RunNotFinishedError
 from .folder import RunFolder
@@ -66,7 +67,7 @@ class BlockRecorder:
     def __init__(self, run: Any, outer: Any):
         self.run = run
         self._outer = outer
-        self.config: dict = {}
+        self.config = RunRecord()
         self.lock = threading.Lock()
         self._sinks: list[Any] = []
         self._streams: tuple[TextIO, TextIO] | None = None
@@ -114,30 +115,15 @@ class BlockRecorder:
         folder.makedirs()
         if previous is not None:
             attempt = _archive(folder, previous)
-        config = {
-            "name": folder.name,
-            "status": layout.RUNNING,
-            "run_type": "context",
-            "fn_name": None,
-            "cmds": [],
-            "start_time": layout.utc_now(),
-            "end_time": None,
-            "host": HOSTNAME,
-            "pid": os.getpid(),
-            "python": sys.version.split()[0],
-            "remoterun_version": __version__,
-            "creator": creator(),
-            "parent": self._parent,
-            "fingerprint": {},
-            "error": None,
-            "error_traceback": None,
-            "upstream": [],
-            "downstream": [],
-            "links": [],
-            "attempt": attempt,
-            "tags": {},
-            "metrics": {},
-        }
+        config = RunRecord.new(
+            folder.name,
+            "context",
+            attempt,
+            host=HOSTNAME,
+            remoterun_version=__version__,
+            creator=creator(),
+            parent=self._parent,
+        ).running(pid=os.getpid())
         self.config = config
 
     def _record(self) -> None:
@@ -178,20 +164,16 @@ class BlockRecorder:
                 sink.close()
         config = self.config
         if exc is None:
-            config.update(status=layout.COMPLETED)
+            config.completed()
         else:
             from .agent.failures import error_record  # cloudpickle: not at import
 
             record = error_record(exc)
             if record["exc"] is not None:
                 folder.write_pickle(layout.ERROR, record["exc"], config)
-            config.update(
-                status=layout.FAILED,
-                error=record["message"],
-                error_type=record["type"],
-                error_traceback="".join(traceback.format_exception(exc)),
+            config.failed(
+                record["message"], record["type"], "".join(traceback.format_exception(exc))
             )
-        config["end_time"] = layout.utc_now()
         folder.write_config(config)
         return config
 

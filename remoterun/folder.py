@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .agent import integrity, layout
+from .agent.record import CorruptRecord, RunRecord
 from .errors import (
     CorruptRunError,
     InvalidRunNameError,
@@ -105,9 +106,9 @@ class RunFolder:
         if data is None:
             return None
         try:
-            return layout.decode_record(data)
-        except layout.CorruptRecord as exc:
-            raise self.corrupt(layout.CONFIG, str(exc)) from None
+            return RunRecord.decode(data)
+        except CorruptRecord as exc:
+            raise self.corrupt(layout.CONFIG, f"{layout.CONFIG}: {exc}") from None
 
     def corrupt(self, filename: str, problem: str) -> CorruptRunError:
         """The error for a damaged file of this run, saying what to do."""
@@ -208,7 +209,7 @@ class RunFolder:
 
     def write_config(self, config: dict) -> None:
         """Write the record, signed when this machine has the team key."""
-        self.write_bytes(layout.CONFIG, layout.encode_record(config))
+        self.write_bytes(layout.CONFIG, RunRecord(config).encode())
 
     def write_pickle(self, filename: str, data: bytes, config: dict) -> None:
         """Write one of the run's pickles and note its digest in ``config``, which the
@@ -398,6 +399,39 @@ def copy_folder(
     return config
 
 
+def copy_out(
+    root: str, name: str, dst_url: str, storage_options: dict, overwrite: bool, records: bool
+) -> str | None:
+    """Copy the run ``name`` of this host's ``root`` to ``dst_url`` (an object store) from
+    here, so that its bytes do not travel through the client: a cluster sends this
+    function to its host as a call. None once copied; else why it could not be (no
+    fsspec or no backend for the store in the host's Python, the store out of reach),
+    and the client copies instead. RunExistsError and RunNotFoundError are raised, as the
+    client's own copy would raise them. ``records=False`` leaves the records to the
+    client, which signs them."""
+    try:
+        import fsspec  # here: the host's Python may not have it
+
+        fs, path = fsspec.core.url_to_fs(dst_url, **storage_options)
+    except Exception as exc:  # ImportError, an unknown protocol: the client copies
+        return f"{type(exc).__name__}: {exc}"
+    src = RunFolder(fsspec.filesystem("file"), os.path.join(root, check_run_name(name)))
+    try:
+        copy_folder(
+            src,
+            RunFolder(fs, path),
+            overwrite=overwrite,
+            progress=False,
+            trusted=True,  # this host's own runs
+            write_records=records,
+        )
+    except (RunExistsError, RunNotFoundError):
+        raise
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def copy_records(src: RunFolder, dst: RunFolder, *, trusted: bool) -> None:
     """Write the records of ``src`` (its own and its earlier attempts') to ``dst``, where
     the rest of the folder was copied already: signed with the team key, after checking
@@ -426,7 +460,7 @@ def _write_records(dst: RunFolder, records: dict[str, tuple[bytes, dict]], key: 
     for rel in sorted(records, key=lambda r: r == layout.CONFIG):
         data, record = records[rel]
         if key is not None:
-            data = layout.encode_record(dict(record))
+            data = RunRecord(record).encode()
         dst.write_bytes(rel, data)
 
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import context, fingerprint, lineage
+from . import context, fingerprint, lineage, registry
 from .agent import integrity, layout, pickling
-from .agent.protocol import Action, Failure, Mode, Op
+from .agent.protocol import STDOUT, Action, Mode, Op
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -35,11 +35,13 @@ from .errors import (
 )
 from .fingerprint import Explanation
 from .folder import check_run_name
+from .registry import resolve, share_list
 from .run import Run, RunStatus, current_run, failure_from_config
-from .systems import resolve
-from .systems.base import System, print_output, share_list
-from .systems.connection import AgentConnection, AgentFailure
 from .version import __version__
+
+# A System (``remoterun.systems``): the layer above this one, which makes functions for
+# commands; typed loosely here, so that this module does not import it.
+System = Any
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,11 @@ class RemoteFunction:
         share: Any = None,
         version: str | None = None,
         share_trust: str | None = None,
+        run_type: str = "function",
+        cmds: Sequence[str] = (),
     ):
+        """See ``rr.function`` for the options. ``run_type`` and ``cmds`` are what the
+        records of its runs say they ran (``system.run`` makes ``"command"`` functions)."""
         if isinstance(fn, RemoteFunction):
             fn = fn.fn
         if not callable(fn):
@@ -87,10 +93,8 @@ class RemoteFunction:
         self.share_trust = share_trust
         self._system_spec = system
         self._system: System | None = None
-        self._run_type = "function"
-        self._cmds: list[str] = []
-        # Fields added to the record of every run (a re-run names its source).
-        self._extra_record: dict[str, Any] = {}
+        self.run_type = run_type
+        self.cmds = list(cmds)
         self.version = version
 
     def __repr__(self) -> str:
@@ -106,6 +110,8 @@ class RemoteFunction:
             "share": self.share,
             "version": self.version,
             "share_trust": self.share_trust,
+            "run_type": self.run_type,
+            "cmds": self.cmds,
         }
 
     def __reduce__(self) -> tuple:
@@ -131,7 +137,7 @@ class RemoteFunction:
         kept under ``attempts/``); without, nothing is written.
         """
         _settle_run_arguments(self.fn, args, kwargs)
-        return self._call(args, kwargs, run_name=run_name, stream=True)
+        return self.invoke(args, kwargs, run_name=run_name, stream=True)
 
     def run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
         """Start a recorded run and return its Run as soon as it is RUNNING.
@@ -260,19 +266,11 @@ class RemoteFunction:
         def run_chunk(start: int, chunk: list[tuple]) -> None:
             data = _dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
             op = {"op": Op.MAP, "fn_key": fn_key, "items": data}
-            with system._connection() as conn:
-                host = conn.label
-                try:
-                    reply = self._request_on(conn, op, fn_bytes, print_output)
-                except AgentFailure as failure:  # the chunk as a whole could not run
-                    failed = failure.record
-                else:
-                    failed = None
-            if failed is not None:
-                exc = exception_from_record(failed, host=host)
+            reply, host, failed = system.call(op, fn_bytes, print_output)
+            if failed is not None:  # the chunk as a whole could not run
                 if not return_exceptions:
-                    raise exc
-                results[start : start + len(chunk)] = [exc] * len(chunk)
+                    raise failed
+                results[start : start + len(chunk)] = [failed] * len(chunk)
             else:
                 for offset, (ok, payload) in enumerate(reply["outcomes"]):
                     if ok:
@@ -303,7 +301,11 @@ class RemoteFunction:
 
     # ------------------------------------------------------------------ internals
 
-    def _call(self, args: tuple, kwargs: dict, *, run_name: str | None, stream: bool) -> Any:
+    def invoke(
+        self, args: tuple, kwargs: dict, *, run_name: str | None = None, stream: bool = True
+    ) -> Any:
+        """``fn(*args, run_name=..., **kwargs)``, with the arguments as a tuple and a dict,
+        and the output streamed here only when ``stream``."""
         on_output = print_output if stream else None
         if run_name is not None:
             reply = self._submit(
@@ -319,41 +321,14 @@ class RemoteFunction:
         for run in passed:  # no run of its own records them: the current run used them
             _link(lineage.USED, run)
         inputs = _pickle_inputs(self.fn, args, kwargs)
-        failed: dict | None = None
         op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
         if passed and _has_references(args, kwargs):
             op["run_args"] = True
-        with self.system._connection() as conn:  # the least-loaded host's agent
-            try:
-                reply = self._request_on(conn, op, fn_bytes, on_output)
-            except AgentFailure as failure:
-                failed = failure.record
+        reply, _, error = system.call(op, fn_bytes, on_output)  # the least-loaded host
         del inputs, op  # the arguments' pickle is let go before the result is unpickled
-        if failed is not None:  # raised outside the except block: its cause is the RemoteError
-            raise exception_from_record(failed, host=conn.label)
+        if error is not None:  # raised outside any except block: its cause is the RemoteError
+            raise error
         return cloudpickle.loads(reply["result"])
-
-    @staticmethod
-    def _request_on(
-        conn: AgentConnection,
-        op: dict[str, Any],
-        fn_bytes: bytes,
-        on_output: Callable[[int, bytes], None] | None,
-    ) -> dict:
-        """Send a call or map op; the function itself only if that agent lacks it."""
-        key = op["fn_key"]
-        if key not in conn.known_functions:
-            op["fn"] = fn_bytes
-        try:
-            reply = conn.request(op, on_output)
-        except AgentFailure as failure:
-            if failure.record.get("kind") != Failure.UNKNOWN_FUNCTION:
-                raise
-            op["fn"] = fn_bytes  # the agent evicted it from its cache
-            reply = conn.request(op, on_output)
-        conn.known_functions.add(key)
-        op.pop("fn", None)
-        return reply
 
     def _submit(
         self,
@@ -446,9 +421,8 @@ class RemoteFunction:
         pairs = self._share_pairs()
         if not pairs:
             return []
-        from .systems.storage import StorageSystem
-
-        return [StorageSystem(url, **options) for url, options in pairs.items()]
+        store = registry.load("storage")
+        return [store(url, **options) for url, options in pairs.items()]
 
     def _share_trust(self) -> str:
         """How runs from the shared stores are trusted: ``"signed"`` (they must carry a
@@ -542,7 +516,7 @@ class RemoteFunction:
         return run.result()
 
     def _arguments_fingerprint(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-        if self._run_type != "function":
+        if self.run_type != "function":
             return None
         return fingerprint.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
 
@@ -574,23 +548,22 @@ class RemoteFunction:
     ) -> dict:
 
         call_fingerprint: dict[str, Any] = self._code_record() if with_code else {}
-        if self._run_type == "function":
+        if self.run_type == "function":
             call_fingerprint.update(
                 arg_fp
                 or fingerprint.argument_fingerprint(self.fn, args, kwargs, ignore=self.ignore)
             )
         parent = current_run()
         record = {
-            "run_type": self._run_type,
+            "run_type": self.run_type,
             "fn_name": self.name,
             "fn_qualname": _qualified_name(self.fn),
-            "cmds": list(self._cmds),
+            "cmds": list(self.cmds),
             "fingerprint": call_fingerprint,
             "creator": context.creator(),
             "remoterun_version": __version__,
             "system": system.name,
             "parent": parent.url if parent is not None else None,
-            **self._extra_record,
         }
         used = [
             (run.url, run.config.get("attempt"))
@@ -614,6 +587,16 @@ class RemoteFunction:
     def _pickle_function(self) -> tuple[bytes, str]:
         data = _dumps_by_value(self.fn, self.fn, "the function")
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def print_output(kind: int, data: bytes) -> None:
+    """Write a function's streamed output to this process's stdout or stderr."""
+    stream = sys.stdout if kind == STDOUT else sys.stderr
+    try:
+        stream.write(data.decode("utf-8", "replace"))
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _qualified_name(fn: Callable) -> str:

@@ -84,3 +84,36 @@ def open_host(label: str) -> Any:
         if host.host_label() == label:
             return host
     return None
+
+
+# --------------------------------------------------------------------------- shares
+
+
+def share_list(share: Any) -> tuple[tuple[str, dict], ...]:
+    """``share=`` as ``((url, storage_options), ...)``: it takes a folder URL, a storage
+    system (``rr.systems.storage.StorageSystem(url, endpoint_url=...)``, whose options are
+    kept), a ``(url, options)`` pair, or a list of these."""
+    if share is None:
+        return ()
+    single = isinstance(share, str) or not hasattr(share, "__iter__") or _is_pair(share)
+    found: dict[str, dict] = {}
+    for item in [share] if single else share:
+        if isinstance(item, str):
+            url, options = item, {}
+        elif _is_pair(item):
+            url, options = item[0], dict(item[1])
+        elif isinstance(getattr(item, "url", None), str):
+            url, options = item.url, dict(getattr(item, "storage_options", {}) or {})
+        else:
+            raise TypeError(f"share= takes folder URLs or storage systems, not {item!r}")
+        found.setdefault(url.rstrip("/"), options)
+    return tuple(found.items())
+
+
+def _is_pair(item: Any) -> bool:
+    return (
+        isinstance(item, (list, tuple))
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], dict)
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 import os
 import re
 import secrets
@@ -14,6 +13,16 @@ import time
 
 from ..errors import CorruptRunError, InvalidRunNameError
 from . import integrity
+from .record import CANCELLED as CANCELLED  # the statuses live with the record
+from .record import COMPLETED as COMPLETED
+from .record import FAILED as FAILED
+from .record import NOT_STARTED as NOT_STARTED
+from .record import RUNNING as RUNNING
+from .record import STATUSES as STATUSES
+from .record import TERMINAL as TERMINAL
+from .record import WORKER_LOST as WORKER_LOST
+from .record import RunRecord
+from .record import utc_now as utc_now
 
 CONFIG = "config.json"
 FUNCTION = "function.pkl"
@@ -30,17 +39,8 @@ LOCKS = ".locks"
 # A new run's function and inputs are written here before its name is claimed.
 STAGING = ".staging"
 
-NOT_STARTED = "NOT_STARTED"
-RUNNING = "RUNNING"
-COMPLETED = "COMPLETED"
-FAILED = "FAILED"
-CANCELLED = "CANCELLED"
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-STATUSES = frozenset({NOT_STARTED, RUNNING}) | TERMINAL
 # The files whose contents are unpickled, each with a digest in the record.
 PICKLES = (FUNCTION, INPUTS, RESULT, ERROR)
-
-WORKER_LOST = "worker lost"
 
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -72,12 +72,6 @@ def generate_run_name(prefix: str) -> str:
     safe = safe_prefix(prefix)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return f"{safe}-{stamp}-{next(_name_suffixes) & 0xFFFFFF:06x}"
-
-
-def utc_now() -> str:
-    """The current time as ISO 8601 UTC with microseconds."""
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
 _tmp_counter = itertools.count()
@@ -148,43 +142,12 @@ def storage_message(exc: OSError, path: str | None = None) -> str:
     return f"{what} writing {where}"
 
 
-def encode_record(config: dict) -> bytes:
-    """``config.json``'s bytes: the record, signed when this machine has the team key (over
-    the record as JSON gives it back, which is what a reader checks)."""
-    key = integrity.signing_key()
-    if key is not None:
-        config = integrity.sign(integrity.as_json(config), key)
-    elif integrity.SIGNATURE in config:
-        config = {k: v for k, v in config.items() if k != integrity.SIGNATURE}
-    return json.dumps(config, indent=1, sort_keys=True, default=str).encode()
-
-
-class CorruptRecord(ValueError):
-    """``config.json`` is not a run record remoterun can read (the client raises
-    ``remoterun.CorruptRunError`` for it)."""
-
-
 def corrupt_message(name: str, where: str, problem: str) -> str:
     """What CorruptRunError says: the run, where it is, what is wrong, what to do."""
     return (
         f"run {name!r} at {where} is damaged: {problem}. Nothing of it was unpickled. "
         f"Run it again (a new attempt replaces it), or remove it: remoterun rm {where}"
     )
-
-
-def decode_record(data: bytes) -> dict:
-    """The record in ``config.json``'s bytes; raises CorruptRecord for anything that is
-    not a JSON object with a known status."""
-    try:
-        record = json.loads(data)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-        raise CorruptRecord(f"config.json is not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise CorruptRecord(f"config.json holds a {type(record).__name__}, not a record")
-    status = record.get("status")
-    if status not in STATUSES:
-        raise CorruptRecord(f"config.json has an unknown status {status!r}")
-    return record
 
 
 class RunArgument:
@@ -240,7 +203,7 @@ class RunArgument:
 def _read_record(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, CONFIG), "rb") as f:
-            return decode_record(f.read())
+            return RunRecord.decode(f.read())
     except FileNotFoundError:
         return None
 

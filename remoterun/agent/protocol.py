@@ -50,7 +50,6 @@ class Op:
     SUBMIT = "submit"  # a recorded run: start it, or answer from the cache -> Action
     STATUS = "status"  # root, name -> {"config"} (+ outcome), a lost worker found out
     CANCEL = "cancel"  # root, name, grace -> {"config"}
-    COPY_OUT = "copy_out"  # root, name, dst -> the host copies a run to an object store
 
 
 # Ops that run the user's function in the agent itself.

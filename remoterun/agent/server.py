@@ -374,42 +374,6 @@ class Agent:
                 return
             time.sleep(0.001)
 
-    def op_copy_out(self, request: dict, req_id: int) -> dict:
-        """Copy a run folder of this host to another filesystem (S3) from here, so that
-        its bytes do not travel through the client.
-
-        Needs fsspec and the destination's backend in this host's Python, which the agent
-        itself does not: without them, or when the destination cannot be reached from
-        here, the reply says so (``copied: False``) and the client copies instead.
-        """
-        name = request["name"]
-        HostRuns(request["root"]).path(name)  # validates the name
-        try:
-            import fsspec
-
-            from remoterun.folder import RunFolder, copy_folder
-
-            fs, path = fsspec.core.url_to_fs(request["dst"], **request["storage_options"])
-        except Exception as exc:  # ImportError, an unknown protocol: the client copies
-            return {"copied": False, "why": f"{type(exc).__name__}: {exc}"}
-        src = RunFolder(fsspec.filesystem("file"), os.path.join(request["root"], name))
-        dst = RunFolder(fs, path)
-        try:
-            config = copy_folder(
-                src,
-                dst,
-                overwrite=request["overwrite"],
-                progress=False,
-                trusted=True,  # this host's own runs
-                write_records=request.get("records", True),
-            )
-        except Exception as exc:
-            if type(exc).__name__ in ("RunExistsError", "RunNotFoundError"):
-                # The client's copy would say the same: it raises this as its own type.
-                return {"copied": False, "refused": type(exc).__name__, "why": str(exc)}
-            return {"copied": False, "why": f"{type(exc).__name__}: {exc}"}
-        return {"copied": True, "config": config}
-
     def op_status(self, request: dict, req_id: int) -> dict:
         runs = HostRuns(request["root"])
         config = runs.status(request["name"])

@@ -29,6 +29,7 @@ from .procs import (
     worker_alive,
 )
 from .protocol import Action, Mode
+from .record import CorruptRecord, RunRecord
 
 ExitCallback = Callable[[int, int], None]
 
@@ -101,7 +102,7 @@ class HostRuns:
         finally:
             os.close(fd)
 
-    def read_config(self, name: str) -> dict | None:
+    def read_config(self, name: str) -> RunRecord | None:
         """The run's record, None when there is none; raises CorruptRunError for a
         ``config.json`` that is not one."""
         try:
@@ -110,16 +111,16 @@ class HostRuns:
         except FileNotFoundError:
             return None
         try:
-            return layout.decode_record(data)
-        except layout.CorruptRecord as exc:
+            return RunRecord.decode(data)
+        except CorruptRecord as exc:
             raise CorruptRunError(
-                layout.corrupt_message(name, self.path(name), str(exc)),
+                layout.corrupt_message(name, self.path(name), f"{layout.CONFIG}: {exc}"),
                 url=self.path(name),
                 filename=layout.CONFIG,
             ) from None
 
     def write_config(self, name: str, config: dict) -> None:
-        layout.write_atomic(self.file(name, layout.CONFIG), layout.encode_record(config))
+        layout.write_atomic(self.file(name, layout.CONFIG), RunRecord(config).encode())
 
     def write_pickle(self, name: str, filename: str, data: bytes, config: dict) -> None:
         """Write one of the run's pickles and note its digest in ``config`` (which the
@@ -165,13 +166,7 @@ class HostRuns:
         running in its process group. When the record cannot be written (a full disk),
         the FAILED record is returned all the same, and written at a later look."""
         kill_leftovers(config)
-        config.update(
-            status=layout.FAILED,
-            end_time=layout.utc_now(),
-            error=f"{layout.WORKER_LOST}: {why}",
-            error_type="remoterun.errors.WorkerLostError",
-            error_traceback="",
-        )
+        config = RunRecord(config).lost(why)
         try:
             self.write_config(name, config)
         except OSError as exc:
@@ -227,7 +222,7 @@ class HostRuns:
             folder = os.path.join(attempts, number)
             try:
                 with open(os.path.join(folder, layout.CONFIG), "rb") as f:
-                    if layout.decode_record(f.read()) == config:
+                    if RunRecord.decode(f.read()) == config:
                         return folder
             except (FileNotFoundError, ValueError):
                 continue
@@ -392,24 +387,10 @@ class HostRuns:
         for filename, (tmp, digest) in staged.items():
             os.replace(tmp, self.file(name, filename))
             digests[filename] = digest
-        config = dict(request.get("record") or {})
-        config[integrity.DIGESTS] = digests
-        config.update(
-            name=name,
-            status=layout.NOT_STARTED,
-            attempt=attempt,
-            host=HOSTNAME,
-            boot_id=BOOT_ID,
-            python=sys.version.split()[0],
-            executable=sys.executable,
-        )
-        for key in ("start_time", "end_time", "error", "error_traceback", "pid"):
-            config.setdefault(key, None)
-        for key in ("upstream", "downstream"):
-            config.setdefault(key, [])
-        for key in ("tags", "metrics"):
-            config.setdefault(key, {})
-        return config
+        fields = dict(request.get("record") or {})
+        record = RunRecord.new(name, fields.pop("run_type", "function"), attempt, **fields)
+        record.update(digests=digests, host=HOSTNAME, boot_id=BOOT_ID, executable=sys.executable)
+        return record
 
     def start(
         self,
@@ -429,10 +410,7 @@ class HostRuns:
         after it.
         """
         name = request["name"]
-        config = dict(config)
-        config.update(
-            status=layout.RUNNING,
-            start_time=layout.utc_now(),
+        config = RunRecord(config).running(
             pid=worker.pid,
             pgid=worker.pid,  # the worker's setsid() made it its group's leader
             proc_start=worker.proc_start,
@@ -487,12 +465,7 @@ class HostRuns:
                 pgid = config.get("pgid", pid)
                 if isinstance(pgid, int) and config.get("host") == HOSTNAME:
                     kill_group(pgid, pid, grace)
-            config.update(
-                status=layout.CANCELLED,
-                end_time=layout.utc_now(),
-                error="cancelled",
-                error_type="remoterun.errors.RunCancelledError",
-            )
+            config.cancelled()
             self.write_config(name, config)
             return config
 

@@ -12,6 +12,7 @@ import sys
 from . import integrity, layout, pickling, protocol
 from .failures import SERIALIZATION_ERROR, STORAGE_ERROR, error_record
 from .procs import open_fds
+from .record import RunRecord
 from .store import HostRuns
 
 
@@ -89,23 +90,17 @@ def _run(runs: HostRuns, request: dict) -> int:
             pass
 
     with runs.lock(name):
-        config = runs.read_config(name) or {}
-        if config.get("status") != layout.RUNNING or config.get("pid") != pid:
+        config = runs.read_config(name) or RunRecord()
+        if config.status != layout.RUNNING or config.get("pid") != pid:
             return 0  # cancelled meanwhile: its outcome is already written
         try:
             if error is None:
                 runs.write_pickle(name, layout.RESULT, result_bytes or b"", config)
-                config.update(status=layout.COMPLETED, error=None, error_traceback=None)
+                config.completed()
             else:
                 if error["exc"] is not None:
                     runs.write_pickle(name, layout.ERROR, error["exc"], config)
-                config.update(
-                    status=layout.FAILED,
-                    error=error["message"],
-                    error_type=error["type"],
-                    error_traceback=error["traceback"],
-                )
-            config["end_time"] = layout.utc_now()
+                config.failed(error["message"], error["type"], error["traceback"])
             runs.write_config(name, config)
         except OSError as exc:
             # The outcome or the record did not fit (a full disk): free what this attempt
@@ -114,7 +109,7 @@ def _run(runs: HostRuns, request: dict) -> int:
     return 0 if error is None else 1
 
 
-def _storage_failure(runs: HostRuns, name: str, config: dict, exc: OSError) -> dict:
+def _storage_failure(runs: HostRuns, name: str, config: RunRecord, exc: OSError) -> dict:
     """Record a run whose outcome could not be written as FAILED, saying why and where."""
     for filename in (layout.RESULT, layout.ERROR):
         try:
@@ -124,12 +119,6 @@ def _storage_failure(runs: HostRuns, name: str, config: dict, exc: OSError) -> d
         (config.get(integrity.DIGESTS) or {}).pop(filename, None)
     message = f"the outcome could not be written: {layout.storage_message(exc)}"
     sys.stderr.write(f"remoterun: {message}\n")
-    config.update(
-        status=layout.FAILED,
-        end_time=layout.utc_now(),
-        error=message,
-        error_type=STORAGE_ERROR,
-        error_traceback="",
-    )
+    config.failed(message, STORAGE_ERROR)
     runs.write_config(name, config)  # if even this fails, the reaper marks the run lost
     return {"message": message}

@@ -12,11 +12,10 @@ import json
 import logging
 import os
 import posixpath
-import sys
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
-from ..agent import layout, protocol
-from ..agent.protocol import Op
+from ..agent import layout
+from ..agent.protocol import Failure, Op
 from ..errors import (
     CorruptRunError,
     RemoterunError,
@@ -34,16 +33,6 @@ if TYPE_CHECKING:
     from ..run import Run
 
 logger = logging.getLogger(__name__)
-
-
-def print_output(kind: int, data: bytes) -> None:
-    """Write a function's streamed output to this process's stdout or stderr."""
-    stream = sys.stdout if kind == protocol.STDOUT else sys.stderr
-    try:
-        stream.write(data.decode("utf-8", "replace"))
-        stream.flush()
-    except (OSError, ValueError):
-        pass
 
 
 class System:
@@ -74,6 +63,22 @@ class System:
             f"{self.name} only stores runs; it cannot execute them. Run functions on "
             "rr.local() or a cluster, then copy the run here with run.to()."
         )
+
+    def call(
+        self, op: dict, fn_bytes: bytes, on_output: OutputHandler | None = None
+    ) -> tuple[dict | None, str, BaseException | None]:
+        """Send a ``call`` or ``map`` op to an agent of this system (the least-loaded
+        host's), with the function itself only when that agent does not hold it yet
+        (``op["fn_key"]`` names it). Returns ``(reply, host label, error)``: a failed op's
+        exception is returned, not raised, so that the caller raises it where its cause
+        (a RemoteError) is kept, or keeps it as an item's result."""
+        with self._connection() as conn:
+            host = conn.label
+            try:
+                return _send_function_op(conn, op, fn_bytes, on_output), host, None
+            except AgentFailure as failure:
+                record = failure.record
+        return None, host, exception_from_record(record, host=host)
 
     def _request(self, op: dict, on_output: OutputHandler | None = None) -> dict:
         """Send one request to an agent of this system and return its reply."""
@@ -241,10 +246,14 @@ class System:
         from ..agent.commands import run_commands
         from ..function import RemoteFunction
 
-        fn = RemoteFunction(run_commands, system=self, name="python" if python_lines else "cmd")
-        fn._run_type = "command"
-        fn._cmds = cmds
-        return fn._call((cmds, python_lines), {}, run_name=run_name, stream=stream)
+        fn = RemoteFunction(
+            run_commands,
+            system=self,
+            name="python" if python_lines else "cmd",
+            run_type="command",
+            cmds=cmds,
+        )
+        return fn.invoke((cmds, python_lines), {}, run_name=run_name, stream=stream)
 
     def close(self) -> None:
         """Release connections and agents; runs going on are not affected."""
@@ -257,36 +266,6 @@ class System:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} root={self.root!r}>"
-
-
-def share_list(share: Any) -> tuple[tuple[str, dict], ...]:
-    """``share=`` as ``((url, storage_options), ...)``: it takes a folder URL, a storage
-    system (``rr.systems.storage.StorageSystem(url, endpoint_url=...)``, whose options are
-    kept), a ``(url, options)`` pair, or a list of these."""
-    if share is None:
-        return ()
-    single = isinstance(share, str) or not hasattr(share, "__iter__") or _is_pair(share)
-    found: dict[str, dict] = {}
-    for item in [share] if single else share:
-        if isinstance(item, str):
-            url, options = item, {}
-        elif _is_pair(item):
-            url, options = item[0], dict(item[1])
-        elif isinstance(getattr(item, "url", None), str):
-            url, options = item.url, dict(getattr(item, "storage_options", {}) or {})
-        else:
-            raise TypeError(f"share= takes folder URLs or storage systems, not {item!r}")
-        found.setdefault(url.rstrip("/"), options)
-    return tuple(found.items())
-
-
-def _is_pair(item: Any) -> bool:
-    return (
-        isinstance(item, (list, tuple))
-        and len(item) == 2
-        and isinstance(item[0], str)
-        and isinstance(item[1], dict)
-    )
 
 
 # The statuses a run's record can hold.
@@ -362,3 +341,23 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, where: str) -> None:
         raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
     if not found:
         raise RunStorageError(f"cannot list the runs in {where}: there is no bucket {bucket!r}")
+
+
+def _send_function_op(
+    conn: AgentConnection, op: dict, fn_bytes: bytes, on_output: OutputHandler | None
+) -> dict:
+    """Send a call or map op on ``conn``; the function itself only if that agent lacks it
+    (or has evicted it from its cache)."""
+    key = op["fn_key"]
+    if key not in conn.known_functions:
+        op["fn"] = fn_bytes
+    try:
+        reply = conn.request(op, on_output)
+    except AgentFailure as failure:
+        if failure.record.get("kind") != Failure.UNKNOWN_FUNCTION:
+            raise
+        op["fn"] = fn_bytes
+        reply = conn.request(op, on_output)
+    conn.known_functions.add(key)
+    op.pop("fn", None)
+    return reply

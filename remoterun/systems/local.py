@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ContextManager
 
 from ..agent.store import HostRuns
 from ..errors import SystemUnavailableError
-from .base import System, share_list
+from ..registry import share_list
+from .base import System
 from .connection import AgentConnection, ConnectionPool
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from ...errors import RunNotFoundError, SystemUnavailableError
-from ..base import System, share_list
+from ...registry import share_list
+from ..base import System
 from ..connection import AgentConnection
 from ..saved import save_cluster
 from .endpoint import parse_destination

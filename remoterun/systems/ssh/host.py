@@ -17,14 +17,15 @@ from typing import Any, ContextManager, Sequence
 import paramiko
 
 from ... import registry
+from ...agent import pickling
+from ...agent.protocol import Op
 from ...errors import (
     AgentError,
     HostKeyError,
-    RunExistsError,
-    RunNotFoundError,
     SystemUnavailableError,
 )
-from ...folder import RunFolder, check_run_name
+from ...folder import RunFolder, check_run_name, copy_out
+from ...version import __version__
 from ..base import System
 from ..connection import AgentConnection, ConnectionPool
 from .commands import _drain_stderr, _exec
@@ -48,7 +49,7 @@ _DOWN_FOR = 30.0
 _WINDOW_SIZE = 32 << 20
 _MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
-_IDEMPOTENT = frozenset({"ping", "status", "cancel"})
+_IDEMPOTENT = frozenset({Op.PING, Op.STATUS, Op.CANCEL})
 
 
 class _PackageDamaged(Exception):
@@ -160,7 +161,7 @@ class SSHHost(System):
 
     def parallelism(self) -> int:
         if not self.facts:
-            self._request({"op": "ping"})
+            self._request({"op": Op.PING})
         return min(self.cpus, self.max_sessions - 2)
 
     # ------------------------------------------------------------------ connecting
@@ -367,21 +368,15 @@ class SSHHost(System):
         """Have the host copy its run folder to ``dst_url`` itself (without the records
         unless ``records``: the client writes them, signed); None when it did, else why
         it could not (the client then copies)."""
-        op = {
-            "op": "copy_out",
-            "root": root,
-            "name": name,
-            "dst": dst_url,
-            "storage_options": storage_options,
-            "overwrite": overwrite,
-            "records": records,
-        }
-        reply = self.request(op, run_name=name)
-        if reply.get("refused") == "RunExistsError":
-            raise RunExistsError(reply["why"])
-        if reply.get("refused") == "RunNotFoundError":
-            raise RunNotFoundError(reply["why"])
-        return None if reply["copied"] else reply["why"]
+        function = pickling.dumps(copy_out)  # by reference: the host has remoterun
+        inputs = pickling.dumps(
+            {"args": [root, name, dst_url, storage_options, overwrite, records], "kwargs": {}}
+        )
+        op = {"op": Op.CALL, "fn_key": "copy_out:" + __version__, "inputs": inputs}
+        reply, _, error = self.call(op, function)
+        if error is not None:  # RunExistsError, RunNotFoundError: as the client's own copy
+            raise error
+        return pickling.loads(reply["result"])
 
     # ------------------------------------------------------------------ storage
 
@@ -390,11 +385,11 @@ class SSHHost(System):
         spec = self._root_spec
         if spec.startswith("~"):
             if not self.facts:
-                self._request({"op": "ping"})
+                self._request({"op": Op.PING})
             spec = self.facts["home"] + spec[1:]
         elif not spec.startswith("/"):
             if not self.facts:
-                self._request({"op": "ping"})
+                self._request({"op": Op.PING})
             spec = posixpath.join(self.facts["home"], spec)
         return posixpath.normpath(spec)
 
