@@ -33,7 +33,7 @@ from remoterun.errors import (
     RunNotFoundError,
     SystemUnavailableError,
 )
-from remoterun.folder import RunFolder, _why
+from remoterun.folder import RunFolder, storage_reason
 from remoterun.systems.base import parse_record, record_problem
 
 FAILED = 1
@@ -129,7 +129,7 @@ def _record_of(folder: RunFolder) -> dict:
 
 def _one_line(exc: BaseException) -> str:
     """An error of a layer below (OSError, botocore, paramiko, ...) as one line."""
-    text = " ".join(_why(exc).split())
+    text = " ".join(storage_reason(exc).split())
     kind = type(exc).__name__
     return text if kind in text or isinstance(exc, RemoterunError) else f"{kind}: {text}"
 

@@ -8,14 +8,12 @@ import io
 import os
 import sys
 import threading
-import traceback
 from typing import Any, TextIO
 
 from . import lineage
 from .agent import layout
 from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
 from .agent.record import RunRecord
-from .agent.store import HostRuns
 from .errors import RunNotFinishedError
 from .folder import RunFolder
 from .version import __version__
@@ -86,6 +84,8 @@ class BlockRecorder:
         if folder.local:
             # The same lock and liveness check recorded runs take on this machine, so a
             # block whose process died can be re-run and a live one is never moved aside.
+            from .agent.store import HostRuns  # start-up time: fcntl, the protocol
+
             runs = HostRuns(self.run.root)
             runs.status(folder.name)  # marks a block whose process died as lost
             with runs.lock(folder.name):
@@ -171,9 +171,7 @@ class BlockRecorder:
             record = error_record(exc)
             if record["exc"] is not None:
                 folder.write_pickle(layout.ERROR, record["exc"], config)
-            config.failed(
-                record["message"], record["type"], "".join(traceback.format_exception(exc))
-            )
+            config.failed(record["message"], record["type"], "".join(_traceback(exc)))
         folder.write_config(config)
         return config
 
@@ -203,3 +201,9 @@ def creator() -> str:
     except Exception:
         user = str(os.getuid())
     return f"{user}@{HOSTNAME}"
+
+
+def _traceback(exc: BaseException) -> list[str]:
+    import traceback  # start-up time: `import remoterun` stays light
+
+    return traceback.format_exception(exc)

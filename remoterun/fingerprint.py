@@ -24,11 +24,13 @@ import os
 import struct
 import sys
 import sysconfig
+import threading
 import types
 from typing import Any, Callable, Iterable
 
 import cloudpickle
 
+from .agent import pickling
 from .agent.fingerprints import fingerprint_differences as fingerprint_differences
 from .errors import SerializationError
 
@@ -655,3 +657,30 @@ def explain(
     nearest = max(earlier, key=lambda r: r.config.get("end_time") or "")
     reasons = changes(nearest.config.get("fingerprint") or {}, wanted)
     return Explanation(False, run_name, nearest.url, reasons or ["the run name differs"])
+
+
+# --------------------------------------------------------------------------- pickling
+
+_by_value_lock = threading.Lock()
+
+
+def dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
+    """``obj`` pickled with the user's own packages that ``fn`` and ``related`` come from
+    pickled by value, so that the host need not have them installed; SerializationError
+    naming ``what`` when it cannot be pickled."""
+    packages = user_packages(fn, *related)
+    with _by_value_lock:
+        # Only what is not registered already, so that a module the user registered
+        # themselves stays registered afterwards.
+        registered = [p for p in packages if p not in cloudpickle.list_registry_pickle_by_value()]
+        for package in registered:
+            cloudpickle.register_pickle_by_value(sys.modules[package])
+        try:
+            return pickling.dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"
+            ) from exc
+        finally:
+            for package in registered:
+                cloudpickle.unregister_pickle_by_value(sys.modules[package])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import secrets
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +92,8 @@ class RunFolder:
         except FileNotFoundError:
             return None
         except storage_errors() as exc:
-            raise RunStorageError(
-                f"cannot read {self.fs.unstrip_protocol(self.file(filename))}: {_why(exc)}"
-            ) from exc
+            where = self.fs.unstrip_protocol(self.file(filename))
+            raise RunStorageError(f"cannot read {where}: {storage_reason(exc)}") from exc
 
     def read_config(self) -> dict | None:
         """The run's record, None when there is none; CorruptRunError when config.json
@@ -128,13 +126,13 @@ class RunFolder:
         except FileNotFoundError:
             got = {}
         except storage_errors() as exc:
-            raise RunStorageError(f"cannot read {self.url}: {_why(exc)}") from exc
+            raise RunStorageError(f"cannot read {self.url}: {storage_reason(exc)}") from exc
         found = {}
         for key, value in got.items():
             if isinstance(value, FileNotFoundError):
                 continue
             if isinstance(value, BaseException):  # credentials, permissions, network
-                raise RunStorageError(f"cannot read {self.url}: {_why(value)}") from value
+                raise RunStorageError(f"cannot read {self.url}: {storage_reason(value)}") from value
             found[posixpath.basename(key)] = value
         config = self.decode_config(found.get(layout.CONFIG))
         reply: dict = {"config": config}
@@ -195,7 +193,7 @@ class RunFolder:
                 layout.write_atomic(path, data)
             elif set(protocols(self.fs)) & _RENAMING_PROTOCOLS:
                 folder, base = posixpath.split(filename)
-                tmp = self.file(posixpath.join(folder, f".{base}.{secrets.token_hex(4)}.tmp"))
+                tmp = self.file(posixpath.join(folder, f".{base}.{os.urandom(4).hex()}.tmp"))
                 self.fs.pipe_file(tmp, data)
                 try:
                     self.fs.mv(tmp, path)
@@ -392,7 +390,7 @@ def copy_folder(
     except storage_errors() as exc:
         if isinstance(exc, RunStorageError):
             raise
-        raise RunStorageError(f"cannot copy {src.url} to {dst.url}: {_why(exc)}") from exc
+        raise RunStorageError(f"cannot copy {src.url} to {dst.url}: {storage_reason(exc)}") from exc
     finally:
         if bar is not None:
             bar.close()
@@ -526,7 +524,8 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _why(exc: BaseException) -> str:
+def storage_reason(exc: BaseException) -> str:
+    """What a storage error says, with what to do about missing credentials."""
     text = f"{exc}" or type(exc).__name__
     if "credentials" in text.lower():
         profile = os.environ.get("AWS_PROFILE") or "default"

@@ -14,14 +14,13 @@ import inspect
 import logging
 import os
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
 from . import context, fingerprint, lineage, registry
-from .agent import integrity, layout, pickling
+from .agent import integrity, layout
 from .agent.protocol import STDOUT, Action, Mode, Op
 from .errors import (
     CacheMismatchError,
@@ -264,7 +263,7 @@ class RemoteFunction:
         bar = _progress_bar(len(items), self.name, progress)
 
         def run_chunk(start: int, chunk: list[tuple]) -> None:
-            data = _dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
+            data = fingerprint.dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
             op = {"op": Op.MAP, "fn_key": fn_key, "items": data}
             reply, host, failed = system.call(op, fn_bytes, print_output)
             if failed is not None:  # the chunk as a whole could not run
@@ -585,7 +584,7 @@ class RemoteFunction:
         return payload
 
     def _pickle_function(self) -> tuple[bytes, str]:
-        data = _dumps_by_value(self.fn, self.fn, "the function")
+        data = fingerprint.dumps_by_value(self.fn, self.fn, "the function")
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -766,33 +765,12 @@ def _loads_shared(reply: dict) -> Any:
 
 # --------------------------------------------------------------------------- pickling
 
-_by_value_lock = threading.Lock()
-
-
-def _dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
-    packages = fingerprint.user_packages(fn, *related)
-    with _by_value_lock:
-        # Only what is not registered already, so that a module the user registered
-        # themselves stays registered afterwards.
-        registered = [p for p in packages if p not in cloudpickle.list_registry_pickle_by_value()]
-        for package in registered:
-            cloudpickle.register_pickle_by_value(sys.modules[package])
-        try:
-            return pickling.dumps(obj)
-        except Exception as exc:
-            raise SerializationError(
-                f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"
-            ) from exc
-        finally:
-            for package in registered:
-                cloudpickle.unregister_pickle_by_value(sys.modules[package])
-
 
 def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict) -> bytes:
     """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument."""
     inputs = {"args": list(args), "kwargs": dict(kwargs)}
     try:
-        return _dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
+        return fingerprint.dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
     except SerializationError as exc:
         for name, value in fingerprint.bind_arguments(fn, args, kwargs).items():
             try:

@@ -151,11 +151,13 @@ def _this_host() -> str:
 
 
 def _host_of(holder: Run) -> Any:
-    """The SSH host that holds ``holder``'s folder, if it is on one."""
+    """The SSH host that holds ``holder``'s folder, if it is on one: its system's, or for
+    a run loaded by an ``ssh://`` URL, the host that URL was opened through."""
     system = holder.system
-    if system is None or holder.folder.local or not hasattr(system, "host_label"):
-        return None
-    return system if system.executes else None
+    if system is not None and system.executes and hasattr(system, "host_label"):
+        return None if holder.folder.local else system
+    scheme, _, rest = holder.url.partition("://")
+    return registry.open_host(rest.split("/", 1)[0]) if scheme == "ssh" else None
 
 
 # Where a link may point besides file:// and ssh://: stores that hold runs.

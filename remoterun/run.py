@@ -16,7 +16,6 @@ from typing import Any, Iterator
 from . import context, export, lineage, registry
 from .agent import integrity, layout
 from .agent.protocol import Action, Failure, Mode, Op
-from .agent.store import HostRuns
 from .errors import (
     CorruptRunError,
     RemoterunError,
@@ -122,9 +121,10 @@ class Run:
         return hash(self.url)
 
     def at(self, folder: RunFolder, system: Any = None, config: dict | None = None) -> Run:
-        """A handle of the same kind and trust on another folder (a linked run's, an
-        earlier attempt's), its record as given (None: read when asked)."""
-        return type(self)(folder, system, config, trust=self._trust)
+        """A handle of the same kind on another folder (a run this one links to), its
+        record as given (None: read when asked). Its trust is its own store's (see
+        ``Run``), not this handle's."""
+        return type(self)(folder, system, config)
 
     @property
     def known_config(self) -> dict | None:
@@ -169,7 +169,7 @@ class Run:
         if self.system is not None:  # an executing one finds a dead worker out
             return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
         if _is_local(self.folder.fs):
-            return {"config": HostRuns(self.root).status(self.name)}
+            return {"config": _host_runs(self.root).status(self.name)}
         return self.folder.read_record(want_outcome)
 
     @property
@@ -375,7 +375,7 @@ class Run:
                 raise RemoterunError(
                     f"run {self.name!r} at {self.url} has no system to cancel it on"
                 )
-            self._config = HostRuns(self.root).cancel(self.name, grace)
+            self._config = _host_runs(self.root).cancel(self.name, grace)
         else:
             self._config = self.system.cancel(self.name, root=self.root, grace=grace)
         return self.status
@@ -547,7 +547,7 @@ class Run:
                 self._config = dict(self._context.config)
             return
         if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
-            runs = HostRuns(self.root)
+            runs = _host_runs(self.root)
             with runs.lock(self.name):
                 config = runs.read_config(self.name)
                 if config is None:
@@ -614,11 +614,16 @@ class Run:
             )
         fn = self._checked_bytes(layout.FUNCTION)
         inputs = self._checked_bytes(layout.INPUTS)
-        used = self._runs_passed()
-        if used:  # runs passed as arguments travel as their results, read here
-            inputs = self._inputs_with_results(used)
         if system is None:
             system = self.system if self.system is not None and self.system.executes else "here"
+        # The host that holds the name decides it; a generated name goes where load is least.
+        target = registry.resolve(system).placement(run_name)
+        used = self._runs_passed()
+        by_reference = all(
+            target.reads_locally(run.folder) and not run._signature_required() for run in used
+        )
+        if used and not by_reference:  # they travel as their results, read here
+            inputs = self._inputs_with_results(used)
         outer = current_run()
         record = {key: config.get(key) for key in _RERUN_FIELDS}
         record.update(
@@ -631,6 +636,7 @@ class Run:
         if used:
             record.update(lineage.record_fields([(r.url, r.config.get("attempt")) for r in used]))
         request = {
+            "run_args": bool(used) and by_reference,  # the host reads them from its disk
             "op": Op.SUBMIT,
             "mode": Mode.NEW,
             "wait": False,
@@ -641,17 +647,17 @@ class Run:
             "fn": fn,
             "inputs": inputs,
         }
+        record["system"] = target.name
         for _ in range(100):
             name = run_name or layout.generate_run_name(config.get("fn_name") or "rerun")
-            target = registry.resolve(system).placement(name)
-            record["system"] = target.name
             request.update(name=name, root=target.root)
             reply = target.request(request, run_name=name)
             if reply["action"] != Action.EXISTS or run_name is not None:
                 break
         if reply["action"] in (Action.BUSY, Action.EXISTS):
             raise RunNotFinishedError(
-                f"run {name!r} is already RUNNING on {target.name}: re-run under another name"
+                f"run {name!r} is already RUNNING on {target.name}: wait for it with "
+                "get_or_call / get_or_run, or cancel it before starting it again"
             )
         reply_config = reply.get("config") or {}
         started = Run(
@@ -676,13 +682,18 @@ class Run:
                         f"run {self.name!r} was passed the run {value.url} as an argument, "
                         "which cannot be reached from here: re-run it where that run is"
                     )
+                status = run.wait()
+                if status is not RunStatus.COMPLETED:
+                    raise RemoterunError(
+                        f"run {self.name!r} was passed the run {run.name!r}, which {status}: "
+                        "it has no result to pass on. Nothing was started."
+                    )
                 found.append(run)
         return found
 
     def _inputs_with_results(self, runs: list[Run]) -> bytes:
-        """The inputs, pickled again with each run argument replaced by its result."""
-        from .agent import pickling  # cloudpickle: not at import
-
+        """The inputs, pickled again with each run argument replaced by its result (the
+        user's own packages by value, as a call pickles them)."""
         raw = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
         results = iter([run._result_value() for run in runs])
 
@@ -691,7 +702,12 @@ class Run:
 
         args = [value(a) for a in raw.get("args", ())]
         kwargs = {k: value(v) for k, v in raw.get("kwargs", {}).items()}
-        return pickling.dumps({"args": args, "kwargs": kwargs})
+        from . import fingerprint  # start-up time: cloudpickle
+
+        values = [*args, *kwargs.values()]
+        return fingerprint.dumps_by_value(
+            {"args": args, "kwargs": kwargs}, values[0] if values else None, "inputs", *values
+        )
 
     def _checked_bytes(self, filename: str) -> bytes:
         """One of the run's pickles, as bytes checked against the record."""
@@ -849,3 +865,10 @@ def current_run() -> Run | None:
     if run_dir:
         return Run(RunFolder(local_filesystem(), run_dir))
     return None
+
+
+def _host_runs(root: str) -> Any:
+    """The run store of a root on this machine (the host's own lock and liveness checks)."""
+    from .agent.store import HostRuns  # start-up time: fcntl and the protocol
+
+    return HostRuns(root)

@@ -276,3 +276,17 @@ def test_parent_of_a_removed_run_is_none(tmp_path):
     assert child.parent() is not None
     shutil.rmtree(tmp_path / "gone-block")
     assert child.parent() is None
+
+
+def test_reruns_keep_runs_passed_as_arguments_generation_after_generation(system):
+    data = rr.function(tasks.make_list, system=system).run(4, run_name="four-again")
+    summed = rr.function(tasks.total, system=system).run(data, run_name="sum-again")
+    assert summed.result(timeout=30) == 6
+    first = summed.rerun()
+    assert first.result(timeout=30) == 6
+    second = first.rerun()
+    assert second.result(timeout=30) == 6
+    for run in (first, second):
+        assert run.config["upstream"] == [data.url]
+        (passed,) = run.inputs()["args"]
+        assert isinstance(passed, rr.Run) and passed.url == data.url

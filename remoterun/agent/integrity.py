@@ -12,11 +12,8 @@ file ``remoterun keygen`` writes, ``$REMOTERUN_HOME/signing.key`` (mode 0600).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import secrets
 
 from ..errors import SigningKeyError
 
@@ -30,6 +27,8 @@ _MIN_KEY = 16
 
 def digest(data: bytes | bytearray | memoryview) -> str:
     """``"sha256:<hex>"`` of ``data``."""
+    import hashlib  # here and below: not at import, `import remoterun` stays light
+
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -47,6 +46,8 @@ def digest_problem(
     wanted = (record.get(DIGESTS) or {}).get(filename)
     if not wanted:
         return f"the record holds no digest for {filename}"
+    import hmac
+
     if not hmac.compare_digest(digest(data), str(wanted)):
         return f"{filename} does not match its digest (changed or damaged since it was written)"
     return None
@@ -102,11 +103,13 @@ def _checked(text: str, where: str) -> bytes:
 
 def key_id(key: bytes) -> str:
     """A short public name of a key (so an error can say "signed with another key")."""
+    import hashlib
+
     return hashlib.sha256(b"remoterun key id\0" + key).hexdigest()[:16]
 
 
 def new_key_text() -> str:
-    return secrets.token_hex(32)
+    return os.urandom(32).hex()
 
 
 def canonical(record: dict) -> bytes:
@@ -120,6 +123,9 @@ def canonical(record: dict) -> bytes:
 
 
 def _mac(record: dict, key: bytes) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(key, canonical(record), hashlib.sha256).hexdigest()
 
 
@@ -148,6 +154,8 @@ def signature_problem(record: dict, key: bytes) -> str | None:
         return f"it is signed with an unknown algorithm {signature.get('alg')!r}"
     if signature.get("key_id") != key_id(key):
         return "it is signed with another key than yours"
+    import hmac
+
     if not hmac.compare_digest(str(signature["mac"]), _mac(record, key)):
         return "its signature does not match its contents (changed since it was signed)"
     return None

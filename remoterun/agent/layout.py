@@ -8,7 +8,6 @@ import errno
 import itertools
 import os
 import re
-import secrets
 import time
 
 from ..errors import CorruptRunError, InvalidRunNameError
@@ -59,7 +58,7 @@ def check_run_name(name: object) -> str:
 
 # Suffixes count up from a random start: unique within a process (16M names), unlikely
 # to meet another process's; an exclusive claim settles the rare collision.
-_name_suffixes = itertools.count(secrets.randbelow(1 << 24))
+_name_suffixes = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 
 def safe_prefix(prefix: str) -> str:

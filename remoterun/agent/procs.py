@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 
-HOSTNAME = socket.gethostname()
+# os.uname() is what socket.gethostname() asks, without importing socket (start-up time).
+HOSTNAME = os.uname().nodename
 
 
 def _boot_id() -> str:

@@ -121,7 +121,7 @@ class RunRecord(dict):
 
     @property
     def digests(self) -> dict[str, str]:
-        return self.setdefault(integrity.DIGESTS, {})
+        return dict(self.get(integrity.DIGESTS) or {})
 
     # ------------------------------------------------------------------ transitions
 

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from . import integrity, layout, pickling, protocol
+from .commands import run_commands as run_commands  # see commands.py
 from .failures import SERIALIZATION_ERROR, STORAGE_ERROR, error_record
 from .procs import open_fds
 from .record import RunRecord

@@ -24,7 +24,8 @@ from ..errors import (
     SystemUnavailableError,
     exception_from_record,
 )
-from ..folder import RunFolder, _why, check_run_name, protocols, storage_errors
+from ..folder import RunFolder, check_run_name, protocols, storage_errors, storage_reason
+from ..run import Run
 from .connection import AgentConnection, AgentFailure, OutputHandler
 
 if TYPE_CHECKING:
@@ -142,10 +143,8 @@ class System:
 
     def get_run(self, name: str) -> Run:
         """The run of that name on this system; RunNotFoundError if there is none."""
-        from ..run import Run
-
         run = Run(self.folder(name), system=self)
-        if run.refresh()._config is None:
+        if run.refresh().known_config is None:
             raise RunNotFoundError(f"no run named {name!r} on {self.name} (looked in {run.url})")
         return run
 
@@ -160,8 +159,6 @@ class System:
         Raises RunStorageError when the root itself cannot be listed (no such bucket, no
         credentials, no permission); a root that does not exist yet holds no runs.
         """
-        from ..run import Run
-
         fs = self.filesystem()
         root = self.root
         where = fs.unstrip_protocol(root)
@@ -171,7 +168,9 @@ class System:
             _check_bucket(fs, root, where)
             return []
         except storage_errors() as exc:
-            raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
+            raise RunStorageError(
+                f"cannot list the runs in {where}: {storage_reason(exc)}"
+            ) from exc
         folders: dict[str, RunFolder] = {}
         for entry in entries:
             name = posixpath.basename(str(entry["name"]).rstrip("/"))
@@ -186,7 +185,9 @@ class System:
         try:
             records = _read_many(fs, [f.file(layout.CONFIG) for f in folders.values()])
         except storage_errors() as exc:
-            raise RunStorageError(f"cannot read the runs in {where}: {_why(exc)}") from exc
+            raise RunStorageError(
+                f"cannot read the runs in {where}: {storage_reason(exc)}"
+            ) from exc
         runs = []
         for name in sorted(folders):
             folder = folders[name]
@@ -211,7 +212,7 @@ class System:
                 return {}, f"no {layout.CONFIG}"
             problem = record_problem(config, name)
         elif isinstance(data, BaseException):
-            return {}, f"cannot read {layout.CONFIG}: {_why(data)}"
+            return {}, f"cannot read {layout.CONFIG}: {storage_reason(data)}"
         else:
             config, problem = _record(data, name)
         if problem is None and self.executes and config["status"] == layout.RUNNING:
@@ -243,7 +244,7 @@ class System:
     def _run_commands(
         self, cmds: list[str], python_lines: bool, run_name: str | None, stream: bool
     ) -> list[tuple[int, str, str]]:
-        from ..agent.commands import run_commands
+        from ..agent.worker import run_commands  # start-up time; pickled by reference there
         from ..function import RemoteFunction
 
         fn = RemoteFunction(
@@ -338,7 +339,7 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, root: str, where: str) -> None:
     try:
         found = fs.exists(bucket)
     except storage_errors() as exc:
-        raise RunStorageError(f"cannot list the runs in {where}: {_why(exc)}") from exc
+        raise RunStorageError(f"cannot list the runs in {where}: {storage_reason(exc)}") from exc
     if not found:
         raise RunStorageError(f"cannot list the runs in {where}: there is no bucket {bucket!r}")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ContextManager
 
 from ..agent.store import HostRuns
 from ..errors import SystemUnavailableError
+from ..folder import local_filesystem, protocols
 from ..registry import share_list
 from .base import System
 from .connection import AgentConnection, ConnectionPool
@@ -84,8 +85,6 @@ class LocalSystem(System):
         return os.path.join(default_home(), "runs")
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        from ..folder import local_filesystem
-
         # fsspec's, or a small stand-in on a host without fsspec (nested calls there)
         return local_filesystem()
 
@@ -93,8 +92,6 @@ class LocalSystem(System):
         return self._facts.get("host") or "localhost"
 
     def reads_locally(self, folder: Any) -> bool:
-        from ..folder import protocols
-
         return bool({"file", "local"} & set(protocols(folder.fs)))
 
     # ------------------------------------------------------------------ agents

@@ -7,6 +7,7 @@ from typing import Any
 
 import fsspec
 
+from ..errors import MissingExtraError
 from .base import System
 
 # protocol -> (extra that provides it, package to name in the hint)
@@ -29,8 +30,6 @@ class StorageSystem(System):
     executes = False
 
     def __init__(self, url: str, **storage_options: Any):
-        from ..errors import MissingExtraError
-
         self.url = url.rstrip("/")
         self.storage_options = storage_options
         protocol = fsspec.core.split_protocol(self.url)[0] or "file"

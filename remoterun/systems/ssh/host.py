@@ -22,6 +22,8 @@ from ...agent.protocol import Op
 from ...errors import (
     AgentError,
     HostKeyError,
+    RunExistsError,
+    RunNotFoundError,
     SystemUnavailableError,
 )
 from ...folder import RunFolder, check_run_name, copy_out
@@ -374,8 +376,10 @@ class SSHHost(System):
         )
         op = {"op": Op.CALL, "fn_key": "copy_out:" + __version__, "inputs": inputs}
         reply, _, error = self.call(op, function)
-        if error is not None:  # RunExistsError, RunNotFoundError: as the client's own copy
-            raise error
+        if isinstance(error, (RunExistsError, RunNotFoundError)):
+            raise error  # as the client's own copy would
+        if error is not None:  # the host could not even load it: the client copies
+            return f"{type(error).__name__}: {error}"
         return pickling.loads(reply["result"])
 
     # ------------------------------------------------------------------ storage
