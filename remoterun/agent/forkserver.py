@@ -242,6 +242,10 @@ def _serve(sock: socket.socket) -> int:
     """Body of the fork server: fork spares when asked, report their exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the agent to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # What every worker needs and the client imports only when used (hashlib's OpenSSL
+    # takes milliseconds to load): loaded once here, so each forked worker has it.
+    import hashlib  # noqa: F401
+    import hmac  # noqa: F401
     # Hold nothing of the agent's: its pipes or SSH channel must close when it exits.
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
