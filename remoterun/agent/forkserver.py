@@ -246,6 +246,7 @@ def _serve(sock: socket.socket) -> int:
     # takes milliseconds to load): loaded once here, so each forked worker has it.
     import hashlib  # noqa: F401
     import hmac  # noqa: F401
+
     # Hold nothing of the agent's: its pipes or SSH channel must close when it exits.
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
