@@ -86,11 +86,12 @@ def test_an_unreadable_record_says_so_and_running_the_name_again_mends_it(system
     with pytest.raises(rr.CorruptRunError, match="config.json") as info:
         system.get_run("kept")
     assert "kept" in str(info.value)
-    # A damaged record is as good as a failed run: the name executes again, and the
-    # damaged files are kept under attempts/.
-    assert fn.get_or_call(5, run_name="kept") == [0, 1, 2, 3, 4]
+    with pytest.raises(rr.CorruptRunError, match="config.json"):
+        fn.get_or_call(5, run_name="kept")  # never taken for a hit, nor executed unasked
+    # Running the name again mends it; the damaged files are kept under attempts/.
+    assert fn(5, run_name="kept") == [0, 1, 2, 3, 4]
     assert (_folder(system, "kept") / "attempts" / "1" / "config.json").read_bytes() == record
-    assert system.get_run("kept").status is rr.RunStatus.COMPLETED
+    assert fn.get_or_call(5, run_name="kept") == [0, 1, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- signatures

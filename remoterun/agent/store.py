@@ -266,8 +266,10 @@ class HostRuns:
         try:
             config = self.read_config(name)
         except CorruptRunError as exc:
-            # A damaged record is no run to keep: executing the name again keeps its
-            # files under attempts/<n>/, as for a failed run.
+            if request["mode"] == Mode.GET:
+                raise  # a cached run that cannot be read is no hit: the caller is told
+            # A new run of the name mends it: the damaged files are kept under
+            # attempts/<n>/, as a failed run's are.
             sys.stderr.write(f"remoterun: {exc}\n")
             return {"action": Action.START, "previous": {"attempt": None}}
         if config and config.get("status") == layout.RUNNING and not worker_alive(config):
