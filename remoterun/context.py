@@ -15,7 +15,7 @@ from .agent import layout
 from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
 from .agent.record import RunRecord
 from .errors import RunNotFinishedError
-from .folder import RunFolder
+from .folder import FsspecFiles
 from .version import __version__
 
 _context_stack = threading.local()
@@ -114,7 +114,9 @@ class BlockRecorder:
         attempt = 1
         folder.makedirs()
         if previous is not None:
-            attempt = _archive(folder, previous)
+            attempt = layout.archive_attempt(
+                FsspecFiles(folder.fs), folder.path, previous.get("attempt")
+            )
         config = RunRecord.new(
             folder.name,
             "context",
@@ -174,21 +176,6 @@ class BlockRecorder:
             config.failed(record["message"], record["type"], "".join(_traceback(exc)))
         folder.write_config(config)
         return config
-
-
-def _archive(folder: RunFolder, previous: dict) -> int:
-    """Move an earlier attempt's files to ``attempts/<n>/``; return the next number."""
-    number = int(previous.get("attempt") or 1)
-    taken = folder.attempts()
-    if number in taken:
-        number = max(taken) + 1
-    target = folder.attempt(number)
-    folder.fs.makedirs(target.path, exist_ok=True)
-    for filename in layout.ATTEMPT_FILES:
-        src = folder.file(filename)
-        if folder.fs.exists(src):
-            folder.fs.mv(src, target.file(filename))
-    return number + 1
 
 
 @functools.lru_cache(maxsize=1)

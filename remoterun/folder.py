@@ -265,6 +265,32 @@ def _warn_legacy(url: str) -> None:
         )
 
 
+class FsspecFiles:
+    """``layout.Files`` on an fsspec filesystem (this machine's: private folders)."""
+
+    def __init__(self, fs: Any):
+        self.fs = fs
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(e.rstrip("/")) for e in entries]
+
+    def mkdir(self, path: str) -> None:
+        if set(protocols(self.fs)) & {"file", "local"}:
+            layout.makedirs_private(path)
+        else:
+            self.fs.makedirs(path, exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs.mv(src, dst)
+
+
 # --------------------------------------------------------------------------- copying
 
 # Copies larger than this show a progress bar (on a terminal).

@@ -7,8 +7,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import posixpath
 import re
 import time
+from typing import Protocol
 
 from ..errors import CorruptRunError, InvalidRunNameError
 from . import integrity
@@ -139,6 +141,57 @@ def storage_message(exc: OSError, path: str | None = None) -> str:
     where = path or exc.filename or "the run folder"
     what = (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
     return f"{what} writing {where}"
+
+
+class Files(Protocol):
+    """The few filesystem operations archiving needs: a host's disk (``PosixFiles``), or
+    any fsspec filesystem on a client (``remoterun.folder.FsspecFiles``)."""
+
+    def listdir(self, path: str) -> list[str]: ...  # names; [] for no such folder
+
+    def mkdir(self, path: str) -> None: ...  # private where folders exist
+
+    def exists(self, path: str) -> bool: ...
+
+    def move(self, src: str, dst: str) -> None: ...
+
+
+class PosixFiles:
+    """``Files`` on this machine's disk."""
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except FileNotFoundError:
+            return []
+
+    def mkdir(self, path: str) -> None:
+        makedirs_private(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def move(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+
+def archive_attempt(files: Files, folder: str, attempt: int | None) -> int:
+    """Move the files of the current attempt of the run folder ``folder`` (whose record
+    says ``attempt``) to ``attempts/<n>/``, ``n`` its attempt or the next free number;
+    return the number of the attempt that follows. The record moves first: a folder
+    without one reads as "no run", never as a half-moved attempt claiming its status."""
+    attempts = posixpath.join(folder, ATTEMPTS)
+    taken = {int(d) for d in files.listdir(attempts) if d.isdigit()}
+    number = int(attempt or 1)
+    if number in taken:
+        number = max(taken) + 1
+    target = posixpath.join(attempts, str(number))
+    files.mkdir(target)
+    for filename in ATTEMPT_FILES:
+        src = posixpath.join(folder, filename)
+        if files.exists(src):
+            files.move(src, posixpath.join(target, filename))
+    return number + 1
 
 
 def corrupt_message(name: str, where: str, problem: str) -> str:

@@ -323,25 +323,9 @@ class HostRuns:
 
     def next_attempt(self, name: str, previous: dict | None) -> int:
         """Archive the previous attempt, if any; return the new attempt's number."""
-        return 1 if previous is None else self._archive(name, previous)
-
-    def _archive(self, name: str, config: dict) -> int:
-        """Move the files of the current attempt to ``attempts/<n>/``; return the next n."""
-        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
-        number = int(config.get("attempt") or 1)
-        layout.makedirs_private(attempts)
-        taken = {int(d) for d in os.listdir(attempts) if d.isdigit()}
-        while number in taken:
-            number = max(taken) + 1
-        target = os.path.join(attempts, str(number))
-        os.mkdir(target, layout.FOLDER_MODE)
-        # config.json first: a folder without config reads as "no run" rather than as
-        # a half-moved attempt that still claims its old status.
-        for filename in layout.ATTEMPT_FILES:
-            src = self.file(name, filename)
-            if os.path.exists(src):
-                os.replace(src, os.path.join(target, filename))
-        return number + 1
+        if previous is None:
+            return 1
+        return layout.archive_attempt(layout.PosixFiles(), self.path(name), previous.get("attempt"))
 
     # ------------------------------------------------------------------ starting
 
