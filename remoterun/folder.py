@@ -520,22 +520,12 @@ def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, digest: bool = Fals
             staged = os.path.join(tmp, "file")
             src_fs.get_file(src, staged)
             dst_fs.put_file(staged, dst)
-            return _file_digest(staged) if digest else None
+            return integrity.file_digest(staged) if digest else None
     if dst_local:
         os.chmod(dst, layout.FILE_MODE)
     if not digest:
         return None
-    return _file_digest(src if src_local else dst)
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    return integrity.file_digest(src if src_local else dst)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

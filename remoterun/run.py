@@ -296,20 +296,11 @@ class Run:
         config = self.config
         return f"run:{self.name}:{config.get('attempt')}:{config.get('end_time')}"
 
-    def _read_required(self, filename: str) -> bytes:
-        data = self.folder.read_bytes(filename)
-        if data is None:
-            raise self.folder.corrupt(filename, f"{filename} is missing")
-        return data
-
     def _unpickle(self, filename: str, data: bytes | None, config: dict | None = None) -> Any:
         """The object in one of the run's pickles, once the record it belongs to is
         trusted and ``data`` matches its digest there (CorruptRunError, UntrustedRunError
         otherwise: nothing unchecked is ever unpickled)."""
-        config = self.config if config is None else config
-        required = self._signature_required()
-        self.folder.check_trusted(config, required=required)
-        data = self.folder.check_digest(config, filename, data, legacy_ok=not required)
+        data = self._checked(filename, data, config)
         import cloudpickle  # here, not at import: `import remoterun` stays light
 
         try:
@@ -321,6 +312,14 @@ class Run:
                 f"({type(exc).__name__}: {exc}); load it where the modules it needs are "
                 "installed"
             ) from exc
+
+    def _checked(self, filename: str, data: bytes | None, config: dict | None = None) -> bytes:
+        """``data``, read as the run's ``filename``, once the record it belongs to (this
+        run's as last read, or ``config``) is trusted and holds its digest."""
+        config = self.config if config is None else config
+        required = self._signature_required()
+        self.folder.check_trusted(config, required=required)
+        return self.folder.check_digest(config, filename, data, legacy_ok=not required)
 
     def _signature_required(self) -> bool:
         if self._trust is not None:
@@ -612,18 +611,19 @@ class Run:
                 f"run {self.name!r} recorded a `with rr.run(...)` block: there is no "
                 "function to re-run"
             )
-        fn = self._checked_bytes(layout.FUNCTION)
-        inputs = self._checked_bytes(layout.INPUTS)
+        fn = self._checked(layout.FUNCTION, self.folder.read_bytes(layout.FUNCTION))
+        inputs = self._checked(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+        raw = self._unpickle(layout.INPUTS, inputs)  # read once: which runs were passed
         if system is None:
             system = self.system if self.system is not None and self.system.executes else "here"
         # The host that holds the name decides it; a generated name goes where load is least.
         target = registry.resolve(system).placement(run_name)
-        used = self._runs_passed()
+        used = self._runs_passed(raw)
         by_reference = all(
             target.reads_locally(run.folder) and not run._signature_required() for run in used
         )
         if used and not by_reference:  # they travel as their results, read here
-            inputs = self._inputs_with_results(used)
+            inputs = self._inputs_with_results(raw, used)
         outer = current_run()
         record = {key: config.get(key) for key in _RERUN_FIELDS}
         record.update(
@@ -669,10 +669,9 @@ class Run:
         lineage.note(lineage.PRODUCED, started, outer=outer)
         return started
 
-    def _runs_passed(self) -> list[Run]:
-        """The runs passed to this run as arguments (recorded as references), reached
-        from here; RemoterunError for one that cannot be."""
-        raw = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+    def _runs_passed(self, raw: dict) -> list[Run]:
+        """The runs passed to this run as arguments (references in its inputs ``raw``),
+        reached from here; RemoterunError for one that cannot be."""
         found = []
         for value in (*raw.get("args", ()), *raw.get("kwargs", {}).values()):
             if isinstance(value, layout.RunArgument):
@@ -691,10 +690,9 @@ class Run:
                 found.append(run)
         return found
 
-    def _inputs_with_results(self, runs: list[Run]) -> bytes:
-        """The inputs, pickled again with each run argument replaced by its result (the
-        user's own packages by value, as a call pickles them)."""
-        raw = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+    def _inputs_with_results(self, raw: dict, runs: list[Run]) -> bytes:
+        """The inputs ``raw``, pickled again with each run argument replaced by its result
+        (the user's own packages by value, as a call pickles them)."""
         results = iter([run._result_value() for run in runs])
 
         def value(item: Any) -> Any:
@@ -707,14 +705,6 @@ class Run:
         values = [*args, *kwargs.values()]
         return fingerprint.dumps_by_value(
             {"args": args, "kwargs": kwargs}, values[0] if values else None, "inputs", *values
-        )
-
-    def _checked_bytes(self, filename: str) -> bytes:
-        """One of the run's pickles, as bytes checked against the record."""
-        required = self._signature_required()
-        self.folder.check_trusted(self.config, required=required)
-        return self.folder.check_digest(
-            self.config, filename, self.folder.read_bytes(filename), legacy_ok=not required
         )
 
     def export(self, path: str, *, format: str | None = None) -> str:
@@ -804,9 +794,7 @@ def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> B
     if status == layout.CANCELLED:
         record["type"] = "remoterun.errors.RunCancelledError"
     if error_pickle is not None:  # unpickled below only once it is checked
-        required = run._signature_required()
-        run.folder.check_trusted(config, required=required)
-        run.folder.check_digest(config, layout.ERROR, error_pickle, legacy_ok=not required)
+        run._checked(layout.ERROR, error_pickle, config)
     logs = (
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDOUT)),
         run.folder.fs.unstrip_protocol(run.folder.file(layout.STDERR)),

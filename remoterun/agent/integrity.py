@@ -32,6 +32,18 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def file_digest(path: str) -> str:
+    """``digest`` of a file's bytes, read a slice at a time (a 1 GB result is not read
+    into memory whole)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(block)
+    return "sha256:" + hasher.hexdigest()
+
+
 def digest_problem(
     record: dict, filename: str, data: bytes | None, *, legacy_ok: bool = False
 ) -> str | None:

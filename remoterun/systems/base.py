@@ -269,10 +269,6 @@ class System:
         return f"<{type(self).__name__} {self.name!r} root={self.root!r}>"
 
 
-# The statuses a run's record can hold.
-STATUSES = frozenset({layout.NOT_STARTED, layout.RUNNING, *layout.TERMINAL})
-
-
 def record_problem(config: object, name: str) -> str | None:
     """Why ``config``, read from the ``config.json`` of a folder named ``name``, is not
     the record of a remoterun run; None if it is one."""
@@ -283,7 +279,7 @@ def record_problem(config: object, name: str) -> str | None:
         return f"{layout.CONFIG} has no {', '.join(missing)} field (not a remoterun record)"
     if config["name"] != name:
         return f"its record is of the run {config['name']!r}, not {name!r}"
-    if config["status"] not in STATUSES:
+    if config["status"] not in layout.STATUSES:
         return f"its record has an unknown status {config['status']!r}"
     return None
 
