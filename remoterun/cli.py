@@ -26,14 +26,15 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     ) from None
 
 import remoterun as rr
-from remoterun.agent import integrity, layout
+from remoterun.agent import integrity
+from remoterun.agent.runfolder import RunFolder
 from remoterun.errors import (
     CorruptRunError,
     RemoterunError,
     RunNotFoundError,
     SystemUnavailableError,
 )
-from remoterun.folder import RunFolder, storage_reason
+from remoterun.folder import fs_of, storage_reason
 from remoterun.systems.base import parse_record, record_problem
 
 FAILED = 1
@@ -112,17 +113,17 @@ def _record_of(folder: RunFolder) -> dict:
     """The record in ``folder``'s config.json, read from its filesystem directly. Raises
     RunNotFoundError when nothing is there, CorruptRunError naming why it is no run's."""
     try:
-        data = folder.read_bytes(layout.CONFIG)
+        data = folder.read_record_bytes()
     except RemoterunError as exc:
         if not isinstance(exc.__cause__, NotADirectoryError):
             raise
         data = None
     if data is None:
         try:
-            kind = folder.fs.info(folder.path).get("type")
+            kind = fs_of(folder.files).info(folder.path).get("type")
         except FileNotFoundError:
             raise RunNotFoundError(f"no run at {folder.url}") from None
-        why = f"it has no {layout.CONFIG}" if kind == "directory" else "it is a file"
+        why = f"it has no {folder.RECORD_FILE}" if kind == "directory" else "it is a file"
         raise CorruptRunError(f"{folder.url} is not a run: {why}", url=folder.url)
     return parse_record(data, folder.name, folder.url)
 
@@ -234,7 +235,7 @@ def _folder_sizes(runs: list[rr.Run]) -> dict[str, int]:
     for group in groups.values():
         prefix = group[0].root.rstrip("/") + "/"
         try:
-            found = group[0].folder.fs.find(prefix.rstrip("/"), detail=True)
+            found = fs_of(group[0].folder.files).find(prefix.rstrip("/"), detail=True)
         except Exception:
             continue
         totals = dict.fromkeys((run.name for run in group), 0)
@@ -415,10 +416,7 @@ def rm(run: str, system: str, force: bool) -> None:
     status = found.status
     if not status.terminal and not force:
         _fail(f"run {found.name!r} is {status}: cancel it first, or pass --force")
-    try:
-        found.folder.fs.rm(found.folder.path, recursive=True)
-    except FileNotFoundError:
-        raise RunNotFoundError(f"no run at {found.url}") from None
+    found.folder.remove()
     click.echo(f"removed {found.url}")
 
 
@@ -482,9 +480,7 @@ def keygen(force: bool, path: str | None) -> None:
 
 
 def _on_this_machine(run: rr.Run) -> bool:
-    from remoterun.folder import protocols
-
-    return bool({"file", "local"} & set(protocols(run.folder.fs)))
+    return run.folder.local
 
 
 if __name__ == "__main__":  # pragma: no cover

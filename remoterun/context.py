@@ -11,13 +11,12 @@ import threading
 from typing import Any, TextIO
 
 from . import lineage
-from .agent import layout
 from .agent.procs import BOOT_ID, HOSTNAME, process_start_time
-from .agent.record import RunRecord
+from .agent.record import RUNNING, RunRecord
 from .errors import RunNotFinishedError
-from .folder import FsspecFiles
 from .version import __version__
 
+_STREAMS = ("stdout", "stderr")
 _context_stack = threading.local()
 # Blocks open in any thread of this process, so that threads a block starts see it.
 _open_blocks: list[Any] = []
@@ -95,13 +94,13 @@ class BlockRecorder:
                 self.config.update(boot_id=BOOT_ID, proc_start=process_start_time(os.getpid()))
                 self._record()
         else:
-            previous = folder.read_config()
+            previous = folder.read_record()
             self._refuse_if_running(previous)
             self._begin(previous)
             self._record()
 
     def _refuse_if_running(self, previous: dict | None) -> None:
-        if previous is not None and previous.get("status") == layout.RUNNING:
+        if previous is not None and previous.get("status") == RUNNING:
             where = f"pid {previous.get('pid')} on {previous.get('host')}"
             raise RunNotFinishedError(
                 f"run {self.run.name!r} at {self.run.url} is still RUNNING ({where}); "
@@ -112,11 +111,9 @@ class BlockRecorder:
         """Move an earlier attempt aside and make this block's config."""
         folder = self.run.folder
         attempt = 1
-        folder.makedirs()
+        folder.create()
         if previous is not None:
-            attempt = layout.archive_attempt(
-                FsspecFiles(folder.fs), folder.path, previous.get("attempt")
-            )
+            attempt = folder.archive_attempt(previous.get("attempt"))
         config = RunRecord.new(
             folder.name,
             "context",
@@ -133,12 +130,11 @@ class BlockRecorder:
         folder = self.run.folder
         if folder.local:
             self._sinks = [
-                os.fdopen(layout.open_private(folder.file(f), os.O_WRONLY | os.O_TRUNC), "wb")
-                for f in (layout.STDOUT, layout.STDERR)
+                os.fdopen(folder.open_log(stream, truncate=True), "wb") for stream in _STREAMS
             ]
         else:  # object stores cannot append: keep the logs and write them at the end
             self._sinks = [io.BytesIO(), io.BytesIO()]
-        folder.write_config(self.config)
+        folder.write_record(self.config)
         self._streams = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, self._sinks[0])  # type: ignore[assignment]
         sys.stderr = _Tee(sys.stderr, self._sinks[1])  # type: ignore[assignment]
@@ -159,9 +155,9 @@ class BlockRecorder:
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
         folder = self.run.folder
-        for sink, filename in zip(self._sinks, (layout.STDOUT, layout.STDERR)):
+        for sink, stream in zip(self._sinks, _STREAMS):
             if isinstance(sink, io.BytesIO):
-                folder.write_bytes(filename, sink.getvalue())
+                folder.write_log(stream, sink.getvalue())
             else:
                 sink.close()
         config = self.config
@@ -172,9 +168,9 @@ class BlockRecorder:
 
             record = error_record(exc)
             if record["exc"] is not None:
-                folder.write_pickle(layout.ERROR, record["exc"], config)
+                folder.write_error(record["exc"], config)
             config.failed(record["message"], record["type"], "".join(_traceback(exc)))
-        folder.write_config(config)
+        folder.write_record(config)
         return config
 
 

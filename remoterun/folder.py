@@ -1,7 +1,8 @@
-"""RunFolder: one run's folder on any fsspec filesystem.
+"""Run folders on any fsspec filesystem, and copies of whole run folders between them.
 
-The file names themselves are spelled once, in ``remoterun.agent.layout``, which the agent
-shares on hosts where fsspec is not installed.
+``agent.runfolder.RunFolder`` owns a folder's files over a minimal ``Files`` interface;
+this module gives it ``FsspecFiles`` (local disk, SFTP, S3, memory), opens folders by URL,
+and copies runs from one filesystem to another, checking digests and signatures.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .agent import integrity, layout
-from .agent.record import CorruptRecord, RunRecord
+from .agent.runfolder import POSIX, Files, PosixFiles, RunFolder
 from .errors import (
     CorruptRunError,
     InvalidRunNameError,
     RunExistsError,
     RunNotFoundError,
     RunStorageError,
-    UntrustedRunError,
 )
 
 # Filesystems on which "write a temporary name, then rename" is atomic. Elsewhere (object
@@ -48,104 +48,85 @@ def split_run_url(url: str) -> tuple[str, str]:
     return root or ".", name
 
 
-class RunFolder:
-    """The files of one run at ``path`` on ``fs``.
+def open_folder(url: str, **storage_options: Any) -> RunFolder:
+    """The run folder at ``url`` (any fsspec URL or a local path)."""
+    import fsspec
 
-    Reads return None for a file that does not exist; writes are atomic. OSErrors are
-    raised as RunStorageError naming the path.
-    """
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return RunFolder(files_of(fs), path)
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, name: str | None = None):
+
+class LocalFiles(PosixFiles):
+    """``Files`` on this machine's disk for the client: as hosts write (atomic, private),
+    with failures raised as RunStorageError naming the path. Needs no fsspec (runs
+    recorded inside functions on hosts without it)."""
+
+    def read(self, path: str, offset: int = 0) -> bytes | None:
+        try:
+            return super().read(path, offset)
+        except OSError as exc:
+            raise RunStorageError(f"cannot read {path}: {exc}") from exc
+
+    def write(self, path: str, data: bytes) -> None:
+        try:
+            super().write(path, data)
+        except OSError as exc:
+            raise RunStorageError(f"cannot write {path}: {exc}") from exc
+
+    def mkdir(self, path: str) -> None:
+        try:
+            super().mkdir(path)
+        except OSError as exc:
+            raise RunStorageError(f"cannot create run folder {path}: {exc}") from exc
+
+
+LOCAL = LocalFiles()
+
+
+def files_of(fs: Any) -> Files:
+    """``Files`` over the fsspec filesystem ``fs``: this machine's disk directly."""
+    if is_local(fs):
+        return LOCAL
+    return FsspecFiles(fs)
+
+
+def fs_of(files: Files) -> Any:
+    """The fsspec filesystem behind ``files`` (for copying whole folders)."""
+    if isinstance(files, FsspecFiles):
+        return files.fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()
+
+
+def is_local(fs: Any) -> bool:
+    return bool(set(protocols(fs)) & {"file", "local"})
+
+
+def is_object_store(folder: RunFolder) -> bool:
+    """Whether the folder is on an object store (no folders, no renames)."""
+    return isinstance(folder.files, FsspecFiles) and not folder.files.folders
+
+
+class FsspecFiles:
+    """``Files`` on any fsspec filesystem: writes whole (a temporary name renamed where
+    the filesystem can rename, a single PUT on object stores); storage failures raised
+    as RunStorageError naming the URL."""
+
+    local = False
+
+    def __init__(self, fs: Any):
         self.fs = fs
-        self.path = path.rstrip("/")
-        self.name = check_run_name(name or posixpath.basename(self.path))
-
-    @classmethod
-    def from_url(cls, url: str, **storage_options: Any) -> RunFolder:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        return cls(fs, path)
+        self.renames = bool(set(protocols(fs)) & _RENAMING_PROTOCOLS)
+        self.folders = self.renames or "memory" in protocols(fs)
 
     def __repr__(self) -> str:
-        return f"RunFolder({self.url!r})"
+        return f"FsspecFiles({self.fs!r})"
 
-    @property
-    def url(self) -> str:
-        return self.fs.unstrip_protocol(self.path)
+    def url(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
 
-    def file(self, filename: str) -> str:
-        return f"{self.path}/{filename}"
-
-    def attempt(self, number: int) -> RunFolder:
-        """The folder of an earlier attempt, ``attempts/<number>/``."""
-        return RunFolder(self.fs, f"{self.path}/{layout.ATTEMPTS}/{int(number)}", self.name)
-
-    # ------------------------------------------------------------------ reading
-
-    def exists(self) -> bool:
-        return self.read_config() is not None
-
-    def read_bytes(self, filename: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(self.file(filename))
-        except FileNotFoundError:
-            return None
-        except storage_errors() as exc:
-            where = self.fs.unstrip_protocol(self.file(filename))
-            raise RunStorageError(f"cannot read {where}: {storage_reason(exc)}") from exc
-
-    def read_config(self) -> dict | None:
-        """The run's record, None when there is none; CorruptRunError when config.json
-        is not a record (not JSON, not an object, an unknown status)."""
-        return self.decode_config(self.read_bytes(layout.CONFIG))
-
-    def decode_config(self, data: bytes | None) -> dict | None:
-        if data is None:
-            return None
-        try:
-            return RunRecord.decode(data)
-        except CorruptRecord as exc:
-            raise self.corrupt(layout.CONFIG, f"{layout.CONFIG}: {exc}") from None
-
-    def corrupt(self, filename: str, problem: str) -> CorruptRunError:
-        """The error for a damaged file of this run, saying what to do."""
-        return CorruptRunError(
-            layout.corrupt_message(self.name, self.url, problem), url=self.url, filename=filename
-        )
-
-    def read_record(self, want_outcome: bool = False) -> dict:
-        """``{"config": ...}``, plus for a terminal run ``result`` or ``error_pickle``
-        bytes when ``want_outcome``: on object stores, the files are fetched at once
-        (one round trip instead of two)."""
-        if not want_outcome:
-            return {"config": self.read_config()}
-        paths = [self.file(f) for f in (layout.CONFIG, layout.RESULT, layout.ERROR)]
-        try:
-            got = self.fs.cat(paths, on_error="return")
-        except FileNotFoundError:
-            got = {}
-        except storage_errors() as exc:
-            raise RunStorageError(f"cannot read {self.url}: {storage_reason(exc)}") from exc
-        found = {}
-        for key, value in got.items():
-            if isinstance(value, FileNotFoundError):
-                continue
-            if isinstance(value, BaseException):  # credentials, permissions, network
-                raise RunStorageError(f"cannot read {self.url}: {storage_reason(value)}") from value
-            found[posixpath.basename(key)] = value
-        config = self.decode_config(found.get(layout.CONFIG))
-        reply: dict = {"config": config}
-        if config and config.get("status") in layout.TERMINAL:
-            if config["status"] == layout.COMPLETED:
-                reply["result"] = found.get(layout.RESULT)
-            else:
-                reply["error_pickle"] = found.get(layout.ERROR)
-        return reply
-
-    def read_log(self, filename: str, offset: int = 0) -> bytes:
-        """The bytes of a log file from ``offset`` on (empty if it does not exist yet)."""
-        path = self.file(filename)
+    def read(self, path: str, offset: int = 0) -> bytes | None:
         try:
             if offset == 0:
                 return self.fs.cat_file(path)
@@ -154,46 +135,33 @@ class RunFolder:
                 return b""
             return self.fs.cat_file(path, start=offset, end=size)
         except FileNotFoundError:
-            return b""
+            return None
+        except storage_errors() as exc:
+            raise RunStorageError(f"cannot read {self.url(path)}: {storage_reason(exc)}") from exc
 
-    def attempts(self) -> list[int]:
-        """Numbers of the earlier attempts kept under ``attempts/``, ascending."""
+    def read_many(self, paths: list[str]) -> dict[str, bytes]:
         try:
-            entries = self.fs.ls(self.file(layout.ATTEMPTS), detail=False)
+            got = self.fs.cat(paths, on_error="return")
         except FileNotFoundError:
-            return []
-        numbers = (posixpath.basename(e.rstrip("/")) for e in entries)
-        return sorted(int(n) for n in numbers if n.isdigit())
+            return {}
+        except storage_errors() as exc:
+            where = self.url(posixpath.dirname(paths[0]))
+            raise RunStorageError(f"cannot read {where}: {storage_reason(exc)}") from exc
+        found = {}
+        for path, value in got.items():
+            if isinstance(value, FileNotFoundError):
+                continue
+            if isinstance(value, BaseException):  # credentials, permissions, network
+                where = self.url(posixpath.dirname(path))
+                raise RunStorageError(f"cannot read {where}: {storage_reason(value)}") from value
+            found[path] = value
+        return found
 
-    # ------------------------------------------------------------------ writing
-
-    def makedirs(self) -> None:
-        """Create the folder on filesystems that have folders (on this machine: private
-        to its owner). Object stores have none, and s3fs would create a missing *bucket*
-        here: a typo must fail, not do that."""
-        if not set(protocols(self.fs)) & (_RENAMING_PROTOCOLS | {"memory"}):
-            return
+    def write(self, path: str, data: bytes) -> None:
         try:
-            if self.local:
-                layout.makedirs_private(self.path)
-            else:
-                self.fs.makedirs(self.path, exist_ok=True)
-        except OSError as exc:
-            raise RunStorageError(f"cannot create run folder {self.url}: {exc}") from exc
-
-    @property
-    def local(self) -> bool:
-        return bool(set(protocols(self.fs)) & {"file", "local"})
-
-    def write_bytes(self, filename: str, data: bytes) -> None:
-        """Write a whole file so that no reader ever sees a part of it."""
-        path = self.file(filename)
-        try:
-            if self.local:  # private to the owner, like the files hosts write
-                layout.write_atomic(path, data)
-            elif set(protocols(self.fs)) & _RENAMING_PROTOCOLS:
-                folder, base = posixpath.split(filename)
-                tmp = self.file(posixpath.join(folder, f".{base}.{os.urandom(4).hex()}.tmp"))
+            if self.renames:
+                folder, base = posixpath.split(path)
+                tmp = f"{folder}/.{base}.{os.urandom(4).hex()}.tmp"
                 self.fs.pipe_file(tmp, data)
                 try:
                     self.fs.mv(tmp, path)
@@ -203,73 +171,9 @@ class RunFolder:
             else:
                 self.fs.pipe_file(path, data)
         except OSError as exc:
-            raise RunStorageError(f"cannot write {self.fs.unstrip_protocol(path)}: {exc}") from exc
-
-    def write_config(self, config: dict) -> None:
-        """Write the record, signed when this machine has the team key."""
-        self.write_bytes(layout.CONFIG, RunRecord(config).encode())
-
-    def write_pickle(self, filename: str, data: bytes, config: dict) -> None:
-        """Write one of the run's pickles and note its digest in ``config``, which the
-        caller writes after it."""
-        self.write_bytes(filename, data)
-        config.setdefault(integrity.DIGESTS, {})[filename] = integrity.digest(data)
-
-    # ------------------------------------------------------------------ checking
-
-    def check_trusted(self, config: dict, *, required: bool) -> None:
-        """Raise UntrustedRunError unless ``config`` is signed under the team key, when
-        ``required`` and there is a key (without one, digests are all that is checked)."""
-        if not required:
-            return
-        key = integrity.signing_key()
-        if key is None:
-            return
-        problem = integrity.signature_problem(config, key)
-        if problem is None and config.get("name") != self.name:
-            problem = f"it is the signed record of the run {config.get('name')!r}, not this one"
-        if problem:
-            raise UntrustedRunError(
-                f"run {self.name!r} at {self.url} cannot be trusted: {problem}. Nothing of "
-                "it was unpickled. Whoever can write to that store could have put it there; "
-                "ask whoever made it to publish it again with the team key "
-                f"(${integrity.KEY_ENV} or `remoterun keygen`)",
-                url=self.url,
-            )
-
-    def check_digest(
-        self, config: dict, filename: str, data: bytes | None, *, legacy_ok: bool = False
-    ) -> bytes:
-        """``data`` if it is the file the record's digest names; else CorruptRunError.
-        ``legacy_ok``: a record from before digests is taken as it is (own stores only)."""
-        problem = integrity.digest_problem(config, filename, data, legacy_ok=legacy_ok)
-        if problem is None and legacy_ok and integrity.DIGESTS not in config:
-            _warn_legacy(self.url)
-        if problem:
-            raise self.corrupt(filename, problem)
-        assert data is not None
-        return data
-
-
-_legacy_warned: set[str] = set()
-
-
-def _warn_legacy(url: str) -> None:
-    if url not in _legacy_warned:
-        _legacy_warned.add(url)
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "run %s was recorded before digests: read unchecked (run it again to record digests)",
-            url,
-        )
-
-
-class FsspecFiles:
-    """``layout.Files`` on an fsspec filesystem (this machine's: private folders)."""
-
-    def __init__(self, fs: Any):
-        self.fs = fs
+            if isinstance(exc, RunStorageError):
+                raise
+            raise RunStorageError(f"cannot write {self.url(path)}: {exc}") from exc
 
     def listdir(self, path: str) -> list[str]:
         try:
@@ -279,16 +183,32 @@ class FsspecFiles:
         return [posixpath.basename(e.rstrip("/")) for e in entries]
 
     def mkdir(self, path: str) -> None:
-        if set(protocols(self.fs)) & {"file", "local"}:
-            layout.makedirs_private(path)
-        else:
+        """Folders where the filesystem has them. Object stores have none, and s3fs
+        would create a missing *bucket* here: a typo must fail, not do that."""
+        if not self.folders:
+            return
+        try:
             self.fs.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise RunStorageError(f"cannot create run folder {self.url(path)}: {exc}") from exc
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
     def move(self, src: str, dst: str) -> None:
         self.fs.mv(src, dst)
+
+    def remove(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
 
 
 # --------------------------------------------------------------------------- copying
@@ -324,17 +244,17 @@ def copy_folder(
     """
     import logging
 
-    config_bytes = src.read_bytes(layout.CONFIG)
-    config = src.decode_config(config_bytes)
+    config_bytes = src.read_record_bytes()
+    config = src.decode_record(config_bytes)
     if config is None:
         raise RunNotFoundError(f"no run at {src.url}")
-    key = integrity.signing_key()
     # Records are signed here only once checked, or when they come from a store of
     # this user's own (``trusted``): a copy never launders a planted run.
     must_be_signed = not src.local if trusted is None else not trusted
     src.check_trusted(config, required=must_be_signed)
+    src_fs, dst_fs = fs_of(src.files), fs_of(dst.files)
     try:
-        existing = dst.read_config()
+        existing = dst.read_record()
     except CorruptRunError:
         existing = {}  # not a record: only overwrite=True replaces it
     if existing is not None and not same_run(existing, config):
@@ -344,19 +264,13 @@ def copy_folder(
                 f"{existing.get('start_time')} on {existing.get('host')}); pass "
                 "overwrite=True to replace it, or copy to another path"
             )
-        try:
-            dst.fs.rm(dst.path, recursive=True)
-        except FileNotFoundError:
-            pass
+        dst.remove()
     elif existing is not None:
         # The same run, copied before: its files are about to be rewritten in place, so
         # its record goes first; it comes back last, as on a first copy.
-        try:
-            dst.fs.rm_file(dst.file(layout.CONFIG))
-        except FileNotFoundError:
-            pass
+        dst.remove_record()
     try:
-        found = src.fs.find(src.path, detail=True)
+        found = src_fs.find(src.path, detail=True)
     except OSError as exc:
         raise RunStorageError(f"cannot list {src.url}: {exc}") from exc
     files = {
@@ -366,17 +280,18 @@ def copy_folder(
         and not posixpath.basename(path).startswith(".")  # temporary files being written
     }
     # The records (the run's and its earlier attempts'), read first: they name the
-    # digests the pickles must match, and are written last, archived attempts' before
-    # the run's own.
-    records: dict[str, tuple[bytes, dict]] = {layout.CONFIG: (config_bytes, config)}
-    for rel in sorted(files):
-        if posixpath.basename(rel) == layout.CONFIG and rel != layout.CONFIG:
-            data = src.read_bytes(rel)
-            folder = src.attempt(int(posixpath.basename(posixpath.dirname(rel))))
-            records[rel] = (data, folder.decode_config(data) or {})
+    # digests the pickles must match, and are written last.
+    records: dict[str, tuple[bytes, dict]] = {}
+    for rel in RunFolder.record_paths(files):
+        if RunFolder.own_record(rel):
+            records[rel] = (config_bytes, config)
+        else:
+            folder = src.folder_of(rel)
+            data = folder.read_record_bytes() or b""
+            records[rel] = (data, folder.decode_record(data) or {})
     for _, record in records.values():
         src.check_trusted(record, required=must_be_signed)
-    order = sorted(rel for rel in files if posixpath.basename(rel) != layout.CONFIG)
+    order = sorted(rel for rel in files if not RunFolder.is_record(rel))
     total = sum(files.values())
     logging.getLogger(__name__).debug(
         "copying %s (%d files, %d bytes) to %s through this process",
@@ -387,16 +302,15 @@ def copy_folder(
     )
     bar = _progress(total, f"copy {src.name}", progress)
     try:
-        dst.makedirs()
+        dst.create()
         for rel in order:
-            folder, filename = posixpath.split(rel)
-            pickled = filename in layout.PICKLES
+            pickle = RunFolder.pickle_of(rel)  # (its record's path, its digest's key)
             got = _copy_file(
-                src.fs, f"{src.path}/{rel}", dst.fs, f"{dst.path}/{rel}", digest=pickled
+                src_fs, f"{src.path}/{rel}", dst_fs, f"{dst.path}/{rel}", digest=bool(pickle)
             )
-            if pickled:
-                record = records.get(posixpath.join(folder, layout.CONFIG), (b"", {}))[1]
-                wanted = (record.get(integrity.DIGESTS) or {}).get(filename)
+            if pickle:
+                record = records.get(pickle[0], (b"", {}))[1]
+                wanted = (record.get(integrity.DIGESTS) or {}).get(pickle[1])
                 legacy = integrity.DIGESTS not in record and not must_be_signed
                 if got is not None and got != wanted and not legacy:
                     raise src.corrupt(
@@ -405,14 +319,14 @@ def copy_folder(
             if bar is not None:
                 bar.update(files[rel])
         for rel in order:
-            size = dst.fs.size(f"{dst.path}/{rel}")
+            size = dst_fs.size(f"{dst.path}/{rel}")
             if size != files[rel]:
                 raise RunStorageError(
                     f"copy of {src.url}/{rel} is {size} bytes at {dst.url}, not {files[rel]}; "
                     "the run's config was not written there: copy again"
                 )
         if write_records:
-            _write_records(dst, records, key)
+            _write_records(dst, records)
     except storage_errors() as exc:
         if isinstance(exc, RunStorageError):
             raise
@@ -434,16 +348,14 @@ def copy_out(
     client's own copy would raise them. ``records=False`` leaves the records to the
     client, which signs them."""
     try:
-        import fsspec  # here: the host's Python may not have it
-
-        fs, path = fsspec.core.url_to_fs(dst_url, **storage_options)
+        dst = open_folder(dst_url, **storage_options)  # the host's Python may lack fsspec
     except Exception as exc:  # ImportError, an unknown protocol: the client copies
         return f"{type(exc).__name__}: {exc}"
-    src = RunFolder(fsspec.filesystem("file"), os.path.join(root, check_run_name(name)))
+    src = RunFolder(POSIX, os.path.join(root, check_run_name(name)))
     try:
         copy_folder(
             src,
-            RunFolder(fs, path),
+            dst,
             overwrite=overwrite,
             progress=False,
             trusted=True,  # this host's own runs
@@ -460,32 +372,33 @@ def copy_records(src: RunFolder, dst: RunFolder, *, trusted: bool) -> None:
     """Write the records of ``src`` (its own and its earlier attempts') to ``dst``, where
     the rest of the folder was copied already: signed with the team key, after checking
     them unless ``trusted``; the run's own record last."""
-    config_bytes = src.read_bytes(layout.CONFIG)
-    config = src.decode_config(config_bytes)
+    config_bytes = src.read_record_bytes()
+    config = src.decode_record(config_bytes)
     if config is None:
         raise RunNotFoundError(f"no run at {src.url}")
-    records = {layout.CONFIG: (config_bytes, config)}
+    records = {src.path: (config_bytes, config)}
     for number in src.attempts():
         folder = src.attempt(number)
-        data = folder.read_bytes(layout.CONFIG)
+        data = folder.read_record_bytes()
         if data is not None:
-            records[f"{layout.ATTEMPTS}/{number}/{layout.CONFIG}"] = (
-                data,
-                folder.decode_config(data) or {},
-            )
+            records[folder.path] = (data, folder.decode_record(data) or {})
     for _, record in records.values():
         src.check_trusted(record, required=not trusted)
-    _write_records(dst, records, integrity.signing_key())
+    _write_records(dst, {src.relative(path): value for path, value in records.items()})
 
 
-def _write_records(dst: RunFolder, records: dict[str, tuple[bytes, dict]], key: Any) -> None:
-    """Archived attempts' records first, the run's own last; signed when there is a key
-    (the caller has checked them), else as they were."""
-    for rel in sorted(records, key=lambda r: r == layout.CONFIG):
+def _write_records(dst: RunFolder, records: dict[str, tuple[bytes, dict]]) -> None:
+    """Write ``records`` (path relative to the run folder → its bytes and record) to the
+    folders they belong to, archived attempts' first, the run's own last; signed when
+    there is a key (the caller has checked them), else as they were."""
+    key = integrity.signing_key()
+    for rel in RunFolder.record_paths(records):
         data, record = records[rel]
+        folder = dst.folder_of(rel)
         if key is not None:
-            data = RunRecord(record).encode()
-        dst.write_bytes(rel, data)
+            folder.write_record(record)
+        else:
+            folder.write_record_bytes(data)
 
 
 def _progress(total: int, label: str, progress: bool | None) -> Any:
@@ -501,8 +414,7 @@ def _copy_file(src_fs: Any, src: str, dst_fs: Any, dst: str, digest: bool = Fals
     on S3, pipelined on SFTP), never whole in memory: through a local temporary file
     when neither side is local. With ``digest``, returns the SHA-256 digest of the bytes
     as they are on this machine (the source, the copy, or the staged file)."""
-    src_local = bool(set(protocols(src_fs)) & {"file", "local"})
-    dst_local = bool(set(protocols(dst_fs)) & {"file", "local"})
+    src_local, dst_local = is_local(src_fs), is_local(dst_fs)
     if dst_local:
         layout.makedirs_private(posixpath.dirname(dst))
     if src_local and dst_local:
@@ -557,50 +469,11 @@ def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
-class PosixFileSystem:
-    """The few filesystem calls RunFolder makes, on the local disk, for code running on a
-    host that has no fsspec (``rr.current_run()`` inside a function on a cluster)."""
-
-    protocol = ("file", "local")
-
-    def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        with open(path, "rb") as f:
-            f.seek(start or 0)
-            return f.read() if end is None else f.read(end - (start or 0))
-
-    def size(self, path: str) -> int:
-        return os.path.getsize(path)
-
-    def ls(self, path: str, detail: bool = False) -> list[str]:
-        return [posixpath.join(path, name) for name in sorted(os.listdir(path))]
-
-    def exists(self, path: str) -> bool:
-        return os.path.exists(path)
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        os.makedirs(path, exist_ok=exist_ok)
-
-    def pipe_file(self, path: str, data: bytes) -> None:
-        with open(path, "wb") as f:
-            f.write(data)
-
-    def mv(self, old: str, new: str) -> None:
-        os.replace(old, new)
-
-    def rm_file(self, path: str) -> None:
-        os.unlink(path)
-
-    def open(self, path: str, mode: str = "rb") -> Any:
-        return open(path, mode)  # noqa: SIM115 - the caller closes it
-
-    def unstrip_protocol(self, path: str) -> str:
-        return "file://" + path
+def folder_protocols(folder: RunFolder) -> tuple[str, ...]:
+    """The fsspec protocols of the filesystem holding ``folder``."""
+    return ("file", "local") if folder.local else protocols(fs_of(folder.files))
 
 
-def local_filesystem() -> Any:
-    """fsspec's local filesystem, or PosixFileSystem where fsspec is not installed."""
-    try:
-        from fsspec.implementations.local import LocalFileSystem
-    except ImportError:
-        return PosixFileSystem()
-    return LocalFileSystem()
+def storage_options_of(folder: RunFolder) -> dict:
+    """The storage options the folder's filesystem was opened with."""
+    return getattr(getattr(folder.files, "fs", None), "storage_options", None) or {}

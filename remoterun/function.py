@@ -22,6 +22,8 @@ import cloudpickle
 from . import context, fingerprint, lineage, registry
 from .agent import integrity, layout
 from .agent.protocol import STDOUT, Action, Mode, Op
+from .agent.record import COMPLETED
+from .agent.runfolder import RunArgument
 from .errors import (
     CacheMismatchError,
     RemoterunError,
@@ -35,7 +37,7 @@ from .errors import (
 from .fingerprint import Explanation
 from .folder import check_run_name
 from .registry import resolve, share_list
-from .run import Run, RunStatus, current_run, failure_from_config
+from .run import Run, RunStatus, current_run
 from .version import __version__
 
 # A System (``remoterun.systems``): the layer above this one, which makes functions for
@@ -197,7 +199,7 @@ class RemoteFunction:
             return reply["run"]
         run = self._run_handle(reply)
         if reply["action"] == Action.START and self._shares():
-            run._on_completed = self._publish  # published once it has COMPLETED
+            run.on_completed(self._publish)  # published once it has COMPLETED
         # A run attached to while RUNNING is linked as used once its result is read.
         _link(lineage_kind(reply), run)
         return run
@@ -455,7 +457,7 @@ class RemoteFunction:
             folder = store.folder(name)
             reply = store.status(name, want_outcome=True)
             config = reply.get("config")
-            if not config or config.get("status") != layout.COMPLETED:
+            if not config or config.get("status") != COMPLETED:
                 continue
             if config.get("fn_qualname") != qualname:
                 logger.info(
@@ -506,13 +508,7 @@ class RemoteFunction:
         return Run(folder, system, config, attempt=(config or {}).get("attempt"))
 
     def _outcome(self, reply: dict) -> Any:
-        config = reply.get("config") or {}
-        run = self._run_handle(reply)
-        if config.get("status") == layout.COMPLETED:
-            return run._unpickle(layout.RESULT, reply.get("result"), config)
-        if config.get("status") in layout.TERMINAL:
-            raise failure_from_config(config, reply.get("error_pickle"), run)
-        return run.result()
+        return self._run_handle(reply).outcome_of(reply)
 
     def _arguments_fingerprint(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         if self.run_type != "function":
@@ -724,13 +720,9 @@ def _pass_run_arguments(
             return value
         used.append(value)
         # A run whose record must be signed is read (and checked) here, never by path.
-        if (
-            target is not None
-            and target.reads_locally(value.folder)
-            and not value._signature_required()
-        ):
-            return layout.RunArgument(value.folder.path, value.config.get("attempt"), value.url)
-        return value._result_value()
+        if target is not None and target.reads_locally(value.folder) and not value.needs_signature:
+            return RunArgument(value.folder.path, value.config.attempt, value.url)
+        return value.read_result()
 
     return (
         tuple(passed(a) for a in args),
@@ -741,7 +733,7 @@ def _pass_run_arguments(
 
 def _has_references(args: tuple, kwargs: dict) -> bool:
     """Whether a Run argument travels as a reference for the host to read."""
-    return any(isinstance(v, layout.RunArgument) for v in (*args, *kwargs.values()))
+    return any(isinstance(v, RunArgument) for v in (*args, *kwargs.values()))
 
 
 def _value_of_run(run: Run, values: dict[str, Any]) -> Any:
@@ -751,16 +743,12 @@ def _value_of_run(run: Run, values: dict[str, Any]) -> Any:
                 f"run {run.name!r} is {run.status}: it has no result to map over. "
                 "Nothing was started."
             )
-        values[run.url] = run._result_value()
+        values[run.url] = run.read_result()
     return values[run.url]
 
 
 def _loads_shared(reply: dict) -> Any:
-    run = reply["run"]
-    data = reply.get("result")
-    if data is None:  # a missing file is told as such by the digest check
-        data = run.folder.read_bytes(layout.RESULT)
-    return run._unpickle(layout.RESULT, data, reply["config"])
+    return reply["run"].outcome_of(reply)
 
 
 # --------------------------------------------------------------------------- pickling

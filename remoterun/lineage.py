@@ -24,8 +24,9 @@ from typing import Any, Iterator
 from . import registry
 from .agent import layout
 from .agent.procs import HOSTNAME
+from .agent.runfolder import RunFolder
 from .errors import RemoterunError, RunNotFoundError
-from .folder import RunFolder, local_filesystem, protocols
+from .folder import LOCAL, folder_protocols, open_folder, storage_options_of
 
 # Runs are handled through their public surface, and the handles a record links to are
 # made with ``holder.at(folder, system)``: this module sits below ``run``.
@@ -129,7 +130,7 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
             except RemoterunError:  # not readable there: written by a client
                 pass
         if run is None:  # on this machine: only a record written here
-            local = _at_attempt(holder.at(RunFolder(local_filesystem(), path)), attempt)
+            local = _at_attempt(holder.at(RunFolder(LOCAL, path)), attempt)
             host = (local.known_config or {}).get("host")
             return local if host in (None, _this_host()) else None
     elif scheme == "ssh":
@@ -138,9 +139,9 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
             return None
         run = holder.at(host.folder(name, "/" + posixpath.dirname(rest.split("/", 1)[1])), host)
     elif scheme in _STORES:
-        options = getattr(holder.folder.fs, "storage_options", None) or {}
-        same = scheme in _protocols(holder)
-        run = holder.at(RunFolder.from_url(url, **(options if same else {})))
+        options = storage_options_of(holder.folder)
+        same = scheme in folder_protocols(holder.folder)
+        run = holder.at(open_folder(url, **(options if same else {})))
     else:  # a link never makes remoterun reach out to an arbitrary kind of URL
         return None
     return _at_attempt(run, attempt)
@@ -164,10 +165,6 @@ def _host_of(holder: Run) -> Any:
 _STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 
 
-def _protocols(run: Run) -> tuple[str, ...]:
-    return protocols(run.folder.fs)
-
-
 def _open_host(holder: Run, label: str) -> Any:
     host = _host_of(holder)
     if host is not None and host.host_label() == label:
@@ -178,10 +175,10 @@ def _open_host(holder: Run, label: str) -> Any:
 def _at_attempt(run: Run, attempt: int | None) -> Run:
     """The run at that attempt, its record read: its own folder while the attempt is
     current, else the archived ``attempts/<n>/``."""
-    config = run.folder.read_config()
-    if attempt is not None and config is not None and config.get("attempt") not in (attempt, None):
+    config = run.folder.read_record()
+    if attempt is not None and config is not None and config.attempt not in (attempt, None):
         archived_folder = run.folder.attempt(attempt)
-        archived = run.at(archived_folder, None, archived_folder.read_config())
+        archived = run.at(archived_folder, None, archived_folder.read_record())
         if archived.known_config is not None:
             return archived
     return run.at(run.folder, run.system, config)

@@ -16,6 +16,16 @@ from typing import Any, Iterator
 from . import context, export, lineage, registry
 from .agent import integrity, layout
 from .agent.protocol import Action, Failure, Mode, Op
+from .agent.record import (
+    CANCELLED,
+    CANCELLED_ERROR,
+    COMPLETED,
+    FAILED,
+    NOT_STARTED,
+    TERMINAL,
+    RunRecord,
+)
+from .agent.runfolder import RunArgument, RunFolder
 from .errors import (
     CorruptRunError,
     RemoterunError,
@@ -24,12 +34,11 @@ from .errors import (
     exception_from_record,
 )
 from .folder import (
-    RunFolder,
+    LOCAL,
     check_run_name,
     copy_folder,
     copy_records,
-    local_filesystem,
-    protocols,
+    folder_protocols,
     split_run_url,
 )
 from .version import __version__
@@ -42,15 +51,15 @@ System = Any
 class RunStatus(str, enum.Enum):
     """Where a run is in its life. COMPLETED, FAILED and CANCELLED are terminal."""
 
-    NOT_STARTED = layout.NOT_STARTED
-    RUNNING = layout.RUNNING
-    COMPLETED = layout.COMPLETED
-    FAILED = layout.FAILED
-    CANCELLED = layout.CANCELLED
+    NOT_STARTED = "NOT_STARTED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
     @property
     def terminal(self) -> bool:
-        return self.value in layout.TERMINAL
+        return self.value in TERMINAL
 
     def __str__(self) -> str:
         return self.value
@@ -80,7 +89,7 @@ class Run:
     ):
         self.folder = folder
         self.system = system
-        self._config = config
+        self._config = _as_record(config)
         # "signed": its pickles are read only under a valid team signature (when this
         # machine has the key); "writers": digests only (the store's writers are
         # trusted); None: "signed" unless the folder is on this machine or on the host
@@ -142,16 +151,22 @@ class Run:
     # ------------------------------------------------------------------ status
 
     @property
-    def config(self) -> dict:
-        """The run's record (``config.json``) as last read; read it first if never read."""
+    def config(self) -> RunRecord:
+        """The run's record (``config.json``) as last read; read it first if never read
+        (empty when there is no such run)."""
         if self._config is None:
             self.refresh()
-        return self._config or {}
+        return self._config if self._config is not None else RunRecord()
 
     def refresh(self) -> Run:
         """Read the record again (finding out a dead worker on its host); return self."""
-        self._config = self._read_status(want_outcome=False)["config"]
+        self._config = _as_record(self._read_status(want_outcome=False)["config"])
         return self
+
+    @property
+    def _terminal(self) -> bool:
+        """Whether the record as last read is terminal (no need to read it again)."""
+        return self._config is not None and self._config.terminal
 
     def _read_status(self, want_outcome: bool) -> dict:
         reply = self._read_current(want_outcome)
@@ -164,20 +179,20 @@ class Run:
         return reply
 
     def _read_current(self, want_outcome: bool) -> dict:
-        if posixpath.basename(self.folder.path) != self.name:  # attempts/<n>/: terminal
-            return {"config": self.folder.read_config()}
+        if self.folder.archived:  # attempts/<n>/: terminal
+            return {"config": self.folder.read_record()}
         if self.system is not None:  # an executing one finds a dead worker out
             return self.system.status(self.name, root=self.root, want_outcome=want_outcome)
-        if _is_local(self.folder.fs):
+        if self.folder.local:
             return {"config": _host_runs(self.root).status(self.name)}
-        return self.folder.read_record(want_outcome)
+        return self.folder.read_with_outcome(want_outcome)
 
     @property
     def status(self) -> RunStatus:
         """The run's status, read again unless it was already terminal."""
-        if self._config is None or self._config.get("status") not in layout.TERMINAL:
+        if not self._terminal:
             self.refresh()
-        return RunStatus((self._config or {}).get("status", layout.NOT_STARTED))
+        return RunStatus(self.config.status)
 
     def done(self) -> bool:
         return self.status.terminal
@@ -190,13 +205,13 @@ class Run:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
-        if self._config is None or self._config.get("status") not in layout.TERMINAL:
+        if not self._terminal:
             lineage.check_not_self(self, current_run())
         # A run seen once does not vanish, but its record can read as absent for a moment
         # while the name is executed again elsewhere: look again before saying it is gone.
         missing_since = None
         while True:
-            if self._config is None or self._config.get("status") not in layout.TERMINAL:
+            if not self._terminal:
                 # The poll that finds the run terminal brings its outcome along: one round
                 # trip less for result() on a remote system.
                 seen = self._config is not None
@@ -206,9 +221,9 @@ class Run:
                     if time.monotonic() - missing_since < _GONE_AFTER:
                         time.sleep(_POLL_FIRST)
                         continue
-                self._config = reply["config"]
+                self._config = _as_record(reply["config"])
                 self._outcome = reply
-            status = RunStatus((self._config or {}).get("status", layout.NOT_STARTED))
+            status = RunStatus(self._config.status if self._config is not None else NOT_STARTED)
             if status.terminal:
                 if status is RunStatus.COMPLETED and self._on_completed is not None:
                     hook, self._on_completed = self._on_completed, None
@@ -233,23 +248,24 @@ class Run:
         remote traceback) when it FAILED, RunCancelledError when CANCELLED,
         TimeoutError when ``timeout`` passes first.
         """
-        value = self._result_value(timeout)
+        value = self.read_result(timeout)
         if current_run() is not None:
             lineage.note(lineage.USED, self, outer=current_run())
         return value
 
-    def _result_value(self, timeout: float | None = None) -> Any:
-        """``result()`` without linking the run as used by the current run."""
+    def read_result(self, timeout: float | None = None) -> Any:
+        """``result()`` without noting the run as used by the current run (lineage): for
+        a caller that records the use itself, or none."""
         self.wait(timeout)
         for last_try in (False, True):
             outcome = self._outcome or {}
-            if self.config.get("status") != layout.COMPLETED:
+            if self.config.status != COMPLETED:
                 raise self._failure(outcome.get("error_pickle"))
             data = outcome.get("result")
             if data is None:
-                data = self.folder.read_bytes(layout.RESULT)
+                data = self.folder.read_result()
             try:
-                return self._unpickle(layout.RESULT, data)
+                return self._unpickle("result", data)
             except CorruptRunError:
                 # A handle read before the name was executed again holds the earlier
                 # attempt's record: read the record again before calling it damaged.
@@ -260,29 +276,47 @@ class Run:
                 self.wait(timeout)
         raise AssertionError("unreachable")
 
+    def outcome_of(self, reply: dict) -> Any:
+        """The value of a system's reply about this run (``config`` with ``result`` or
+        ``error_pickle`` bytes): its result, checked and unpickled; its failure raised;
+        waited for when the reply found it still running."""
+        config = _as_record(reply.get("config")) or RunRecord()
+        if config.status == COMPLETED:
+            data = reply.get("result")
+            if data is None:  # a missing file is told as such by the digest check
+                data = self.folder.read_result()
+            return self._unpickle("result", data, config)
+        if config.terminal:
+            raise failure_from_config(config, reply.get("error_pickle"), self)
+        return self.result()
+
+    def on_completed(self, hook: Any) -> None:
+        """Call ``hook(run)`` once, when ``wait()`` first sees the run COMPLETED."""
+        self._on_completed = hook
+
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the run ended with, or None if it COMPLETED."""
         self.wait(timeout)
-        if self.config.get("status") == layout.COMPLETED:
+        if self.config.status == COMPLETED:
             return None
         return self._failure()
 
     def _failure(self, error_pickle: bytes | None = None) -> BaseException:
         config = self.config
-        if error_pickle is None and config.get("status") == layout.FAILED:
-            error_pickle = self.folder.read_bytes(layout.ERROR)
+        if error_pickle is None and config.status == FAILED:
+            error_pickle = self.folder.read_error()
         return failure_from_config(config, error_pickle, self)
 
     def inputs(self) -> dict:
         """The call's arguments: ``{"args": [...], "kwargs": {...}}``."""
-        inputs = self._unpickle(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
+        inputs = self._unpickle("inputs", self.folder.read_pickle("inputs"))
         args = [self._argument_run(a) for a in inputs.get("args", ())]
         kwargs = {k: self._argument_run(v) for k, v in inputs.get("kwargs", {}).items()}
         return {"args": args, "kwargs": kwargs}
 
     def _argument_run(self, value: Any) -> Any:
         """A run passed as an argument (recorded as a reference) as a Run again."""
-        if isinstance(value, layout.RunArgument):
+        if isinstance(value, RunArgument):
             return lineage.resolve(self, value.url, value.attempt) or value
         if type(value) in (list, tuple):
             return type(value)(self._argument_run(v) for v in value)
@@ -296,32 +330,35 @@ class Run:
         config = self.config
         return f"run:{self.name}:{config.get('attempt')}:{config.get('end_time')}"
 
-    def _unpickle(self, filename: str, data: bytes | None, config: dict | None = None) -> Any:
-        """The object in one of the run's pickles, once the record it belongs to is
-        trusted and ``data`` matches its digest there (CorruptRunError, UntrustedRunError
-        otherwise: nothing unchecked is ever unpickled)."""
-        data = self._checked(filename, data, config)
+    def _unpickle(self, what: str, data: bytes | None, config: dict | None = None) -> Any:
+        """The object in the run's pickle ``what`` (``"result"``, ``"inputs"``, ...), once
+        the record it belongs to is trusted and ``data`` matches its digest there
+        (CorruptRunError, UntrustedRunError otherwise: nothing unchecked is unpickled)."""
+        data = self._checked(what, data, config)
         import cloudpickle  # here, not at import: `import remoterun` stays light
 
         try:
             return cloudpickle.loads(data)
         except Exception as exc:
-            what = {layout.RESULT: "result", layout.INPUTS: "inputs"}.get(filename, filename)
             raise RemoterunError(
                 f"the {what} of run {self.name!r} cannot be unpickled here "
                 f"({type(exc).__name__}: {exc}); load it where the modules it needs are "
                 "installed"
             ) from exc
 
-    def _checked(self, filename: str, data: bytes | None, config: dict | None = None) -> bytes:
-        """``data``, read as the run's ``filename``, once the record it belongs to (this
-        run's as last read, or ``config``) is trusted and holds its digest."""
+    def _checked(self, what: str, data: bytes | None, config: dict | None = None) -> bytes:
+        """``data``, read as the run's pickle ``what``, once the record it belongs to
+        (this run's as last read, or ``config``) is trusted and holds its digest."""
         config = self.config if config is None else config
-        required = self._signature_required()
+        required = self.needs_signature
         self.folder.check_trusted(config, required=required)
-        return self.folder.check_digest(config, filename, data, legacy_ok=not required)
+        return self.folder.check_digest(config, what, data, legacy_ok=not required)
 
-    def _signature_required(self) -> bool:
+    @property
+    def needs_signature(self) -> bool:
+        """Whether the run's pickles are read only under a valid team signature (when
+        this machine has the key): runs of shared stores and of stores not the user's
+        own. A run on this machine or on its executing system's host needs none."""
         if self._trust is not None:
             return self._trust == "signed"
         own_host = self.system is not None and self.system.executes
@@ -331,11 +368,11 @@ class Run:
 
     def stdout(self) -> str:
         """Everything the run wrote to stdout so far."""
-        return self.folder.read_log(layout.STDOUT).decode("utf-8", "replace")
+        return self.folder.read_log("stdout").decode("utf-8", "replace")
 
     def stderr(self) -> str:
         """Everything the run wrote to stderr so far."""
-        return self.folder.read_log(layout.STDERR).decode("utf-8", "replace")
+        return self.folder.read_log("stderr").decode("utf-8", "replace")
 
     def logs(
         self, follow: bool = False, *, stream: str = "stdout", poll: float = 0.1
@@ -345,13 +382,12 @@ class Run:
         ``stream`` is ``"stdout"`` or ``"stderr"``. A last line without a newline is
         yielded once the run is over.
         """
-        filename = {"stdout": layout.STDOUT, "stderr": layout.STDERR}.get(stream)
-        if filename is None:
+        if stream not in ("stdout", "stderr"):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         offset, pending = 0, b""
         while True:
             finished = not follow or self.status.terminal
-            data = self.folder.read_log(filename, offset)
+            data = self.folder.read_log(stream, offset)
             offset += len(data)
             pending += data
             *lines, pending = pending.split(b"\n")
@@ -370,13 +406,13 @@ class Run:
         """Stop the run's whole process group (SIGTERM, then SIGKILL after ``grace`` s)
         and record it CANCELLED. A terminal run is left as it is."""
         if self.system is None or not self.system.executes:
-            if not _is_local(self.folder.fs):
+            if not self.folder.local:
                 raise RemoterunError(
                     f"run {self.name!r} at {self.url} has no system to cancel it on"
                 )
-            self._config = _host_runs(self.root).cancel(self.name, grace)
+            self._config = _as_record(_host_runs(self.root).cancel(self.name, grace))
         else:
-            self._config = self.system.cancel(self.name, root=self.root, grace=grace)
+            self._config = _as_record(self.system.cancel(self.name, root=self.root, grace=grace))
         return self.status
 
     # ------------------------------------------------------------------ moving
@@ -413,7 +449,7 @@ class Run:
         if folder.url == self.url:
             return self
         options = storage_options or getattr(target, "storage_options", None) or {}
-        trusted = not self._signature_required()
+        trusted = not self.needs_signature
         # With the team key, a host that copies the folder itself leaves the records to
         # this machine, which signs them: the key never goes to a host.
         signing = integrity.signing_key() is not None
@@ -435,8 +471,8 @@ class Run:
         copy_direct = getattr(self.system, "copy_direct", None)
         if (
             copy_direct is None
-            or not set(protocols(folder.fs)) & _OBJECT_STORES
-            or posixpath.basename(self.folder.path) != self.name  # an archived attempt
+            or not set(folder_protocols(folder)) & _OBJECT_STORES
+            or self.folder.archived
         ):
             return False
         import logging  # here, not at import: `import remoterun` stays light
@@ -542,10 +578,10 @@ class Run:
         if self._context is not None and self._context.config:
             with self._context.lock:  # threads of the block may link runs at once
                 if change(self._context.config) is not False:
-                    self.folder.write_config(self._context.config)
-                self._config = dict(self._context.config)
+                    self.folder.write_record(self._context.config)
+                self._config = RunRecord(self._context.config)
             return
-        if _is_local(self.folder.fs) and posixpath.basename(self.folder.path) == self.name:
+        if self.folder.local and not self.folder.archived:
             runs = _host_runs(self.root)
             with runs.lock(self.name):
                 config = runs.read_config(self.name)
@@ -554,13 +590,13 @@ class Run:
                 if change(config) is not False:
                     runs.write_config(self.name, config)
         else:  # an object store: the last writer wins
-            config = self.folder.read_config()
+            config = self.folder.read_record()
             if config is None:
                 raise RunNotFoundError(f"no run at {self.url}")
             # Rewriting signs it with this machine's key: never a record not checked.
-            self.folder.check_trusted(config, required=self._signature_required())
+            self.folder.check_trusted(config, required=self.needs_signature)
             if change(config) is not False:
-                self.folder.write_config(config)
+                self.folder.write_record(config)
         self._config = config
 
     # ------------------------------------------------------------------ lineage
@@ -611,16 +647,16 @@ class Run:
                 f"run {self.name!r} recorded a `with rr.run(...)` block: there is no "
                 "function to re-run"
             )
-        fn = self._checked(layout.FUNCTION, self.folder.read_bytes(layout.FUNCTION))
-        inputs = self._checked(layout.INPUTS, self.folder.read_bytes(layout.INPUTS))
-        raw = self._unpickle(layout.INPUTS, inputs)  # read once: which runs were passed
+        fn = self._checked("function", self.folder.read_pickle("function"))
+        inputs = self._checked("inputs", self.folder.read_pickle("inputs"))
+        raw = self._unpickle("inputs", inputs)  # read once: which runs were passed
         if system is None:
             system = self.system if self.system is not None and self.system.executes else "here"
         # The host that holds the name decides it; a generated name goes where load is least.
         target = registry.resolve(system).placement(run_name)
         used = self._runs_passed(raw)
         by_reference = all(
-            target.reads_locally(run.folder) and not run._signature_required() for run in used
+            target.reads_locally(run.folder) and not run.needs_signature for run in used
         )
         if used and not by_reference:  # they travel as their results, read here
             inputs = self._inputs_with_results(raw, used)
@@ -674,7 +710,7 @@ class Run:
         reached from here; RemoterunError for one that cannot be."""
         found = []
         for value in (*raw.get("args", ()), *raw.get("kwargs", {}).values()):
-            if isinstance(value, layout.RunArgument):
+            if isinstance(value, RunArgument):
                 run = lineage.resolve(self, value.url, value.attempt)
                 if run is None or run.known_config is None:
                     raise RemoterunError(
@@ -693,10 +729,10 @@ class Run:
     def _inputs_with_results(self, raw: dict, runs: list[Run]) -> bytes:
         """The inputs ``raw``, pickled again with each run argument replaced by its result
         (the user's own packages by value, as a call pickles them)."""
-        results = iter([run._result_value() for run in runs])
+        results = iter([run.read_result() for run in runs])
 
         def value(item: Any) -> Any:
-            return next(results) if isinstance(item, layout.RunArgument) else item
+            return next(results) if isinstance(item, RunArgument) else item
 
         args = [value(a) for a in raw.get("args", ())]
         kwargs = {k: value(v) for k, v in raw.get("kwargs", {}).items()}
@@ -730,11 +766,18 @@ class Run:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         recorder, self._context = self._context, None
         if recorder is not None:
-            self._config = recorder.finish(exc)
+            self._config = _as_record(recorder.finish(exc))
 
 
 # What a re-run's record takes from its source's.
 _RERUN_FIELDS = ("run_type", "fn_name", "fn_qualname", "cmds", "fingerprint")
+
+
+def _as_record(config: dict | None) -> RunRecord | None:
+    """A record as read from a store or a reply, as a RunRecord."""
+    if config is None or isinstance(config, RunRecord):
+        return config
+    return RunRecord(config)
 
 
 def _check_key(key: Any, what: str) -> None:
@@ -775,32 +818,25 @@ def _destination(
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
-def _is_local(fs: Any) -> bool:
-    return bool({"file", "local"} & set(protocols(fs)))
-
-
 def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> BaseException:
     """The exception a FAILED or CANCELLED run raises, from its record."""
     status = config.get("status")
-    if status not in (layout.FAILED, layout.CANCELLED):
+    if status not in (FAILED, CANCELLED):
         return RunNotFinishedError(f"run {run.name!r} is {status}, not failed")
-    record = {
+    failure = {
         "kind": Failure.REMOTE,
         "message": config.get("error") or f"run {run.name!r} {status}",
         "type": config.get("error_type") or "",
         "traceback": config.get("error_traceback") or "",
         "exc": error_pickle,
     }
-    if status == layout.CANCELLED:
-        record["type"] = "remoterun.errors.RunCancelledError"
+    if status == CANCELLED:
+        failure["type"] = CANCELLED_ERROR
     if error_pickle is not None:  # unpickled below only once it is checked
-        run._checked(layout.ERROR, error_pickle, config)
-    logs = (
-        run.folder.fs.unstrip_protocol(run.folder.file(layout.STDOUT)),
-        run.folder.fs.unstrip_protocol(run.folder.file(layout.STDERR)),
-    )
+        run._checked("error", error_pickle, config)
+    logs = (run.folder.log_url("stdout"), run.folder.log_url("stderr"))
     return exception_from_record(
-        record, run_name=run.name, host=config.get("host") or "", log_paths=logs
+        failure, run_name=run.name, host=config.get("host") or "", log_paths=logs
     )
 
 
@@ -851,7 +887,7 @@ def current_run() -> Run | None:
         return block
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
-        return Run(RunFolder(local_filesystem(), run_dir))
+        return Run(RunFolder(LOCAL, run_dir))
     return None
 
 

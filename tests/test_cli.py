@@ -190,11 +190,11 @@ def test_rm_force_overrides_running_only(scratch):
     run = rr.function(tasks.wait_for_file).run(str(gate), run_name="busy")
     refused = one_line_error(cli("rm", "busy"))
     assert "is RUNNING" in refused and "--force" in refused
-    assert run.folder.fs.exists(run.folder.path)
+    assert run.folder.files.exists(run.folder.path)
     gate.touch()
     run.wait(timeout=30)
     done = cli("rm", "--force", "busy")
-    assert done.returncode == 0 and not run.folder.fs.exists(run.folder.path)
+    assert done.returncode == 0 and not run.folder.files.exists(run.folder.path)
 
 
 def test_bad_urls_and_stores_give_one_line_and_an_exit_code(s3, tmp_path):

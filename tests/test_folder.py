@@ -10,7 +10,8 @@ import pytest
 
 import remoterun as rr
 from remoterun.agent import layout
-from remoterun.folder import RunFolder, check_run_name
+from remoterun.agent.runfolder import RunFolder
+from remoterun.folder import check_run_name, files_of
 
 
 @pytest.mark.parametrize("name", ["a", "exp1", "A.b_c-d", "9" * 128, "x..y"])
@@ -38,36 +39,36 @@ def test_generated_names_are_unique_within_a_second():
 def test_atomic_writes_leave_no_temporary_files(tmp_path, url):
     fs = fsspec.filesystem(url)
     root = str(tmp_path) if url == "file" else f"/atomic-{tmp_path.name}"
-    folder = RunFolder(fs, f"{root}/run1")
-    folder.makedirs()
-    folder.write_config({"status": "RUNNING"})
-    folder.write_bytes(layout.RESULT, b"x" * 100_000)
-    folder.write_config({"status": "COMPLETED"})
+    folder = RunFolder(files_of(fs), f"{root}/run1")
+    folder.create()
+    folder.write_record({"status": "RUNNING"})
+    folder.write_result(b"x" * 100_000, {})
+    folder.write_record({"status": "COMPLETED"})
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(folder.path, detail=False)) == [
         "config.json",
         "result.pkl",
     ]
-    assert folder.read_config() == {"status": "COMPLETED"}
+    assert folder.read_record() == {"status": "COMPLETED"}
 
 
 def test_reader_never_sees_a_partial_file(tmp_path):
-    folder = RunFolder(fsspec.filesystem("file"), str(tmp_path / "run2"))
-    folder.makedirs()
+    folder = RunFolder(files_of(fsspec.filesystem("file")), str(tmp_path / "run2"))
+    folder.create()
     big = [b"a" * 4_000_000, b"b" * 4_000_000]
-    folder.write_bytes("blob", big[0])
+    folder.write_log("stdout", big[0])
     stop = threading.Event()
 
     def writer() -> None:
         i = 0
         while not stop.is_set():
-            folder.write_bytes("blob", big[i % 2])
+            folder.write_log("stdout", big[i % 2])
             i += 1
 
     thread = threading.Thread(target=writer)
     thread.start()
     try:
         for _ in range(200):
-            assert folder.read_bytes("blob") in big
+            assert folder.read_log("stdout") in big
     finally:
         stop.set()
         thread.join()
@@ -75,11 +76,11 @@ def test_reader_never_sees_a_partial_file(tmp_path):
 
 def test_write_into_a_missing_folder_is_a_storage_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    folder = RunFolder(fsspec.filesystem("file"), str(tmp_path / "file" / "run"))
+    folder = RunFolder(files_of(fsspec.filesystem("file")), str(tmp_path / "file" / "run"))
     with pytest.raises(rr.RunStorageError, match="cannot"):
-        folder.makedirs()
+        folder.create()
     with pytest.raises(rr.RunStorageError, match="cannot write"):
-        folder.write_bytes(layout.CONFIG, b"{}")
+        folder.write_record_bytes(b"{}")
 
 
 def test_unknown_protocol_names_what_to_install():

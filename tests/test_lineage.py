@@ -14,7 +14,6 @@ import pytest
 import remote_tasks as tasks
 
 import remoterun as rr
-from remoterun.agent import layout
 
 
 def _acyclic(graph) -> bool:
@@ -197,7 +196,7 @@ def test_rerun_refuses_what_it_cannot_re_run(tmp_path):
     here = rr.LocalSystem(root=str(tmp_path / "runs"))
     run = rr.function(tasks.add, system=here).run(1, run_name="gone")
     run.wait(timeout=30)
-    (tmp_path / "runs" / "gone" / layout.FUNCTION).unlink()
+    (tmp_path / "runs" / "gone" / "function.pkl").unlink()
     with pytest.raises(rr.RunStorageError, match="function.pkl"):
         run.rerun()
 

@@ -126,10 +126,10 @@ def test_a_running_run_is_asked_about_so_a_dead_worker_shows(tmp_path):
     system = rr.LocalSystem(root=str(tmp_path / "runs"))
     rr.function(tasks.add, system=system)(1, run_name="gone")
     folder = system.folder("gone")
-    config = json.loads(folder.read_bytes("config.json"))
+    config = json.loads(folder.read_record_bytes())
     # A record that says RUNNING, written by a worker that no longer exists.
     config.update(status="RUNNING", end_time=None, pid=2**22 + 1)
-    folder.write_config(config)
+    folder.write_record(config)
     (listed,) = system.runs()
     assert listed.config["status"] == "FAILED"
     assert "worker lost" in listed.config["error"]

@@ -438,4 +438,4 @@ def test_a_run_handle_outlives_its_cluster_closing(cluster):
     assert run.result(timeout=30) == 3
     cluster.close()
     assert run.refresh().stdout() == "adding 1 and 2\n"
-    assert run.folder.read_bytes("result.pkl") is not None
+    assert run.folder.read_result() is not None

@@ -18,6 +18,7 @@ from conftest import make_cluster
 
 import remoterun as rr
 from remoterun.agent import integrity
+from remoterun.folder import fs_of
 
 KEY = "a-team-key-for-the-trust-tests"
 
@@ -110,7 +111,7 @@ class _Planted:
 def _plant(store_run: rr.Run, planted_marker: Path) -> None:
     """Replace a stored run's result by a planted one, with a correct digest (anyone
     can compute one), as whoever can write to the bucket could."""
-    fs, path = store_run.folder.fs, store_run.folder.path
+    fs, path = fs_of(store_run.folder.files), store_run.folder.path
     data = pickle.dumps(_Planted(str(planted_marker)))
     config = json.loads(fs.cat_file(f"{path}/config.json"))
     config["digests"]["result.pkl"] = integrity.digest(data)
@@ -186,7 +187,7 @@ def test_a_signed_copy_reads_back_and_a_changed_one_does_not(s3, tmp_path, monke
     _recorded(here)
     copy = here.get_run("kept").to(f"{s3}/runs")
     assert rr.run(path=copy.url).result() == [0, 1, 2, 3, 4]
-    fs, path = copy.folder.fs, copy.folder.path
+    fs, path = fs_of(copy.folder.files), copy.folder.path
     config = json.loads(fs.cat_file(f"{path}/config.json"))
     config["tags"] = {"changed": True}
     fs.pipe_file(f"{path}/config.json", json.dumps(config).encode())
@@ -322,7 +323,7 @@ def test_a_copy_or_a_tag_never_signs_a_planted_run(s3, tmp_path, monkeypatch):
         rr.run(path=f"{store}/prep").to(str(tmp_path / "laundered"))
     with pytest.raises(rr.UntrustedRunError):
         rr.run(path=f"{store}/prep").set_tag("looks", "fine")
-    config = json.loads(rr.run(path=f"{store}/prep").folder.read_bytes("config.json"))
+    config = json.loads(rr.run(path=f"{store}/prep").folder.read_record_bytes())
     assert "signature" not in config
     assert not planted_marker.exists()
 
@@ -421,7 +422,7 @@ def test_a_host_copies_to_s3_itself_and_this_machine_signs_the_record(
                 f"{s3}/signed/kept", storage_options=moto_server.storage_options()
             )
         assert "itself" in caplog.text and "through this process" not in caplog.text
-        config = json.loads(copy.folder.read_bytes("config.json"))
+        config = json.loads(copy.folder.read_record_bytes())
         assert integrity.signature_problem(config, KEY.encode()) is None
         assert rr.run(path=copy.url).result() == [0, 1, 2, 3, 4]
     finally:

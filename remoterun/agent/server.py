@@ -24,9 +24,11 @@ from typing import Any, Iterator
 import cloudpickle
 
 from ..errors import CorruptRunError, InvalidRunNameError, SigningKeyError
-from . import forkserver, integrity, layout, pickling, protocol
+from . import forkserver, integrity, pickling, protocol
 from .failures import error_record
 from .protocol import SYNCHRONOUS_OPS, Action, Failure
+from .record import RUNNING
+from .runfolder import resolve_run_arguments
 from .store import HostRuns
 
 AGENT_VERSION = "1"
@@ -248,7 +250,7 @@ class Agent:
         fn, inputs = self._load(request, "inputs")
         try:
             if request.get("run_args"):
-                inputs = layout.resolve_run_arguments(inputs)
+                inputs = resolve_run_arguments(inputs)
             value = fn(*inputs["args"], **inputs["kwargs"])
         except BaseException as exc:
             raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
@@ -350,8 +352,9 @@ class Agent:
     ) -> None:
         """Forward the run's log files as output frames until its worker says its outcome
         is written, or has exited (a child it forked may hold the done pipe open)."""
-        kinds = {layout.STDOUT: protocol.STDOUT, layout.STDERR: protocol.STDERR}
-        files = {f: open(runs.file(name, f), "rb") for f in kinds}  # noqa: SIM115
+        folder = runs.folder(name)
+        kinds = {"stdout": protocol.STDOUT, "stderr": protocol.STDERR}
+        files = {s: open(folder.log_path(s), "rb") for s in kinds}  # noqa: SIM115
         try:
             delay = 0.0005
             while True:
@@ -369,8 +372,8 @@ class Agent:
         # The reaper marks a run that left no outcome; wait for it to have done so.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            config = runs.read_config(name) or {}
-            if config.get("status") != layout.RUNNING:
+            config = runs.read_config(name)
+            if config is None or config.status != RUNNING:
                 return
             time.sleep(0.001)
 

@@ -29,7 +29,8 @@ from .procs import (
     worker_alive,
 )
 from .protocol import Action, Mode
-from .record import CorruptRecord, RunRecord
+from .record import COMPLETED, RUNNING, RunRecord
+from .runfolder import POSIX, RunFolder
 
 ExitCallback = Callable[[int, int], None]
 
@@ -62,8 +63,9 @@ class HostRuns:
     def path(self, name: str) -> str:
         return os.path.join(self.root, layout.check_run_name(name))
 
-    def file(self, name: str, filename: str) -> str:
-        return os.path.join(self.root, name, filename)
+    def folder(self, name: str) -> RunFolder:
+        """The folder of the run ``name`` (validated)."""
+        return RunFolder(POSIX, self.path(name), name)
 
     def _make_root(self) -> None:
         """Create the root (and ``.locks``) private to this user, once per process. A root
@@ -104,36 +106,11 @@ class HostRuns:
 
     def read_config(self, name: str) -> RunRecord | None:
         """The run's record, None when there is none; raises CorruptRunError for a
-        ``config.json`` that is not one."""
-        try:
-            with open(self.file(name, layout.CONFIG), "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-        try:
-            return RunRecord.decode(data)
-        except CorruptRecord as exc:
-            raise CorruptRunError(
-                layout.corrupt_message(name, self.path(name), f"{layout.CONFIG}: {exc}"),
-                url=self.path(name),
-                filename=layout.CONFIG,
-            ) from None
+        record file that is not one."""
+        return self.folder(name).read_record()
 
     def write_config(self, name: str, config: dict) -> None:
-        layout.write_atomic(self.file(name, layout.CONFIG), RunRecord(config).encode())
-
-    def write_pickle(self, name: str, filename: str, data: bytes, config: dict) -> None:
-        """Write one of the run's pickles and note its digest in ``config`` (which the
-        caller writes after it)."""
-        layout.write_atomic(self.file(name, filename), data)
-        config.setdefault(integrity.DIGESTS, {})[filename] = integrity.digest(data)
-
-    def read_file(self, name: str, filename: str) -> bytes | None:
-        try:
-            with open(self.file(name, filename), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        self.folder(name).write_record(config)
 
     # ------------------------------------------------------------------ status
 
@@ -146,18 +123,18 @@ class HostRuns:
             # holds the lock until the new attempt is recorded: read it then.
             with self.lock(name):
                 config = self.read_config(name)
-        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+        if config and config.status == RUNNING and not worker_alive(config):
             # The agent that forked the worker, if it still lives, is recording how it
             # ended (the signal, the exit code): give it a moment to say so first.
             deadline = time.monotonic() + _REAPER_GRACE
             while time.monotonic() < deadline:
                 time.sleep(0.01)
                 config = self.read_config(name)
-                if not config or config.get("status") != layout.RUNNING:
+                if not config or config.status != RUNNING:
                     return config
             with self.lock(name):
                 config = self.read_config(name)
-                if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+                if config and config.status == RUNNING and not worker_alive(config):
                     config = self._mark_lost(name, config, "its process is gone")
         return config
 
@@ -173,19 +150,7 @@ class HostRuns:
             config["error"] += f" (not recorded on disk: {layout.storage_message(exc)})"
         return config
 
-    def outcome(self, name: str, config: dict, folder: str | None = None) -> dict:
-        """A terminal run's ``result`` or ``error_pickle`` bytes, for a reply; read from
-        ``folder`` (an archived attempt's) instead of the run's own when given."""
-        folder = folder or self.path(name)
-        filename = layout.RESULT if config.get("status") == layout.COMPLETED else layout.ERROR
-        try:
-            with open(os.path.join(folder, filename), "rb") as f:
-                data: bytes | None = f.read()
-        except FileNotFoundError:
-            data = None
-        return {"result": data} if filename == layout.RESULT else {"error_pickle": data}
-
-    def with_outcome(self, name: str, config: dict | None) -> dict:
+    def with_outcome(self, name: str, config: RunRecord | None) -> dict:
         """``{"config": config}`` plus, for a terminal run, the outcome of that very attempt.
 
         When the name was executed again between the reads, the attempt's files have been
@@ -193,40 +158,23 @@ class HostRuns:
         they are read from there, so config and outcome always belong together.
         """
         reply: dict[str, Any] = {"config": config}
-        if not config or config.get("status") not in layout.TERMINAL:
+        if not config or not config.terminal:
             return reply
-        reply.update(self.outcome(name, config))
-        if self.read_config(name) == config:
+        folder = self.folder(name)
+        reply.update(folder.read_outcome(config))
+        if folder.read_record() == config:
             return reply
         with self.lock(name):
-            if self.read_config(name) == config:
-                return {"config": config, **self.outcome(name, config)}
-            folder = self._archived(name, config)
-            if folder is not None:
-                return {"config": config, **self.outcome(name, config, folder)}
-            config = self.read_config(name)  # gone altogether: say what is there now
+            if folder.read_record() == config:
+                return {"config": config, **folder.read_outcome(config)}
+            archived = folder.archived_folder(config)
+            if archived is not None:
+                return {"config": config, **archived.read_outcome(config)}
+            config = folder.read_record()  # gone altogether: say what is there now
             reply = {"config": config}
-            if config and config.get("status") in layout.TERMINAL:
-                reply.update(self.outcome(name, config))
+            if config and config.terminal:
+                reply.update(folder.read_outcome(config))
         return reply
-
-    def _archived(self, name: str, config: dict) -> str | None:
-        """The ``attempts/<n>/`` folder holding the attempt whose record is ``config``."""
-        attempts = os.path.join(self.path(name), layout.ATTEMPTS)
-        numbers = [str(config.get("attempt") or 1)]
-        try:
-            numbers += sorted((d for d in os.listdir(attempts) if d.isdigit()), key=int)
-        except FileNotFoundError:
-            return None
-        for number in numbers:
-            folder = os.path.join(attempts, number)
-            try:
-                with open(os.path.join(folder, layout.CONFIG), "rb") as f:
-                    if RunRecord.decode(f.read()) == config:
-                        return folder
-            except (FileNotFoundError, ValueError):
-                continue
-        return None
 
     # ------------------------------------------------------------------ claims
 
@@ -244,14 +192,15 @@ class HostRuns:
             config = self.read_config(name)
         except CorruptRunError:
             return None  # the locked path decides what a damaged record means
-        if not config or config.get("status") != layout.COMPLETED:
+        if not config or config.status != COMPLETED:
             return None
         if fingerprint_differences(config, request):
             return None
         reply = {"name": name, "action": Action.HIT, "root": self.root, "config": config}
         if request.get("want_outcome"):
-            reply.update(self.outcome(name, config))
-            if self.read_config(name) != config:
+            folder = self.folder(name)
+            reply.update(folder.read_outcome(config))
+            if folder.read_record() != config:
                 return None  # re-executed while we read: let the locked path decide
         return reply
 
@@ -272,7 +221,7 @@ class HostRuns:
             # attempts/<n>/, as a failed run's are.
             sys.stderr.write(f"remoterun: {exc}\n")
             return {"action": Action.START, "previous": {"attempt": None}}
-        if config and config.get("status") == layout.RUNNING and not worker_alive(config):
+        if config and config.status == RUNNING and not worker_alive(config):
             config = self._mark_lost(name, config, "its process is gone")
         if config is None:
             return {"action": Action.START, "previous": None}
@@ -280,52 +229,36 @@ class HostRuns:
         if mode == Mode.NEW:
             if request.get("exclusive"):
                 return {"action": Action.EXISTS, "config": config}
-            if config.get("status") == layout.RUNNING:
+            if config.status == RUNNING:
                 return {"action": Action.BUSY, "config": config}
             return {"action": Action.START, "previous": config}
-        status = config.get("status")
-        if status in (layout.COMPLETED, layout.RUNNING):
+        status = config.status
+        if status in (COMPLETED, RUNNING):
             differences = fingerprint_differences(config, request)
             if differences:
                 policy = request.get("on_mismatch", "error")
                 if policy == "error":
                     return {"action": Action.MISMATCH, "config": config, "differences": differences}
                 if policy == "rerun":
-                    if status == layout.RUNNING:
+                    if status == RUNNING:
                         return {"action": Action.BUSY, "config": config}
                     return {"action": Action.START, "previous": config}
             return {
-                "action": Action.HIT if status == layout.COMPLETED else Action.ATTACH,
+                "action": Action.HIT if status == COMPLETED else Action.ATTACH,
                 "config": config,
             }
         # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
         return {"action": Action.START, "previous": config}
 
     def undo_attempt(self, name: str, attempt: int) -> None:
-        """Take back a new attempt that could not be recorded (a full disk): remove what
-        it put in the folder and move the previous attempt, archived for it, back."""
-        folder = self.path(name)
-        for filename in layout.ATTEMPT_FILES:
-            try:
-                os.unlink(os.path.join(folder, filename))
-            except OSError:
-                pass
-        archived = os.path.join(folder, layout.ATTEMPTS, str(attempt - 1))
-        if attempt > 1 and os.path.isdir(archived):
-            for filename in os.listdir(archived):
-                os.replace(os.path.join(archived, filename), os.path.join(folder, filename))
-            os.rmdir(archived)
-        for empty in (os.path.join(folder, layout.ATTEMPTS), folder):
-            try:
-                os.rmdir(empty)
-            except OSError:
-                pass
+        """Take back a new attempt that could not be recorded (a full disk)."""
+        self.folder(name).undo_attempt(attempt)
 
     def next_attempt(self, name: str, previous: dict | None) -> int:
         """Archive the previous attempt, if any; return the new attempt's number."""
         if previous is None:
             return 1
-        return layout.archive_attempt(layout.PosixFiles(), self.path(name), previous.get("attempt"))
+        return self.folder(name).archive_attempt(previous.get("attempt"))
 
     # ------------------------------------------------------------------ starting
 
@@ -338,13 +271,13 @@ class HostRuns:
         staged: dict[str, tuple[str, str]] = {}
         try:
             layout.makedirs_private(staging)
-            for filename, field in ((layout.FUNCTION, "fn"), (layout.INPUTS, "inputs")):
+            for what, field in (("function", "fn"), ("inputs", "inputs")):
                 data = request.get(field)
                 if data is None:
                     continue
-                tmp = layout.staging_name(os.path.join(staging, f"{request['name']}.{filename}"))
+                tmp = layout.staging_name(os.path.join(staging, f"{request['name']}.{what}"))
                 layout.write_atomic(tmp, data)
-                staged[filename] = (tmp, integrity.digest(data))
+                staged[what] = (tmp, integrity.digest(data))
         except OSError as exc:
             self.discard(staged)
             raise OSError(
@@ -366,16 +299,15 @@ class HostRuns:
         """Put the files of a new run in place (its staged function and inputs, empty
         logs); return its record, which ``start`` writes once the worker is known."""
         name = request["name"]
-        layout.makedirs_private(self.path(name))
-        for filename in (layout.STDOUT, layout.STDERR):
-            os.close(layout.open_private(self.file(name, filename), os.O_WRONLY | os.O_TRUNC))
-        digests = {}
-        for filename, (tmp, digest) in staged.items():
-            os.replace(tmp, self.file(name, filename))
-            digests[filename] = digest
+        folder = self.folder(name)
+        folder.create()
+        folder.start_logs()
         fields = dict(request.get("record") or {})
         record = RunRecord.new(name, fields.pop("run_type", "function"), attempt, **fields)
-        record.update(digests=digests, host=HOSTNAME, boot_id=BOOT_ID, executable=sys.executable)
+        record.update(digests={}, host=HOSTNAME, boot_id=BOOT_ID, executable=sys.executable)
+        for what, (tmp, digest) in staged.items():
+            folder.adopt(what, tmp)
+            folder.note_digest(what, digest, record)
         return record
 
     def start(
@@ -423,11 +355,7 @@ class HostRuns:
             try:
                 with self.lock(name):
                     config = self.read_config(name)
-                    if (
-                        config
-                        and config.get("status") == layout.RUNNING
-                        and config.get("pid") == pid
-                    ):
+                    if config and config.status == RUNNING and config.get("pid") == pid:
                         self._mark_lost(name, config, f"its process {describe_exit(status)}")
             except (OSError, CorruptRunError) as exc:  # a later look marks it, or says why
                 sys.stderr.write(f"remoterun: run {name!r} ended, not recorded: {exc}\n")
@@ -444,9 +372,9 @@ class HostRuns:
         and record CANCELLED. A terminal run is left as it is."""
         with self.lock(name):
             config = self.read_config(name)
-            if config is None or config.get("status") in layout.TERMINAL:
+            if config is None or config.terminal:
                 return config
-            if config.get("status") == layout.RUNNING and worker_alive(config):
+            if config.status == RUNNING and worker_alive(config):
                 pid = config.get("pid")
                 pgid = config.get("pgid", pid)
                 if isinstance(pgid, int) and config.get("host") == HOSTNAME:

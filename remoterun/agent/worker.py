@@ -9,11 +9,12 @@ import os
 import signal
 import sys
 
-from . import integrity, layout, pickling, protocol
+from . import layout, pickling, protocol
 from .commands import run_commands as run_commands  # see commands.py
 from .failures import SERIALIZATION_ERROR, STORAGE_ERROR, error_record
 from .procs import open_fds
-from .record import RunRecord
+from .record import RUNNING, RunRecord
+from .runfolder import RunFolder, resolve_run_arguments
 from .store import HostRuns
 
 
@@ -50,14 +51,15 @@ def spare_main(req_r: int, done_w: int) -> int:
 def _run(runs: HostRuns, request: dict) -> int:
     """Execute a recorded run in this (worker) process and write its outcome."""
     name = request["name"]
-    for fd, filename in ((1, layout.STDOUT), (2, layout.STDERR)):
-        log = layout.open_private(runs.file(name, filename), os.O_WRONLY | os.O_APPEND)
+    folder = runs.folder(name)
+    for fd, stream in ((1, "stdout"), (2, "stderr")):
+        log = folder.open_log(stream, truncate=False)
         os.dup2(log, fd)
         os.close(log)
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    os.environ["REMOTERUN_RUN_DIR"] = runs.path(name)
+    os.environ["REMOTERUN_RUN_DIR"] = folder.path
     os.environ["REMOTERUN_RUN_NAME"] = name
 
     pid = os.getpid()
@@ -69,7 +71,7 @@ def _run(runs: HostRuns, request: dict) -> int:
         fn = pickling.loads(request["fn"])
         inputs = pickling.loads(request["inputs"]) if request.get("inputs") else {}
         if request.get("run_args"):
-            inputs = layout.resolve_run_arguments(inputs)
+            inputs = resolve_run_arguments(inputs)
         value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
         try:
             result_bytes = pickling.dumps(value)
@@ -91,35 +93,33 @@ def _run(runs: HostRuns, request: dict) -> int:
             pass
 
     with runs.lock(name):
-        config = runs.read_config(name) or RunRecord()
-        if config.status != layout.RUNNING or config.get("pid") != pid:
+        config = folder.read_record() or RunRecord()
+        if config.status != RUNNING or config.get("pid") != pid:
             return 0  # cancelled meanwhile: its outcome is already written
         try:
             if error is None:
-                runs.write_pickle(name, layout.RESULT, result_bytes or b"", config)
+                folder.write_result(result_bytes or b"", config)
                 config.completed()
             else:
                 if error["exc"] is not None:
-                    runs.write_pickle(name, layout.ERROR, error["exc"], config)
+                    folder.write_error(error["exc"], config)
                 config.failed(error["message"], error["type"], error["traceback"])
-            runs.write_config(name, config)
+            folder.write_record(config)
         except OSError as exc:
             # The outcome or the record did not fit (a full disk): free what this attempt
             # wrote and record why it failed, which a small record can still say.
-            error = _storage_failure(runs, name, config, exc)
+            error = _storage_failure(folder, config, exc)
     return 0 if error is None else 1
 
 
-def _storage_failure(runs: HostRuns, name: str, config: RunRecord, exc: OSError) -> dict:
+def _storage_failure(folder: RunFolder, config: RunRecord, exc: OSError) -> dict:
     """Record a run whose outcome could not be written as FAILED, saying why and where."""
-    for filename in (layout.RESULT, layout.ERROR):
-        try:
-            os.unlink(runs.file(name, filename))
-        except OSError:
-            pass
-        (config.get(integrity.DIGESTS) or {}).pop(filename, None)
+    try:
+        folder.remove_outcome(config)
+    except OSError:
+        pass
     message = f"the outcome could not be written: {layout.storage_message(exc)}"
     sys.stderr.write(f"remoterun: {message}\n")
     config.failed(message, STORAGE_ERROR)
-    runs.write_config(name, config)  # if even this fails, the reaper marks the run lost
+    folder.write_record(config)  # if even this fails, the reaper marks the run lost
     return {"message": message}

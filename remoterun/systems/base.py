@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 from ..agent import layout
 from ..agent.protocol import Failure, Op
+from ..agent.record import RUNNING, STATUSES
+from ..agent.runfolder import Files, RunFolder
 from ..errors import (
     CorruptRunError,
     RemoterunError,
@@ -24,7 +26,7 @@ from ..errors import (
     SystemUnavailableError,
     exception_from_record,
 )
-from ..folder import RunFolder, check_run_name, protocols, storage_errors, storage_reason
+from ..folder import check_run_name, files_of, protocols, storage_errors, storage_reason
 from ..run import Run
 from .connection import AgentConnection, AgentFailure, OutputHandler
 
@@ -109,9 +111,13 @@ class System:
 
     # ------------------------------------------------------------------ built on them
 
+    def files(self) -> Files:
+        """The run folders' filesystem as a RunFolder uses it."""
+        return files_of(self.filesystem())
+
     def folder(self, name: str, root: str | None = None) -> RunFolder:
         check_run_name(name)
-        return RunFolder(self.filesystem(), f"{(root or self.root).rstrip('/')}/{name}")
+        return RunFolder(self.files(), f"{(root or self.root).rstrip('/')}/{name}")
 
     def request(self, op: dict, on_output: OutputHandler | None = None, **context: Any) -> dict:
         """``_request`` with agent failures mapped to remoterun's exceptions."""
@@ -130,7 +136,7 @@ class System:
         ``error_pickle`` bytes, saving a second read.
         """
         if not self.executes:
-            return self.folder(name, root).read_record(want_outcome)
+            return self.folder(name, root).read_with_outcome(want_outcome)
         op = {"op": Op.STATUS, "root": root or self.root, "name": check_run_name(name)}
         op["want_outcome"] = want_outcome
         return self.request(op, run_name=name)
@@ -183,7 +189,7 @@ class System:
             else:
                 folders[name] = self.folder(name)
         try:
-            records = _read_many(fs, [f.file(layout.CONFIG) for f in folders.values()])
+            records = _read_many(fs, [f.record_path for f in folders.values()])
         except storage_errors() as exc:
             raise RunStorageError(
                 f"cannot read the runs in {where}: {storage_reason(exc)}"
@@ -209,13 +215,13 @@ class System:
             # executing system answers once the new one is written.
             config = self.status(name)["config"] if self.executes else None
             if config is None:
-                return {}, f"no {layout.CONFIG}"
+                return {}, f"no {RunFolder.RECORD_FILE}"
             problem = record_problem(config, name)
         elif isinstance(data, BaseException):
-            return {}, f"cannot read {layout.CONFIG}: {storage_reason(data)}"
+            return {}, f"cannot read {RunFolder.RECORD_FILE}: {storage_reason(data)}"
         else:
             config, problem = _record(data, name)
-        if problem is None and self.executes and config["status"] == layout.RUNNING:
+        if problem is None and self.executes and config["status"] == RUNNING:
             config = self.status(name)["config"] or {}  # finds out a worker that died
             problem = record_problem(config, name)
         return config, problem
@@ -273,13 +279,13 @@ def record_problem(config: object, name: str) -> str | None:
     """Why ``config``, read from the ``config.json`` of a folder named ``name``, is not
     the record of a remoterun run; None if it is one."""
     if not isinstance(config, dict):
-        return f"{layout.CONFIG} holds {type(config).__name__}, not a run's record"
+        return f"{RunFolder.RECORD_FILE} holds {type(config).__name__}, not a run's record"
     missing = [k for k in ("name", "status", "run_type") if k not in config]
     if missing:
-        return f"{layout.CONFIG} has no {', '.join(missing)} field (not a remoterun record)"
+        return f"{RunFolder.RECORD_FILE} has no {', '.join(missing)} field (not a remoterun record)"
     if config["name"] != name:
         return f"its record is of the run {config['name']!r}, not {name!r}"
-    if config["status"] not in layout.STATUSES:
+    if config["status"] not in STATUSES:
         return f"its record has an unknown status {config['status']!r}"
     return None
 
@@ -289,7 +295,9 @@ def parse_record(data: bytes, name: str, url: str) -> dict:
     raises CorruptRunError saying why it is not one."""
     config, problem = _record(data, name)
     if problem:
-        raise CorruptRunError(f"{url} is not a run: {problem}", url=url, filename=layout.CONFIG)
+        raise CorruptRunError(
+            f"{url} is not a run: {problem}", url=url, filename=RunFolder.RECORD_FILE
+        )
     return config
 
 
@@ -297,7 +305,7 @@ def _record(data: bytes, name: str) -> tuple[dict, str | None]:
     try:
         config = json.loads(data)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
-        return {}, f"{layout.CONFIG} is not valid JSON ({exc})"
+        return {}, f"{RunFolder.RECORD_FILE} is not valid JSON ({exc})"
     return config, record_problem(config, name)
 
 

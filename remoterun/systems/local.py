@@ -15,9 +15,10 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, ContextManager
 
+from ..agent.runfolder import Files
 from ..agent.store import HostRuns
 from ..errors import SystemUnavailableError
-from ..folder import local_filesystem, protocols
+from ..folder import LOCAL
 from ..registry import share_list
 from .base import System
 from .connection import AgentConnection, ConnectionPool
@@ -85,14 +86,19 @@ class LocalSystem(System):
         return os.path.join(default_home(), "runs")
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
-        # fsspec's, or a small stand-in on a host without fsspec (nested calls there)
-        return local_filesystem()
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem()
+
+    def files(self) -> Files:
+        # The disk itself: no fsspec needed (nested calls on a host without it)
+        return LOCAL
 
     def host_label(self) -> str:
         return self._facts.get("host") or "localhost"
 
     def reads_locally(self, folder: Any) -> bool:
-        return bool({"file", "local"} & set(protocols(folder.fs)))
+        return folder.local
 
     # ------------------------------------------------------------------ agents
 

@@ -19,6 +19,7 @@ import paramiko
 from ... import registry
 from ...agent import pickling
 from ...agent.protocol import Op
+from ...agent.runfolder import RunFolder
 from ...errors import (
     AgentError,
     HostKeyError,
@@ -26,7 +27,7 @@ from ...errors import (
     RunNotFoundError,
     SystemUnavailableError,
 )
-from ...folder import RunFolder, check_run_name, copy_out
+from ...folder import FsspecFiles, check_run_name, copy_out
 from ...version import __version__
 from ..base import System
 from ..connection import AgentConnection, ConnectionPool
@@ -150,7 +151,7 @@ class SSHHost(System):
         return package_dir()
 
     def reads_locally(self, folder: Any) -> bool:
-        host = getattr(folder.fs, "_host", None)
+        host = getattr(getattr(folder.files, "fs", None), "_host", None)
         return host is not None and host.host_label() == self.host_label()
 
     @property
@@ -409,7 +410,8 @@ class SSHHost(System):
 
     def folder(self, name: str, root: str | None = None) -> Any:
         check_run_name(name)
-        return RunFolder(_HostFileSystem(self), f"{(root or self.root).rstrip('/')}/{name}")
+        files = FsspecFiles(_HostFileSystem(self))
+        return RunFolder(files, f"{(root or self.root).rstrip('/')}/{name}")
 
     def close(self) -> None:
         self._pool.close()
