@@ -200,7 +200,7 @@ def _duration(config: dict) -> str:
         start = datetime.datetime.fromisoformat(config["start_time"].replace("Z", "+00:00"))
     except (KeyError, TypeError, ValueError, AttributeError):
         return "-"
-    end_text = config.get("end_time")
+    end_text = config.end_time
     end = (
         datetime.datetime.fromisoformat(end_text.replace("Z", "+00:00"))
         if end_text
@@ -276,7 +276,7 @@ def ls(system: str, no_size: bool) -> None:
 
     What is not a run (a stray file, a folder without a readable record) is left out,
     with a line on stderr for each."""
-    runs = sorted(_system(system).runs(), key=lambda r: (r.config.get("start_time") or "", r.name))
+    runs = sorted(_system(system).runs(), key=lambda r: (r.config.start_time or "", r.name))
     sizes = {} if no_size else _folder_sizes(runs)
     rows = []
     for run in runs:
@@ -285,8 +285,8 @@ def ls(system: str, no_size: bool) -> None:
             [
                 run.name,
                 str(config.get("status", "?")),
-                str(config.get("fn_name") or config.get("run_type") or "-"),
-                _when(config.get("start_time")),
+                str(config.fn_name or config.run_type or "-"),
+                _when(config.start_time),
                 _duration(config),
                 "-" if no_size else _size(sizes.get(run.url)),
             ]
@@ -310,17 +310,17 @@ def show(run: str, system: str, as_json: bool) -> None:
         ("name", found.name),
         ("url", found.url),
         ("status", config.get("status")),
-        ("function", config.get("fn_name") or "-"),
+        ("function", config.fn_name or "-"),
         ("commands", "; ".join(config.get("cmds") or []) or "-"),
-        ("host", config.get("host")),
-        ("started", _when(config.get("start_time"))),
-        ("ended", _when(config.get("end_time"))),
+        ("host", config.host),
+        ("started", _when(config.start_time)),
+        ("ended", _when(config.end_time)),
         ("duration", _duration(config)),
-        ("attempt", config.get("attempt")),
-        ("error", config.get("error") or "-"),
-        ("tags", json.dumps(config.get("tags") or {})),
-        ("params", json.dumps(config.get("params") or {})),
-        ("metrics", json.dumps(config.get("metrics") or {})),
+        ("attempt", config.attempt),
+        ("error", config.error or "-"),
+        ("tags", json.dumps(config.tags)),
+        ("params", json.dumps(config.params)),
+        ("metrics", json.dumps(config.metrics)),
     ]
     for key, value in fields:
         click.echo(f"{key:<9} {value}")
@@ -329,7 +329,7 @@ def show(run: str, system: str, as_json: bool) -> None:
         click.echo(f"{key:<9} {len(links)} run(s)")
         for link in links:
             click.echo(f"  {link}")
-    if config.get("status") == "FAILED":
+    if config.status == "FAILED":
         sys.exit(FAILED)
 
 

@@ -76,7 +76,7 @@ class BlockRecorder:
         self._parent = outer.url if outer is not None else None
         self._start()
         if outer is not None:
-            lineage.note(lineage.PRODUCED, self.run, self.config.get("attempt"), outer=outer)
+            lineage.note(lineage.PRODUCED, self.run, self.config.attempt, outer=outer)
 
     def _start(self) -> None:
         folder = self.run.folder

@@ -641,21 +641,21 @@ def explain(
     ``.url`` only.
     """
     if completed is not None:
-        reasons = changes(completed.config.get("fingerprint") or {}, wanted)
+        reasons = changes(completed.config.fingerprint, wanted)
         if not any(r.startswith("argument") for r in reasons) or not with_arguments:
             return Explanation(True, run_name, completed.url, [])
     earlier = [
         r
         for r in runs()
-        if r.config.get("fn_name") == fn_name
-        and r.config.get("status") == "COMPLETED"
+        if r.config.fn_name == fn_name
+        and r.config.status == "COMPLETED"
         # the same function, not another of the same name (older records lack it)
         and r.config.get("fn_qualname", fn_qualname) == fn_qualname
     ]
     if not earlier:
         return Explanation(False, run_name, None, [f"no earlier COMPLETED run of {fn_name}"])
-    nearest = max(earlier, key=lambda r: r.config.get("end_time") or "")
-    reasons = changes(nearest.config.get("fingerprint") or {}, wanted)
+    nearest = max(earlier, key=lambda r: r.config.end_time or "")
+    reasons = changes(nearest.config.fingerprint, wanted)
     return Explanation(False, run_name, nearest.url, reasons or ["the run name differs"])
 
 

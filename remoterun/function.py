@@ -457,14 +457,14 @@ class RemoteFunction:
             folder = store.folder(name)
             reply = store.status(name, want_outcome=True)
             config = reply.get("config")
-            if not config or config.get("status") != COMPLETED:
+            if not config or config.status != COMPLETED:
                 continue
-            if config.get("fn_qualname") != qualname:
+            if config.fn_qualname != qualname:
                 logger.info(
                     "%s holds %s made by %s, not %s: not used",
                     url,
                     name,
-                    config.get("fn_qualname") or "an unknown function",
+                    config.fn_qualname or "an unknown function",
                     qualname,
                 )
                 continue
@@ -561,7 +561,7 @@ class RemoteFunction:
             "parent": parent.url if parent is not None else None,
         }
         used = [
-            (run.url, run.config.get("attempt"))
+            (run.url, run.config.attempt)
             for run in (*args, *kwargs.values())
             if isinstance(run, Run)
         ]
@@ -701,7 +701,7 @@ def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:
             raise RemoterunError(
                 f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} is run "
                 f"{value.name!r}, which {status}: it has no result to pass on "
-                f"({value.config.get('error') or status}). Nothing was started."
+                f"({value.config.error or status}). Nothing was started."
             ) from value.exception()
 
 

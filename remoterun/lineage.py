@@ -57,20 +57,8 @@ def note(kind: str, run: Run, attempt: int | None = None, *, outer: Run | None) 
     if key in _noted:
         return
 
-    def change(config: dict) -> bool:
-        links = config.setdefault("links", [])
-        if any(link.get("url") == url and link.get("attempt") == attempt for link in links):
-            return False
-        if kind == USED and url in (config.get("downstream") or []):
-            return False
-        links.append({"url": url, "kind": kind, "attempt": attempt})
-        key = "upstream" if kind == USED else "downstream"
-        if url not in config.setdefault(key, []):
-            config[key].append(url)
-        return True
-
     try:
-        outer.update_record(change)
+        outer.update_record(lambda record: record.link(url, kind, attempt))
     except (RemoterunError, OSError) as exc:
         import logging
 
@@ -237,7 +225,7 @@ def find_step(run: Run, name: str) -> Run:
     for step in all_steps:
         if step.name == name:
             return step
-    of_function = [s for s in all_steps if s.config.get("fn_name") == name]
+    of_function = [s for s in all_steps if s.config.fn_name == name]
     if len(of_function) == 1:
         return of_function[0]
     if of_function:
@@ -280,7 +268,7 @@ class RunGraph:
         out = ["digraph runs {", "  rankdir=LR;", "  node [shape=box, style=rounded];"]
         for url, run in self.nodes.items():
             status = run.config.get("status", "?")
-            label = f"{run.name}\\n{run.config.get('fn_name') or run.config.get('run_type', '')}"
+            label = f"{run.name}\\n{run.config.fn_name or run.config.get('run_type', '')}"
             out.append(
                 f'  {ids[url]} [label="{_dot_escape(label)}\\n{status}", '
                 f'color="{_COLORS.get(status, "black")}", tooltip="{_dot_escape(url)}"];'
@@ -301,7 +289,7 @@ def _dot_escape(text: str) -> str:
 
 def _label(run: Run) -> str:
     config = run.config
-    what = config.get("fn_name") or config.get("run_type") or "?"
+    what = config.fn_name or config.run_type or "?"
     return f"{run.name} [{what}, {config.get('status', 'unknown')}]"
 
 

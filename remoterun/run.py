@@ -13,9 +13,8 @@ import posixpath
 import time
 from typing import Any, Iterator
 
-from . import context, export, lineage, registry
-from .agent import integrity, layout
-from .agent.protocol import Action, Failure, Mode, Op
+from . import context, export, lineage, registry, transfer
+from .agent.protocol import Failure
 from .agent.record import (
     CANCELLED,
     CANCELLED_ERROR,
@@ -24,6 +23,7 @@ from .agent.record import (
     NOT_STARTED,
     TERMINAL,
     RunRecord,
+    check_key,
 )
 from .agent.runfolder import RunArgument, RunFolder
 from .errors import (
@@ -36,12 +36,9 @@ from .errors import (
 from .folder import (
     LOCAL,
     check_run_name,
-    copy_folder,
-    copy_records,
-    folder_protocols,
     split_run_url,
 )
-from .version import __version__
+from .rerun import rerun as _rerun
 
 # A System (``remoterun.systems``, the layer above, which makes Run handles); typed
 # loosely here, so that this module does not import it.
@@ -145,7 +142,7 @@ class Run:
         """One execution of this run as seen from this process: a block by its start, a
         recorded run by this process (a worker executes one run)."""
         if self._context is not None and self._context.config:
-            return f"{self.url}@{self._context.config.get('start_time')}"
+            return f"{self.url}@{self._context.config.start_time}"
         return f"{self.url}@pid{os.getpid()}"
 
     # ------------------------------------------------------------------ status
@@ -170,8 +167,8 @@ class Run:
 
     def _read_status(self, want_outcome: bool) -> dict:
         reply = self._read_current(want_outcome)
-        config = reply.get("config") or {}
-        if self._attempt is not None and config and config.get("attempt") != self._attempt:
+        config = _as_record(reply.get("config"))
+        if self._attempt is not None and config and config.attempt != self._attempt:
             # The name was executed again: this handle's attempt is now archived.
             self.folder = self.folder.attempt(self._attempt)
             self._attempt = None
@@ -309,7 +306,7 @@ class Run:
 
     def inputs(self) -> dict:
         """The call's arguments: ``{"args": [...], "kwargs": {...}}``."""
-        inputs = self._unpickle("inputs", self.folder.read_pickle("inputs"))
+        inputs = self.load_pickle("inputs")
         args = [self._argument_run(a) for a in inputs.get("args", ())]
         kwargs = {k: self._argument_run(v) for k, v in inputs.get("kwargs", {}).items()}
         return {"args": args, "kwargs": kwargs}
@@ -328,7 +325,19 @@ class Run:
         """What stands for this run when it is an argument: its name and which attempt,
         wherever its folder is (a copy in S3 fingerprints as the original)."""
         config = self.config
-        return f"run:{self.name}:{config.get('attempt')}:{config.get('end_time')}"
+        return f"run:{self.name}:{config.attempt}:{config.end_time}"
+
+    def read_pickle(self, what: str) -> bytes:
+        """The bytes of the run's pickle ``what`` (``"function"``, ``"inputs"``,
+        ``"result"``, ``"error"``), once checked: its record trusted, its digest matched."""
+        return self._checked(what, self.folder.read_pickle(what))
+
+    def load_pickle(self, what: str, data: bytes | None = None) -> Any:
+        """The object in the run's pickle ``what``, checked (see ``read_pickle``) and
+        unpickled; ``data``: its bytes, when already read."""
+        if data is None:
+            data = self.folder.read_pickle(what)
+        return self._unpickle(what, data)
 
     def _unpickle(self, what: str, data: bytes | None, config: dict | None = None) -> Any:
         """The object in the run's pickle ``what`` (``"result"``, ``"inputs"``, ...), once
@@ -445,65 +454,25 @@ class Run:
                     "wait=True to wait for it"
                 )
             self.wait()
-        target, folder = _destination(system, path, self.name, storage_options or {})
-        if folder.url == self.url:
-            return self
-        options = storage_options or getattr(target, "storage_options", None) or {}
-        trusted = not self.needs_signature
-        # With the team key, a host that copies the folder itself leaves the records to
-        # this machine, which signs them: the key never goes to a host.
-        signing = integrity.signing_key() is not None
-        if self._copy_from_host(folder, options, overwrite, records=not signing):
-            if signing:
-                copy_records(self.folder, folder, trusted=trusted)
-        else:
-            copy_folder(
-                self.folder, folder, overwrite=overwrite, progress=progress, trusted=trusted
-            )
-        return Run(folder, target)
-
-    def _copy_from_host(
-        self, folder: RunFolder, storage_options: dict, overwrite: bool, records: bool
-    ) -> bool:
-        """Copy from the run's own host straight to an object store, when the run is on a
-        cluster and the host can reach the store; whether that was done. Without
-        ``records`` the host leaves the run's records for this machine to write."""
-        copy_direct = getattr(self.system, "copy_direct", None)
-        if (
-            copy_direct is None
-            or not set(folder_protocols(folder)) & _OBJECT_STORES
-            or self.folder.archived
-        ):
-            return False
-        import logging  # here, not at import: `import remoterun` stays light
-
-        logger = logging.getLogger(__name__)
-        why = copy_direct(self.name, self.root, folder.url, storage_options, overwrite, records)
-        if why is None:
-            logger.debug("%s copied %s to %s itself", self.system, self.name, folder.url)
-            return True
-        logger.debug(
-            "%s cannot copy to %s itself (%s): streaming through this client",
-            self.system,
-            folder.url,
-            why,
+        target, folder = transfer.copy_run(
+            self, system, path, overwrite=overwrite, options=storage_options, progress=progress
         )
-        return False
+        return self if folder.url == self.url else Run(folder, target)
 
     # ------------------------------------------------------------------ metrics, tags
 
     @property
     def metrics(self) -> dict[str, Any]:
         """``{"loss": [0.5, 0.3], "acc": 0.9}``: logged with ``log_metric``."""
-        return dict(self.refresh().config.get("metrics") or {})
+        return self.refresh().config.metrics
 
     @property
     def tags(self) -> dict[str, Any]:
-        return dict(self.refresh().config.get("tags") or {})
+        return self.refresh().config.tags
 
     @property
     def params(self) -> dict[str, Any]:
-        return dict(self.refresh().config.get("params") or {})
+        return self.refresh().config.params
 
     def log_metric(
         self,
@@ -517,58 +486,24 @@ class Run:
         """Append ``value`` to the metric ``key`` (a list), with its ``step`` if given;
         ``overwrite=True`` starts the list again, ``single_value=True`` keeps just the
         number. Stored in ``config.json``, so every copy of the run has it."""
-        import math
-        import numbers
-
-        _check_key(key, "metric")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"metric {key!r} must be a number, not {type(value).__name__} ({value!r}); "
-                "record text with set_tag()"
+        number = RunRecord.metric_value(key, value, step)
+        self.update_record(
+            lambda record: record.add_metric(
+                key, number, step, overwrite=overwrite, single_value=single_value
             )
-        number = int(value) if isinstance(value, numbers.Integral) else float(value)
-        if isinstance(number, float) and not math.isfinite(number):
-            number = repr(number)  # JSON has no NaN or infinity: kept as "nan", "inf"
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
-            raise TypeError(f"step of metric {key!r} must be an int, not {step!r}")
-
-        def update(config: dict) -> None:
-            metrics = config.setdefault("metrics", {})
-            steps = config.setdefault("metric_steps", {})
-            if single_value:
-                metrics[key] = number
-                steps.pop(key, None)
-                return
-            old = metrics.get(key)
-            values = [] if overwrite or not isinstance(old, list) else old
-            metrics[key] = values + [number]
-            if step is not None or key in steps:
-                old_steps = [] if overwrite else steps.get(key, [None] * len(values))
-                steps[key] = old_steps + [step]
-
-        self.update_record(update)
+        )
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set the tag ``key`` (text, a number or a bool; anything else as its ``str``)."""
-        _check_key(key, "tag")
-        if not isinstance(value, (str, int, float, bool)) and value is not None:
-            value = str(value)
-        self.update_record(lambda config: config.setdefault("tags", {}).__setitem__(key, value))
+        check_key(key, "tag")  # before any reading or locking
+        self.update_record(lambda record: record.set_tag(key, value))
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Record the run's parameters (values kept as JSON when they can be, else as
         their ``repr``)."""
-        import json
-
-        clean = {}
-        for key, value in params.items():
-            _check_key(key, "param")
-            try:
-                json.dumps(value)
-                clean[key] = value
-            except (TypeError, ValueError):
-                clean[key] = repr(value)
-        self.update_record(lambda config: config.setdefault("params", {}).update(clean))
+        for key in params:
+            check_key(key, "param")
+        self.update_record(lambda record: record.set_params(params))
 
     def update_record(self, change: Any) -> None:
         """Change the run's record in place: under its lock on this machine (the worker
@@ -603,7 +538,7 @@ class Run:
 
     def parent(self) -> Run | None:
         """The run that started this one, or None."""
-        url = self.config.get("parent")
+        url = self.config.parent
         found = lineage.resolve(self, url) if url else None
         return found if found is not None and found.known_config is not None else None
 
@@ -641,107 +576,7 @@ class Run:
         The recorded bytes are sent as they are, once checked against their digests (and
         the signature, where one is needed): the function is not unpickled here.
         """
-        config = self.config
-        if config.get("run_type") == "context":
-            raise RemoterunError(
-                f"run {self.name!r} recorded a `with rr.run(...)` block: there is no "
-                "function to re-run"
-            )
-        fn = self._checked("function", self.folder.read_pickle("function"))
-        inputs = self._checked("inputs", self.folder.read_pickle("inputs"))
-        raw = self._unpickle("inputs", inputs)  # read once: which runs were passed
-        if system is None:
-            system = self.system if self.system is not None and self.system.executes else "here"
-        # The host that holds the name decides it; a generated name goes where load is least.
-        target = registry.resolve(system).placement(run_name)
-        used = self._runs_passed(raw)
-        by_reference = all(
-            target.reads_locally(run.folder) and not run.needs_signature for run in used
-        )
-        if used and not by_reference:  # they travel as their results, read here
-            inputs = self._inputs_with_results(raw, used)
-        outer = current_run()
-        record = {key: config.get(key) for key in _RERUN_FIELDS}
-        record.update(
-            creator=context.creator(),
-            remoterun_version=__version__,
-            parent=outer.url if outer is not None else None,
-            source=self.url,
-            source_attempt=config.get("attempt"),
-        )
-        if used:
-            record.update(lineage.record_fields([(r.url, r.config.get("attempt")) for r in used]))
-        request = {
-            "run_args": bool(used) and by_reference,  # the host reads them from its disk
-            "op": Op.SUBMIT,
-            "mode": Mode.NEW,
-            "wait": False,
-            "want_outcome": False,
-            "exclusive": run_name is None,
-            "lookup": False,
-            "record": record,
-            "fn": fn,
-            "inputs": inputs,
-        }
-        record["system"] = target.name
-        for _ in range(100):
-            name = run_name or layout.generate_run_name(config.get("fn_name") or "rerun")
-            request.update(name=name, root=target.root)
-            reply = target.request(request, run_name=name)
-            if reply["action"] != Action.EXISTS or run_name is not None:
-                break
-        if reply["action"] in (Action.BUSY, Action.EXISTS):
-            raise RunNotFinishedError(
-                f"run {name!r} is already RUNNING on {target.name}: wait for it with "
-                "get_or_call / get_or_run, or cancel it before starting it again"
-            )
-        reply_config = reply.get("config") or {}
-        started = Run(
-            target.folder(name, reply.get("root")),
-            target,
-            reply_config,
-            attempt=reply_config.get("attempt"),
-        )
-        lineage.note(lineage.PRODUCED, started, outer=outer)
-        return started
-
-    def _runs_passed(self, raw: dict) -> list[Run]:
-        """The runs passed to this run as arguments (references in its inputs ``raw``),
-        reached from here; RemoterunError for one that cannot be."""
-        found = []
-        for value in (*raw.get("args", ()), *raw.get("kwargs", {}).values()):
-            if isinstance(value, RunArgument):
-                run = lineage.resolve(self, value.url, value.attempt)
-                if run is None or run.known_config is None:
-                    raise RemoterunError(
-                        f"run {self.name!r} was passed the run {value.url} as an argument, "
-                        "which cannot be reached from here: re-run it where that run is"
-                    )
-                status = run.wait()
-                if status is not RunStatus.COMPLETED:
-                    raise RemoterunError(
-                        f"run {self.name!r} was passed the run {run.name!r}, which {status}: "
-                        "it has no result to pass on. Nothing was started."
-                    )
-                found.append(run)
-        return found
-
-    def _inputs_with_results(self, raw: dict, runs: list[Run]) -> bytes:
-        """The inputs ``raw``, pickled again with each run argument replaced by its result
-        (the user's own packages by value, as a call pickles them)."""
-        results = iter([run.read_result() for run in runs])
-
-        def value(item: Any) -> Any:
-            return next(results) if isinstance(item, RunArgument) else item
-
-        args = [value(a) for a in raw.get("args", ())]
-        kwargs = {k: value(v) for k, v in raw.get("kwargs", {}).items()}
-        from . import fingerprint  # start-up time: cloudpickle
-
-        values = [*args, *kwargs.values()]
-        return fingerprint.dumps_by_value(
-            {"args": args, "kwargs": kwargs}, values[0] if values else None, "inputs", *values
-        )
+        return _rerun(self, run_name, system, outer=current_run())
 
     def export(self, path: str, *, format: str | None = None) -> str:
         """Write the run's record (``config.json`` plus its URL) to ``path`` (a file path or
@@ -769,10 +604,6 @@ class Run:
             self._config = _as_record(recorder.finish(exc))
 
 
-# What a re-run's record takes from its source's.
-_RERUN_FIELDS = ("run_type", "fn_name", "fn_qualname", "cmds", "fingerprint")
-
-
 def _as_record(config: dict | None) -> RunRecord | None:
     """A record as read from a store or a reply, as a RunRecord."""
     if config is None or isinstance(config, RunRecord):
@@ -780,54 +611,17 @@ def _as_record(config: dict | None) -> RunRecord | None:
     return RunRecord(config)
 
 
-def _check_key(key: Any, what: str) -> None:
-    if not isinstance(key, str) or not key:
-        raise TypeError(f"a {what} name must be a non-empty string, not {key!r}")
-
-
-def _destination(
-    system: Any, path: str | None, name: str, storage_options: dict
-) -> tuple[System, RunFolder]:
-    """Where ``run.to(system, path)`` puts the run named ``name``."""
-    if system == "s3":
-        if not path:
-            raise RemoterunError(
-                f"run.to('s3') needs path='bucket/prefix/{name}', the run's folder in S3"
-            )
-        system, path = "s3://" + path.split("://", 1)[-1].lstrip("/"), None
-    is_url = isinstance(system, str) and ("://" in system or system.startswith(("/", ".", "~")))
-    if is_url and path is None:
-        url = os.path.expanduser(system).rstrip("/")
-        root = url.rpartition("/")[0] if url.rpartition("/")[2] == name else url
-        target = registry.load("storage")(root, **storage_options)
-        return target, target.folder(name)
-    target = registry.resolve(system).placement(name)
-    if path is None:
-        return target, target.folder(name)
-    root, base = split_run_url(path)
-    if base != name:
-        raise RemoterunError(
-            f"path {path!r} is the run's own folder, so its last part must be the run's "
-            f"name: {root}/{base}/{name}, or {root}/{name}"
-        )
-    return target, target.folder(name, root)
-
-
-# Destinations a cluster host may write to itself. Never another SSH host: the host's own
-# fsspec would connect there without this client's host-key checks or ProxyJump.
-_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
-
-
 def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> BaseException:
     """The exception a FAILED or CANCELLED run raises, from its record."""
+    config = _as_record(config) or RunRecord()
     status = config.get("status")
     if status not in (FAILED, CANCELLED):
         return RunNotFinishedError(f"run {run.name!r} is {status}, not failed")
     failure = {
         "kind": Failure.REMOTE,
-        "message": config.get("error") or f"run {run.name!r} {status}",
-        "type": config.get("error_type") or "",
-        "traceback": config.get("error_traceback") or "",
+        "message": config.error or f"run {run.name!r} {status}",
+        "type": config.error_type,
+        "traceback": config.error_traceback,
         "exc": error_pickle,
     }
     if status == CANCELLED:
@@ -835,9 +629,7 @@ def failure_from_config(config: dict, error_pickle: bytes | None, run: Run) -> B
     if error_pickle is not None:  # unpickled below only once it is checked
         run._checked("error", error_pickle, config)
     logs = (run.folder.log_url("stdout"), run.folder.log_url("stderr"))
-    return exception_from_record(
-        failure, run_name=run.name, host=config.get("host") or "", log_paths=logs
-    )
+    return exception_from_record(failure, run_name=run.name, host=config.host or "", log_paths=logs)
 
 
 # --------------------------------------------------------------------------- factory

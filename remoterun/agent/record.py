@@ -11,6 +11,8 @@ this machine has the team key.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import sys
 import time
 from typing import Any
@@ -38,6 +40,11 @@ def utc_now() -> str:
     """The current time as ISO 8601 UTC with microseconds."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def check_key(key: Any, what: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"a {what} name must be a non-empty string, not {key!r}")
 
 
 class CorruptRecord(ValueError):
@@ -122,6 +129,145 @@ class RunRecord(dict):
     @property
     def digests(self) -> dict[str, str]:
         return dict(self.get(integrity.DIGESTS) or {})
+
+    @property
+    def run_type(self) -> str | None:
+        """``"function"``, ``"command"`` or ``"context"`` (a ``with`` block)."""
+        return self.get("run_type")
+
+    @property
+    def fn_name(self) -> str | None:
+        return self.get("fn_name")
+
+    @property
+    def fn_qualname(self) -> str | None:
+        return self.get("fn_qualname")
+
+    @property
+    def host(self) -> str | None:
+        return self.get("host")
+
+    @property
+    def pid(self) -> int | None:
+        return self.get("pid")
+
+    @property
+    def start_time(self) -> str | None:
+        return self.get("start_time")
+
+    @property
+    def end_time(self) -> str | None:
+        return self.get("end_time")
+
+    @property
+    def error(self) -> str | None:
+        return self.get("error")
+
+    @property
+    def error_type(self) -> str:
+        return self.get("error_type") or ""
+
+    @property
+    def error_traceback(self) -> str:
+        return self.get("error_traceback") or ""
+
+    @property
+    def parent(self) -> str | None:
+        """The URL of the run that started this one."""
+        return self.get("parent")
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.get("fingerprint") or {}
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self.get("metrics") or {})
+
+    @property
+    def tags(self) -> dict:
+        return dict(self.get("tags") or {})
+
+    @property
+    def params(self) -> dict:
+        return dict(self.get("params") or {})
+
+    # ------------------------------------------------------------------ changes
+
+    def link(self, url: str, kind: str, attempt: int | None) -> bool:
+        """Link the run at ``url`` (that attempt) as ``"used"`` or ``"produced"`` by this
+        one; False when the link is there already (nothing changed). A run this one
+        produced is not linked again as used."""
+        links = self.setdefault("links", [])
+        if any(link.get("url") == url and link.get("attempt") == attempt for link in links):
+            return False
+        if kind == "used" and url in (self.get("downstream") or []):
+            return False
+        links.append({"url": url, "kind": kind, "attempt": attempt})
+        key = "upstream" if kind == "used" else "downstream"
+        if url not in self.setdefault(key, []):
+            self[key].append(url)
+        return True
+
+    @staticmethod
+    def metric_value(key: str, value: Any, step: Any) -> int | float | str:
+        """``value`` as a metric holds it (TypeError for what is not a number, or a step
+        that is not an int): NaN and infinities as text, which JSON can hold."""
+        check_key(key, "metric")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"metric {key!r} must be a number, not {type(value).__name__} ({value!r}); "
+                "record text with set_tag()"
+            )
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"step of metric {key!r} must be an int, not {step!r}")
+        if isinstance(number, float) and not math.isfinite(number):
+            return repr(number)  # "nan", "inf"
+        return number
+
+    def add_metric(
+        self,
+        key: str,
+        number: int | float | str,
+        step: int | None = None,
+        *,
+        overwrite: bool = False,
+        single_value: bool = False,
+    ) -> None:
+        """Append a ``metric_value`` to the metric ``key`` with its ``step``; see
+        ``Run.log_metric``."""
+        metrics = self.setdefault("metrics", {})
+        steps = self.setdefault("metric_steps", {})
+        if single_value:
+            metrics[key] = number
+            steps.pop(key, None)
+            return
+        old = metrics.get(key)
+        values = [] if overwrite or not isinstance(old, list) else old
+        metrics[key] = values + [number]
+        if step is not None or key in steps:
+            old_steps = [] if overwrite else steps.get(key, [None] * len(values))
+            steps[key] = old_steps + [step]
+
+    def set_tag(self, key: str, value: Any) -> None:
+        """Set a tag: text, a number or a bool; anything else as its ``str``."""
+        check_key(key, "tag")
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            value = str(value)
+        self.setdefault("tags", {})[key] = value
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Record parameters: values kept as JSON when they can be, else as their ``repr``."""
+        clean = {}
+        for key, value in params.items():
+            check_key(key, "param")
+            try:
+                json.dumps(value)
+                clean[key] = value
+            except (TypeError, ValueError):
+                clean[key] = repr(value)
+        self.setdefault("params", {}).update(clean)
 
     # ------------------------------------------------------------------ transitions
 

@@ -355,7 +355,7 @@ class HostRuns:
             try:
                 with self.lock(name):
                     config = self.read_config(name)
-                    if config and config.status == RUNNING and config.get("pid") == pid:
+                    if config and config.status == RUNNING and config.pid == pid:
                         self._mark_lost(name, config, f"its process {describe_exit(status)}")
             except (OSError, CorruptRunError) as exc:  # a later look marks it, or says why
                 sys.stderr.write(f"remoterun: run {name!r} ended, not recorded: {exc}\n")
@@ -375,9 +375,9 @@ class HostRuns:
             if config is None or config.terminal:
                 return config
             if config.status == RUNNING and worker_alive(config):
-                pid = config.get("pid")
+                pid = config.pid
                 pgid = config.get("pgid", pid)
-                if isinstance(pgid, int) and config.get("host") == HOSTNAME:
+                if isinstance(pgid, int) and config.host == HOSTNAME:
                     kill_group(pgid, pid, grace)
             config.cancelled()
             self.write_config(name, config)

@@ -94,7 +94,7 @@ def _run(runs: HostRuns, request: dict) -> int:
 
     with runs.lock(name):
         config = folder.read_record() or RunRecord()
-        if config.status != RUNNING or config.get("pid") != pid:
+        if config.status != RUNNING or config.pid != pid:
             return 0  # cancelled meanwhile: its outcome is already written
         try:
             if error is None:
