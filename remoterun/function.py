@@ -12,32 +12,30 @@ import functools
 import hashlib
 import inspect
 import logging
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import context, fingerprint, lineage, registry
-from .agent import integrity, layout
+from . import arguments, context, fingerprint, lineage
+from .agent import layout
 from .agent.protocol import STDOUT, Action, Mode, Op
-from .agent.record import COMPLETED
-from .agent.runfolder import RunArgument
 from .errors import (
     CacheMismatchError,
     RemoterunError,
-    RunExistsError,
     RunNotFinishedError,
     RunNotFoundError,
     SerializationError,
-    SigningKeyError,
     exception_from_record,
 )
 from .fingerprint import Explanation
 from .folder import check_run_name
 from .registry import resolve, share_list
 from .run import Run, RunStatus, current_run
+from .sharing import SHARE_TRUST_ENV as SHARE_TRUST_ENV
+from .sharing import SHARED, SharedStores
+from .sharing import TRUSTS as SHARE_TRUSTS
 from .version import __version__
 
 # A System (``remoterun.systems``): the layer above this one, which makes functions for
@@ -47,11 +45,6 @@ System = Any
 logger = logging.getLogger(__name__)
 
 _MISMATCH_POLICIES = ("error", "rerun", "ignore")
-# The action of a reply made here, not by a host: a hit in a shared store.
-SHARED = "shared"
-_SHARE_TRUSTS = ("signed", "writers")
-#: Sets ``share_trust`` for every function that does not set it itself.
-SHARE_TRUST_ENV = "REMOTERUN_SHARE_TRUST"
 
 
 class RemoteFunction:
@@ -89,8 +82,8 @@ class RemoteFunction:
         self.on_mismatch = on_mismatch
         self.ignore = tuple(ignore)
         self.share = share_list(share)
-        if share_trust is not None and share_trust not in _SHARE_TRUSTS:
-            raise ValueError(f"share_trust must be one of {_SHARE_TRUSTS}, not {share_trust!r}")
+        if share_trust is not None and share_trust not in SHARE_TRUSTS:
+            raise ValueError(f"share_trust must be one of {SHARE_TRUSTS}, not {share_trust!r}")
         self.share_trust = share_trust
         self._system_spec = system
         self._system: System | None = None
@@ -137,7 +130,7 @@ class RemoteFunction:
         With ``run_name`` the call is recorded as that run (an earlier run of the name is
         kept under ``attempts/``); without, nothing is written.
         """
-        _settle_run_arguments(self.fn, args, kwargs)
+        arguments.settle(self.fn, args, kwargs)
         return self.invoke(args, kwargs, run_name=run_name, stream=True)
 
     def run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
@@ -145,7 +138,7 @@ class RemoteFunction:
 
         The run is detached: it goes on if this process exits.
         """
-        _settle_run_arguments(self.fn, args, kwargs)
+        arguments.settle(self.fn, args, kwargs)
         reply = self._submit(args, kwargs, run_name, mode=Mode.NEW, wait=False)
         run = self._run_handle(reply)
         _link(lineage_kind(reply), run)
@@ -159,9 +152,10 @@ class RemoteFunction:
         from the recorded run's (see ``on_mismatch``). With ``cache=True`` the name may be
         left out: it is derived from the code and the arguments.
         """
-        if self._share_pairs():
-            self._share_trust()  # share= without the team key: refused before anything
-        _settle_run_arguments(self.fn, args, kwargs)
+        sharing = self._sharing()
+        if sharing:
+            sharing.trust()  # share= without the team key: refused before anything
+        arguments.settle(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)  # hashed once per call
         reply = self._submit(
             args,
@@ -173,7 +167,7 @@ class RemoteFunction:
             arg_fp=arg_fp,
         )
         if reply["action"] == SHARED:
-            value = _loads_shared(reply)
+            value = reply["run"].outcome_of(reply)
             _link(lineage.USED, reply["run"])
             return value
         if reply["action"] == Action.ATTACH:
@@ -181,16 +175,17 @@ class RemoteFunction:
         if current_run() is not None:  # linked whether it completed or not
             _link(lineage_kind(reply), self._run_handle(reply))
         value = self._outcome(reply)
-        if reply["action"] == Action.START and self._shares():
-            self._publish(self._run_handle(reply))
+        if reply["action"] == Action.START and sharing:
+            sharing.publish(self._run_handle(reply))
         return value
 
     def get_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
         """The Run of that name if it is COMPLETED or RUNNING, else start it; as
         ``get_or_call`` but returns at once."""
-        if self._share_pairs():
-            self._share_trust()
-        _settle_run_arguments(self.fn, args, kwargs)
+        sharing = self._sharing()
+        if sharing:
+            sharing.trust()
+        arguments.settle(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)
         name = self._cached_name(args, kwargs, run_name, arg_fp)
         reply = self._submit(args, kwargs, name, mode=Mode.GET, wait=False, arg_fp=arg_fp)
@@ -198,8 +193,8 @@ class RemoteFunction:
             _link(lineage.USED, reply["run"])
             return reply["run"]
         run = self._run_handle(reply)
-        if reply["action"] == Action.START and self._shares():
-            run.on_completed(self._publish)  # published once it has COMPLETED
+        if reply["action"] == Action.START and sharing:
+            run.on_completed(sharing.publish)  # published once it has COMPLETED
         # A run attached to while RUNNING is linked as used once its result is read.
         _link(lineage_kind(reply), run)
         return run
@@ -209,7 +204,7 @@ class RemoteFunction:
         changed against the nearest earlier COMPLETED run of this function: which
         function or constant of the code, which argument, the version. Executes nothing.
         """
-        _settle_run_arguments(self.fn, args, kwargs)
+        arguments.settle(self.fn, args, kwargs)
         arg_fp = self._arguments_fingerprint(args, kwargs)
         name = self._cached_name(args, kwargs, run_name, arg_fp)
         system = self.system.placement(name)
@@ -251,7 +246,7 @@ class RemoteFunction:
             # Runs among the items travel as their results, read here once each.
             values: dict[str, Any] = {}
             items = [
-                tuple(_value_of_run(a, values) if isinstance(a, Run) else a for a in item)
+                tuple(arguments.value_of_run(a, values) if isinstance(a, Run) else a for a in item)
                 for item in items
             ]
             for run in runs:
@@ -318,12 +313,12 @@ class RemoteFunction:
         system = self.system
         # Runs passed as arguments are read on the host when it is known to hold them.
         target = system.placement(None) if len(getattr(system, "hosts", ())) <= 1 else None
-        args, kwargs, passed = _pass_run_arguments(args, kwargs, target)
+        args, kwargs, passed = arguments.pass_runs(args, kwargs, target)
         for run in passed:  # no run of its own records them: the current run used them
             _link(lineage.USED, run)
         inputs = _pickle_inputs(self.fn, args, kwargs)
         op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
-        if passed and _has_references(args, kwargs):
+        if passed and arguments.has_references(args, kwargs):
             op["run_args"] = True
         reply, _, error = system.call(op, fn_bytes, on_output)  # the least-loaded host
         del inputs, op  # the arguments' pickle is let go before the result is unpickled
@@ -383,7 +378,7 @@ class RemoteFunction:
             action = reply["action"]
             if action == Action.NEED_PAYLOAD:
                 # A miss here: a teammate may have published the run to a shared store.
-                shared = self._shared_hit(request)
+                shared = self._sharing().hit(request, _qualified_name(self.fn), self.on_mismatch)
                 if shared is not None:
                     return shared
                 request.update(self._payload(args, kwargs, system))
@@ -411,94 +406,9 @@ class RemoteFunction:
 
     # ------------------------------------------------------------------ shared stores
 
-    def _share_pairs(self) -> dict[str, dict]:
-        """The function's shared stores, then its system's: ``{url: storage_options}``."""
-        pairs = dict(self.share)
-        for url, options in getattr(self.system, "share", ()):
-            pairs.setdefault(url, options)
-        return pairs
-
-    def _shares(self) -> list[System]:
-        pairs = self._share_pairs()
-        if not pairs:
-            return []
-        store = registry.load("storage")
-        return [store(url, **options) for url, options in pairs.items()]
-
-    def _share_trust(self) -> str:
-        """How runs from the shared stores are trusted: ``"signed"`` (they must carry a
-        valid signature under the team key, which must exist) or ``"writers"``
-        (whoever can write to the store is trusted; digests are still checked)."""
-        trust = self.share_trust or os.environ.get(SHARE_TRUST_ENV) or "signed"
-        if trust not in _SHARE_TRUSTS:
-            raise ValueError(f"share_trust must be one of {_SHARE_TRUSTS}, not {trust!r}")
-        if trust == "signed" and integrity.signing_key() is None:
-            stores = ", ".join(self._share_pairs())
-            raise SigningKeyError(
-                f"share= needs your team's signing key, so that a run taken from {stores} "
-                "is known to come from your team and not from anyone else who can write "
-                "there: run `remoterun keygen` and give the key file it writes to your "
-                f"team, or set {integrity.KEY_ENV} to the same secret everywhere. To trust "
-                "everyone who can write to the store instead, pass share_trust='writers' "
-                f"(or set {SHARE_TRUST_ENV}=writers)."
-            )
-        return trust
-
-    def _shared_hit(self, request: dict) -> dict | None:
-        """A COMPLETED run of the request's name and fingerprint in a shared store, as a
-        reply with ``action="shared"``; None when no store has one."""
-        if not self._share_pairs():
-            return None
-        name = request["name"]
-        trust = self._share_trust()
-        qualname = _qualified_name(self.fn)
-        for store in self._shares():
-            url = store.url
-            folder = store.folder(name)
-            reply = store.status(name, want_outcome=True)
-            config = reply.get("config")
-            if not config or config.status != COMPLETED:
-                continue
-            if config.fn_qualname != qualname:
-                logger.info(
-                    "%s holds %s made by %s, not %s: not used",
-                    url,
-                    name,
-                    config.fn_qualname or "an unknown function",
-                    qualname,
-                )
-                continue
-            differences = fingerprint.fingerprint_differences(config, request)
-            if differences and self.on_mismatch != "ignore":
-                logger.info(
-                    "%s holds %s made from other arguments (%s): not used",
-                    url,
-                    name,
-                    ", ".join(differences),
-                )
-                continue
-            # Never taken (nor unpickled) unless signed under the team key.
-            folder.check_trusted(config, required=trust == "signed")
-            logger.debug("cache hit for %s in the shared store %s", name, url)
-            return {
-                "action": SHARED,
-                "name": name,
-                "config": config,
-                "result": reply.get("result"),
-                "run": Run(folder, store, config, trust=trust),
-            }
-        return None
-
-    def _publish(self, run: Run) -> None:
-        """Copy a run this function executed to its shared stores. A store that already
-        holds another run of the name (a teammate was first) keeps it."""
-        for store in self._shares():
-            try:
-                run.to(store)  # into <url>/<name>, with the store's storage options
-            except RunExistsError:
-                logger.info("%s already holds a run named %s: kept", store.url, run.name)
-            except RemoterunError as exc:
-                logger.warning("could not publish run %s to %s: %s", run.name, store.url, exc)
+    def _sharing(self) -> SharedStores:
+        """The function's shared stores, then its system's."""
+        return SharedStores(self.share, self.system, self.share_trust)
 
     def _run_handle(self, reply: dict) -> Run:
         system = reply["system"]
@@ -570,12 +480,12 @@ class RemoteFunction:
         return record
 
     def _payload(self, args: tuple, kwargs: dict, system: System) -> dict[str, Any]:
-        args, kwargs, passed = _pass_run_arguments(args, kwargs, system)
+        args, kwargs, passed = arguments.pass_runs(args, kwargs, system)
         payload: dict[str, Any] = {
             "fn": self._pickle_function()[0],
             "inputs": _pickle_inputs(self.fn, args, kwargs),
         }
-        if passed and _has_references(args, kwargs):
+        if passed and arguments.has_references(args, kwargs):
             payload["run_args"] = True
         return payload
 
@@ -683,72 +593,6 @@ def _link(kind: str | None, run: Run) -> None:
     outer = current_run()
     if kind is not None and outer is not None:
         lineage.note(kind, run, outer=outer)
-
-
-def _settle_run_arguments(fn: Callable, args: tuple, kwargs: dict) -> None:
-    """Wait for the runs passed as arguments to finish; raise if one did not complete."""
-    if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
-        return
-    named = [(f"args[{i}]", v) for i, v in enumerate(args)] + list(kwargs.items())
-    bound = fingerprint.bind_arguments(fn, args, kwargs)
-    for position, value in named:
-        if not isinstance(value, Run):
-            continue
-        # the parameter's name when it binds to one (not through *args or **kwargs)
-        name = next((k for k, v in bound.items() if v is value), position)
-        status = value.wait()
-        if status is not RunStatus.COMPLETED:
-            raise RemoterunError(
-                f"argument {name!r} of {getattr(fn, '__qualname__', fn)!r} is run "
-                f"{value.name!r}, which {status}: it has no result to pass on "
-                f"({value.config.error or status}). Nothing was started."
-            ) from value.exception()
-
-
-def _pass_run_arguments(
-    args: tuple, kwargs: dict, target: System | None
-) -> tuple[tuple, dict, list[Run]]:
-    """The arguments as they travel: a (finished) Run becomes a reference that the host
-    reads from its own disk when ``target`` holds the run's folder, else its result,
-    read here. Also returns the Runs that were passed."""
-    if not any(isinstance(v, Run) for v in (*args, *kwargs.values())):
-        return args, kwargs, []
-    used: list[Run] = []
-
-    def passed(value: Any) -> Any:
-        if not isinstance(value, Run):
-            return value
-        used.append(value)
-        # A run whose record must be signed is read (and checked) here, never by path.
-        if target is not None and target.reads_locally(value.folder) and not value.needs_signature:
-            return RunArgument(value.folder.path, value.config.attempt, value.url)
-        return value.read_result()
-
-    return (
-        tuple(passed(a) for a in args),
-        {k: passed(v) for k, v in kwargs.items()},
-        used,
-    )
-
-
-def _has_references(args: tuple, kwargs: dict) -> bool:
-    """Whether a Run argument travels as a reference for the host to read."""
-    return any(isinstance(v, RunArgument) for v in (*args, *kwargs.values()))
-
-
-def _value_of_run(run: Run, values: dict[str, Any]) -> Any:
-    if run.url not in values:
-        if run.wait() is not RunStatus.COMPLETED:
-            raise RemoterunError(
-                f"run {run.name!r} is {run.status}: it has no result to map over. "
-                "Nothing was started."
-            )
-        values[run.url] = run.read_result()
-    return values[run.url]
-
-
-def _loads_shared(reply: dict) -> Any:
-    return reply["run"].outcome_of(reply)
 
 
 # --------------------------------------------------------------------------- pickling
