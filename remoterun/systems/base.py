@@ -250,7 +250,7 @@ class System:
     def _run_commands(
         self, cmds: list[str], python_lines: bool, run_name: str | None, stream: bool
     ) -> list[tuple[int, str, str]]:
-        from ..agent.worker import run_commands  # start-up time; pickled by reference there
+        from ..agent.commands import run_commands  # start-up time: subprocess, threading
         from ..function import RemoteFunction
 
         fn = RemoteFunction(
