@@ -39,6 +39,7 @@ from .version import __version__
 _LAZY = {
     "Explanation": ".fingerprint",
     "LocalSystem": ".systems.local",
+    "RaySystem": ".systems.ray",
     "RemoteFunction": ".function",
     "RunGraph": ".lineage",
     "SSHCluster": ".systems.ssh",
@@ -47,6 +48,7 @@ _LAZY = {
     "cluster": ".systems",
     "function": ".function",
     "local": ".systems.local",
+    "ray": ".systems.ray",
 }
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .systems import cluster
     from .systems.base import System
     from .systems.local import LocalSystem, local
+    from .systems.ray import RaySystem, ray
     from .systems.ssh import SSHCluster
     from .systems.storage import StorageSystem
 
@@ -86,6 +89,7 @@ __all__ = [
     "InvalidRunNameError",
     "LocalSystem",
     "MissingExtraError",
+    "RaySystem",
     "RemoteError",
     "RemoteFunction",
     "RemoterunError",
@@ -111,5 +115,6 @@ __all__ = [
     "current_run",
     "function",
     "local",
+    "ray",
     "run",
 ]

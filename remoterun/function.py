@@ -64,6 +64,7 @@ class RemoteFunction:
         share_trust: str | None = None,
         run_type: str = "function",
         cmds: Sequence[str] = (),
+        resources: dict[str, Any] | None = None,
     ):
         """See ``rr.function`` for the options. ``run_type`` and ``cmds`` are what the
         records of its runs say they ran (``system.run`` makes ``"command"`` functions)."""
@@ -90,6 +91,7 @@ class RemoteFunction:
         self.run_type = run_type
         self.cmds = list(cmds)
         self.version = version
+        self.resources = dict(resources) if resources else None
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {self.name} on {self._system_spec or 'here'}>"
@@ -106,6 +108,7 @@ class RemoteFunction:
             "share_trust": self.share_trust,
             "run_type": self.run_type,
             "cmds": self.cmds,
+            "resources": self.resources,
         }
 
     def __reduce__(self) -> tuple:
@@ -118,9 +121,17 @@ class RemoteFunction:
             self._system = resolve(self._system_spec if self._system_spec is not None else "here")
         return self._system
 
-    def to(self, system: Any) -> RemoteFunction:
-        """The same function, running on ``system``."""
-        return RemoteFunction(self.fn, system=system, **self._options())
+    def to(self, system: Any, *, resources: dict[str, Any] | None = None) -> RemoteFunction:
+        """The same function, running on ``system`` (with other ``resources``, if given)."""
+        options = self._options()
+        if resources is not None:
+            options["resources"] = resources
+        return RemoteFunction(self.fn, system=system, **options)
+
+    def options(self, **changes: Any) -> RemoteFunction:
+        """The same function with some options changed (``resources=``, ``cache=``, ...)."""
+        options = {**self._options(), **changes}
+        return RemoteFunction(self.fn, system=options.pop("system", self._system_spec), **options)
 
     # ------------------------------------------------------------------ calling
 
@@ -262,6 +273,8 @@ class RemoteFunction:
         def run_chunk(start: int, chunk: list[tuple]) -> None:
             data = fingerprint.dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
             op = {"op": Op.MAP, "fn_key": fn_key, "items": data}
+            if self.resources:
+                op["resources"] = self.resources
             reply, host, failed = system.call(op, fn_bytes, print_output)
             if failed is not None:  # the chunk as a whole could not run
                 if not return_exceptions:
@@ -318,6 +331,8 @@ class RemoteFunction:
             _link(lineage.USED, run)
         inputs = _pickle_inputs(self.fn, args, kwargs)
         op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
+        if self.resources:
+            op["resources"] = self.resources
         if passed and arguments.has_references(args, kwargs):
             op["run_args"] = True
         reply, _, error = system.call(op, fn_bytes, on_output)  # the least-loaded host
@@ -361,6 +376,8 @@ class RemoteFunction:
             "on_mismatch": self.on_mismatch,
             "record": record,
         }
+        if self.resources:
+            request["resources"] = self.resources
         if mode == Mode.GET:
             # A cache hit needs neither the function nor the inputs: send them only when
             # the host answers that the run has to execute.
@@ -538,6 +555,7 @@ def function(
     share: Any = None,
     version: str | None = None,
     share_trust: str | None = None,
+    resources: dict[str, Any] | None = None,
 ) -> Any:
     """Make ``fn`` a RemoteFunction; as a decorator with or without arguments.
 
@@ -559,6 +577,8 @@ def function(
             ``$REMOTERUN_SIGNING_KEY``), and share= without a key is refused;
             ``"writers"``: trust everyone who can write to the store (digests are still
             checked). ``$REMOTERUN_SHARE_TRUST`` sets it for every function.
+        resources: what each call needs on a Ray system (``{"num_cpus": 1, "num_gpus":
+            1, "memory": bytes, "custom": {"name": amount}}``); other systems ignore it.
     """
     options = dict(
         system=system,
@@ -569,6 +589,7 @@ def function(
         share=share,
         version=version,
         share_trust=share_trust,
+        resources=resources,
     )
     if fn is None:
         return lambda f: RemoteFunction(f, **options)

@@ -36,6 +36,7 @@ from .errors import (
 from .folder import (
     LOCAL,
     check_run_name,
+    open_folder,
     split_run_url,
 )
 from .rerun import rerun as _rerun
@@ -680,6 +681,12 @@ def current_run() -> Run | None:
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
         return Run(RunFolder(LOCAL, run_dir))
+    url = os.environ.get("REMOTERUN_RUN_URL")  # a run on an object store (Ray)
+    if url:
+        import json  # start-up time: only inside such a run
+
+        options = json.loads(os.environ.get("REMOTERUN_RUN_STORAGE_OPTIONS") or "{}")
+        return Run(open_folder(url, **options), trust="writers")
     return None
 
 

@@ -235,3 +235,35 @@ def wait_for_myself(root):
 
 def total_of_all(*lists):
     return sum(sum(xs) for xs in lists)
+
+
+def ray_node():
+    """The id of the Ray node this runs on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def print_slowly(n, delay):
+    for i in range(n):
+        print(f"line {i}", flush=True)
+        time.sleep(delay)
+    return n
+
+
+def count_then_sleep(marker, pidfile, seconds=120):
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
+
+
+def start_child_on(system):
+    """Start a run from inside a run: its child, linked to it."""
+    import remoterun as rr
+
+    child = rr.function(add, system=system).run(1)
+    child.wait(timeout=60)
+    return child.name

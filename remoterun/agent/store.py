@@ -185,24 +185,7 @@ class HostRuns:
         config.json is replaced atomically, and a COMPLETED record is only ever replaced
         by a re-execution, which would answer the same.
         """
-        if request["mode"] != Mode.GET:
-            return None
-        name = request["name"]
-        try:
-            config = self.read_config(name)
-        except CorruptRunError:
-            return None  # the locked path decides what a damaged record means
-        if not config or config.status != COMPLETED:
-            return None
-        if fingerprint_differences(config, request):
-            return None
-        reply = {"name": name, "action": Action.HIT, "root": self.root, "config": config}
-        if request.get("want_outcome"):
-            folder = self.folder(name)
-            reply.update(folder.read_outcome(config))
-            if folder.read_record() != config:
-                return None  # re-executed while we read: let the locked path decide
-        return reply
+        return hit_reply(self.folder(request["name"]), request, self.root)
 
     def claim(self, request: dict) -> dict:
         """Decide what a submit request does; the caller holds ``lock(name)``.
@@ -223,32 +206,7 @@ class HostRuns:
             return {"action": Action.START, "previous": {"attempt": None}}
         if config and config.status == RUNNING and not worker_alive(config):
             config = self._mark_lost(name, config, "its process is gone")
-        if config is None:
-            return {"action": Action.START, "previous": None}
-        mode = request["mode"]
-        if mode == Mode.NEW:
-            if request.get("exclusive"):
-                return {"action": Action.EXISTS, "config": config}
-            if config.status == RUNNING:
-                return {"action": Action.BUSY, "config": config}
-            return {"action": Action.START, "previous": config}
-        status = config.status
-        if status in (COMPLETED, RUNNING):
-            differences = fingerprint_differences(config, request)
-            if differences:
-                policy = request.get("on_mismatch", "error")
-                if policy == "error":
-                    return {"action": Action.MISMATCH, "config": config, "differences": differences}
-                if policy == "rerun":
-                    if status == RUNNING:
-                        return {"action": Action.BUSY, "config": config}
-                    return {"action": Action.START, "previous": config}
-            return {
-                "action": Action.HIT if status == COMPLETED else Action.ATTACH,
-                "config": config,
-            }
-        # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
-        return {"action": Action.START, "previous": config}
+        return decide(config, request)
 
     def undo_attempt(self, name: str, attempt: int) -> None:
         """Take back a new attempt that could not be recorded (a full disk)."""
@@ -382,6 +340,63 @@ class HostRuns:
             config.cancelled()
             self.write_config(name, config)
             return config
+
+
+def decide(config: RunRecord | None, request: dict) -> dict:
+    """What a submit request does to the run whose record is ``config`` (None: there is
+    none; a RUNNING one is alive): ``{"action": ..., "config": ...}``, ``"start"`` with
+    ``"previous"``, the record of the attempt a start archives. Decides only."""
+    if config is None:
+        return {"action": Action.START, "previous": None}
+    mode = request["mode"]
+    if mode == Mode.NEW:
+        if request.get("exclusive"):
+            return {"action": Action.EXISTS, "config": config}
+        if config.status == RUNNING:
+            return {"action": Action.BUSY, "config": config}
+        return {"action": Action.START, "previous": config}
+    status = config.status
+    if status in (COMPLETED, RUNNING):
+        differences = fingerprint_differences(config, request)
+        if differences:
+            policy = request.get("on_mismatch", "error")
+            if policy == "error":
+                return {"action": Action.MISMATCH, "config": config, "differences": differences}
+            if policy == "rerun":
+                if status == RUNNING:
+                    return {"action": Action.BUSY, "config": config}
+                return {"action": Action.START, "previous": config}
+        return {
+            "action": Action.HIT if status == COMPLETED else Action.ATTACH,
+            "config": config,
+        }
+    # FAILED, CANCELLED, NOT_STARTED or unknown: execute again, keeping the attempt.
+    return {"action": Action.START, "previous": config}
+
+
+def hit_reply(folder: RunFolder, request: dict, root: str) -> dict | None:
+    """The reply to a ``get`` submit for the run in ``folder`` that is a plain cache hit,
+    read without a lock; None when a lock is needed to decide.
+
+    The record is replaced atomically, and a COMPLETED record is only ever replaced by a
+    re-execution, which would answer the same.
+    """
+    if request["mode"] != Mode.GET:
+        return None
+    try:
+        config = folder.read_record()
+    except CorruptRunError:
+        return None  # the locked path decides what a damaged record means
+    if not config or config.status != COMPLETED:
+        return None
+    if fingerprint_differences(config, request):
+        return None
+    reply = {"name": folder.name, "action": Action.HIT, "root": root, "config": config}
+    if request.get("want_outcome"):
+        reply.update(folder.read_outcome(config))
+        if folder.read_record() != config:
+            return None  # re-executed while we read: let the locked path decide
+    return reply
 
 
 def _remove_stale_staging(staging: str) -> None:

@@ -1,0 +1,325 @@
+"""``rr.ray()``: a Ray cluster as a remoterun System.
+
+remoterun does not schedule here: it dispatches to Ray. Synchronous calls and ``map``
+chunks are Ray tasks (``tasks.py``), the function shipped once per driver as a Ray object
+and cached in each worker. Recorded runs go through the root's coordinator, a detached
+named actor (``coordinator.py``) that owns their tasks, so they outlive the driver and a
+later process finds them by name. Run folders live under ``runs``, a root every node and
+the client reach (an ``s3://`` prefix or a shared folder): reading a run, a cache hit
+included, needs neither Ray nor the cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any, ContextManager
+
+from ...agent.protocol import STDERR, STDOUT, Failure, Op
+from ...agent.runfolder import Files, RunFolder
+from ...agent.store import hit_reply
+from ...errors import (
+    MissingExtraError,
+    RemoterunError,
+    SystemUnavailableError,
+    exception_from_record,
+)
+from ...folder import files_of
+from ...registry import share_list
+from ..base import System
+from ..connection import AgentConnection, OutputHandler
+
+NAMESPACE = "remoterun"
+_OUTPUT_KINDS = {"stdout": STDOUT, "stderr": STDERR}
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"Ray systems need Ray: pip install 'remoterun[ray]' ({exc})"
+        ) from exc
+    return ray
+
+
+class RaySystem(System):
+    """Functions on a Ray cluster; run folders under ``runs``.
+
+    Args:
+        address: what ``ray.init(address=...)`` takes (``"auto"``, ``"127.0.0.1:6379"``,
+            ``"ray://host:10001"``); None starts a local Ray for trying it out.
+        runs: the run root that the client and every node reach: an ``s3://`` prefix or
+            a shared folder (a local path for a one-machine cluster). Default
+            ``$REMOTERUN_HOME/ray-runs``.
+        runtime_env: Ray's runtime environment for the tasks (``ray.init``'s).
+        storage_options: for the fsspec filesystem of ``runs`` (S3 credentials, endpoint).
+        resources: the default resources of every task (``num_cpus``, ``num_gpus``,
+            ``memory``, ``custom``); a function's own ``resources=`` take precedence.
+    """
+
+    executes = True
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        runs: str | None = None,
+        runtime_env: dict | None = None,
+        storage_options: dict | None = None,
+        resources: dict | None = None,
+        share: Any = None,
+        name: str | None = None,
+    ):
+        from ..local import default_home
+
+        self.address = address
+        self.runs = runs or os.path.join(default_home(), "ray-runs")
+        self.runtime_env = runtime_env
+        self.storage_options = dict(storage_options or {})
+        self.resources = dict(resources or {})
+        self.share = share_list(share)
+        self.name = name or f"ray({address or 'local'})"
+        import fsspec
+
+        self._fs, path = fsspec.core.url_to_fs(self.runs, **self.storage_options)
+        self._root = path.rstrip("/") or "/"
+        self._url = self._fs.unstrip_protocol(self._root)
+        self._lock = threading.Lock()
+        self._coordinator: Any = None
+        self._functions: dict[str, Any] = {}  # fn_key -> Ray object of its pickle
+
+    def __reduce__(self) -> tuple:
+        state = (self.address, self.runs, self.runtime_env, self.storage_options)
+        return (_rebuild, (*state, self.resources, self.share, self.name))
+
+    def __repr__(self) -> str:
+        return f"<RaySystem {self.name!r} runs={self._url!r}>"
+
+    # ------------------------------------------------------------------ primitives
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def filesystem(self) -> Any:
+        return self._fs
+
+    def files(self) -> Files:
+        return files_of(self._fs)
+
+    def host_label(self) -> str:
+        return self.name
+
+    def parallelism(self) -> int:
+        ray = self._connect()
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def reads_locally(self, folder: RunFolder) -> bool:
+        # A worker reads a run passed by reference from a shared folder of the root.
+        return folder.local and self.files().local and folder.path.startswith(self._root + "/")
+
+    def _connection(self) -> ContextManager[AgentConnection]:
+        raise SystemUnavailableError(f"{self.name} has no agent connections: it speaks Ray")
+
+    def _connect(self) -> Any:
+        """Ray, connected to the cluster (once per process: Ray's own rule)."""
+        ray = _ray()
+        if not ray.is_initialized():
+            with self._lock:
+                if not ray.is_initialized():
+                    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                    try:
+                        ray.init(
+                            address=self.address,
+                            namespace=NAMESPACE,
+                            runtime_env=self.runtime_env,
+                            log_to_driver=False,
+                            logging_level="ERROR",
+                            ignore_reinit_error=True,
+                        )
+                    except Exception as exc:  # ConnectionError, auth, a bad address
+                        raise SystemUnavailableError(
+                            f"cannot connect to Ray at {self.address or 'a new local Ray'}: "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
+        return ray
+
+    def coordinator(self) -> Any:
+        """The root's coordinator actor: found by name, or started, detached."""
+        if self._coordinator is None:
+            ray = self._connect()
+            with self._lock:
+                if self._coordinator is None:
+                    from .coordinator import Coordinator
+
+                    key = hashlib.sha256(self._url.encode()).hexdigest()[:16]
+                    actor = ray.remote(Coordinator).options(
+                        name=f"remoterun-runs-{key}",
+                        namespace=NAMESPACE,
+                        lifetime="detached",
+                        get_if_exists=True,
+                        max_restarts=0,
+                        max_task_retries=0,
+                        max_concurrency=256,
+                        num_cpus=0,
+                    )
+                    self._coordinator = actor.remote(self.files(), self._root, self._url)
+        return self._coordinator
+
+    # ------------------------------------------------------------------ calls
+
+    def _task_options(self, op: dict) -> dict:
+        resources = {**self.resources, **(op.get("resources") or {})}
+        options: dict[str, Any] = {"max_retries": 0}
+        for key in ("num_cpus", "num_gpus", "memory"):
+            if key in resources:
+                options[key] = resources.pop(key)
+        custom = dict(resources.pop("custom", None) or {})
+        custom.update(resources)
+        if custom:
+            options["resources"] = custom
+        return options
+
+    def _function_holder(self, op: dict, fn_bytes: bytes) -> list:
+        """The function for a task, as a one-item list (so that Ray does not fetch it
+        before the worker knows it needs it): a Ray object put once per function."""
+        key = op["fn_key"]
+        ref = self._functions.get(key)
+        if ref is None:
+            ref = self._connect().put(fn_bytes)
+            if len(self._functions) > 256:
+                self._functions.pop(next(iter(self._functions)))
+            self._functions[key] = ref
+        return [ref]
+
+    def call(
+        self, op: dict, fn_bytes: bytes, on_output: OutputHandler | None = None
+    ) -> tuple[dict | None, str, BaseException | None]:
+        ray = self._connect()
+        from . import tasks
+
+        holder = self._function_holder(op, fn_bytes)
+        options = self._task_options(op)
+        if op["op"] == Op.MAP:
+            task = _remote(ray, "map_chunk", tasks.map_chunk, options)
+            ref = task.remote(op["fn_key"], holder, op["items"])
+        else:
+            task = _remote(ray, "call", tasks.call, options)
+            ref = task.remote(op["fn_key"], holder, op["inputs"], bool(op.get("run_args")))
+        try:
+            reply = ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            lost = {
+                "kind": Failure.REMOTE,
+                "type": "remoterun.errors.WorkerLostError",
+                "message": f"worker lost: its Ray task failed ({type(exc).__name__}: {exc})",
+                "traceback": "",
+                "exc": None,
+            }
+            return None, self.name, exception_from_record(lost, host=self.name)
+        host = f"{self.name} node {reply.get('node', '?')}"
+        if on_output is not None:
+            for kind, data in reply.get("output", ()):
+                on_output(_OUTPUT_KINDS[kind], data)
+        if not reply["ok"]:
+            return None, host, exception_from_record(reply["failure"], host=host)
+        return reply, host, None
+
+    # ------------------------------------------------------------------ runs
+
+    def cached_hit(self, request: dict) -> dict | None:
+        # The run root is readable from here: a hit needs no Ray at all.
+        return hit_reply(self.folder(request["name"]), request, self._root)
+
+    def _request(self, op: dict, on_output: OutputHandler | None = None) -> dict:
+        kind = op["op"]
+        if kind == Op.STATUS:
+            folder = self.folder(op["name"])
+            reply = folder.read_with_outcome(op.get("want_outcome", False))
+            config = reply["config"]
+            if config is None or config.status != "RUNNING":
+                return reply  # a record that is not RUNNING is final: no Ray needed
+            return self._remote_op("status", op["name"], op.get("want_outcome", False))
+        if kind == Op.CANCEL:
+            return {"config": self._remote_op("cancel", op["name"])}
+        if kind == Op.SUBMIT:
+            op = dict(op)
+            resources = {**self.resources, **(op.get("resources") or {})}
+            if resources:
+                op["resources"] = resources
+            reply = self._remote_op("submit", op)
+            if op.get("wait") and on_output is not None:
+                folder = self.folder(op["name"])
+                for stream in ("stdout", "stderr"):
+                    data = folder.read_log(stream)
+                    if data:
+                        on_output(_OUTPUT_KINDS[stream], data)
+            return reply
+        if kind == Op.PING:
+            return self._remote_op("ping")
+        raise RemoterunError(f"{self.name} does not do {kind!r}")
+
+    def _remote_op(self, method: str, *args: Any) -> Any:
+        ray = self._connect()
+        try:
+            return ray.get(getattr(self.coordinator(), method).remote(*args))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, RemoterunError):
+                raise cause from None
+            raise
+        except ray.exceptions.ActorDiedError:
+            self._coordinator = None  # started again at the next use
+            raise
+
+    def close(self) -> None:
+        """Nothing to release: Ray's connection is the process's."""
+
+
+_remotes: dict[tuple, Any] = {}
+
+
+def _remote(ray: Any, name: str, fn: Any, options: dict) -> Any:
+    key = (name, repr(sorted(options.items())))
+    task = _remotes.get(key)
+    if task is None:
+        task = ray.remote(fn).options(**options) if options else ray.remote(fn)
+        _remotes[key] = task
+    return task
+
+
+def _rebuild(*args: Any) -> RaySystem:
+    address, runs, runtime_env, storage_options, resources, share, name = args
+    return RaySystem(
+        address,
+        runs=runs,
+        runtime_env=runtime_env,
+        storage_options=storage_options,
+        resources=resources,
+        share=share,
+        name=name,
+    )
+
+
+def ray(
+    address: str | None = None,
+    *,
+    runs: str | None = None,
+    runtime_env: dict | None = None,
+    storage_options: dict | None = None,
+    resources: dict | None = None,
+    share: Any = None,
+    name: str | None = None,
+) -> RaySystem:
+    """A Ray cluster as a System: see ``RaySystem``."""
+    return RaySystem(
+        address,
+        runs=runs,
+        runtime_env=runtime_env,
+        storage_options=storage_options,
+        resources=resources,
+        share=share,
+        name=name,
+    )

@@ -1,0 +1,291 @@
+"""What executes in Ray's worker processes: synchronous calls, chunks of a ``map`` and
+recorded runs. Each is a plain function that ``system.py`` wraps in ``ray.remote`` with
+``max_retries=0``: a retry is remoterun's decision, recorded as a new attempt, never
+Ray's behind its back.
+
+Calls answer as an agent does (``{"result": ...}``, ``{"outcomes": [...]}``, or a failure
+record), with the output the function wrote (fds 1 and 2) captured and sent back. A
+recorded run writes its logs, its outcome and their digests into its run folder itself;
+the coordinator writes the record (``coordinator.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ...agent import pickling
+from ...agent.protocol import Failure
+from ...agent.record import SERIALIZATION_ERROR
+from ...agent.runfolder import RunFolder, resolve_run_arguments
+from ...agent.server import _Failure, _failure_record, _load_failure_message
+
+# Functions already unpickled in this worker process, by key.
+_functions: dict[str, Any] = {}
+_FN_CACHE_SIZE = 256
+
+
+def _function(fn_key: str, fn_holder: list) -> Any:
+    """The function ``fn_key``: from this worker's cache, else from ``fn_holder[0]`` (the
+    pickle, or a Ray object reference to it, fetched only on a miss)."""
+    fn = _functions.get(fn_key)
+    if fn is None:
+        data = fn_holder[0]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            import ray
+
+            data = ray.get(data)
+        fn = pickling.loads(data)
+        if len(_functions) >= _FN_CACHE_SIZE:
+            _functions.pop(next(iter(_functions)))
+        _functions[fn_key] = fn
+    return fn
+
+
+class _Captured:
+    """fds 1 and 2 pointed at temporary files for the span of one call; what was written
+    is returned, in order per stream."""
+
+    def __init__(self) -> None:
+        self.files = [tempfile.TemporaryFile() for _ in range(2)]  # noqa: SIM115 - closed in output()
+        self.saved: list[int] = []
+
+    def __enter__(self) -> _Captured:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, f in zip((1, 2), self.files):
+            self.saved.append(os.dup(fd))
+            os.dup2(f.fileno(), fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+
+    def output(self) -> list[tuple[str, bytes]]:
+        out = []
+        for kind, f in zip(("stdout", "stderr"), self.files):
+            f.seek(0)
+            data = f.read()
+            f.close()
+            if data:
+                out.append((kind, data))
+        return out
+
+
+def call(fn_key: str, fn_holder: list, inputs: bytes, run_args: bool) -> dict:
+    """A synchronous call: ``{"ok": True, "result": ...}`` or ``{"ok": False, "failure":
+    record}``, with ``"output"``: what the function wrote, ``[(stream, bytes), ...]``."""
+    with _Captured() as captured:
+        try:
+            reply: dict = {"ok": True, "result": _call(fn_key, fn_holder, inputs, run_args)}
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back as a record
+            reply = {"ok": False, "failure": _failure_record(exc)}
+    reply["output"] = captured.output()
+    reply["node"] = _node()
+    return reply
+
+
+def _call(fn_key: str, fn_holder: list, inputs: bytes, run_args: bool) -> bytes:
+    try:
+        fn = _function(fn_key, fn_holder)
+        loaded = pickling.loads(inputs)
+    except BaseException as exc:
+        raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
+    try:
+        if run_args:
+            loaded = resolve_run_arguments(loaded)
+        value = fn(*loaded["args"], **loaded["kwargs"])
+    except BaseException as exc:
+        raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
+    try:
+        return pickling.dumps(value)
+    except Exception as exc:
+        raise _Failure(
+            Failure.SERIALIZATION,
+            f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
+        ) from exc
+
+
+def map_chunk(fn_key: str, fn_holder: list, items: bytes) -> dict:
+    """A chunk of ``map``: ``{"ok": True, "outcomes": [(True, pickle) | (False, record)]}``."""
+    with _Captured() as captured:
+        try:
+            try:
+                fn = _function(fn_key, fn_holder)
+                loaded = pickling.loads(items)
+            except BaseException as exc:
+                raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
+            outcomes: list[tuple[bool, Any]] = []
+            for args in loaded:
+                try:
+                    value = fn(*args)
+                except BaseException as exc:
+                    outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
+                    continue
+                try:
+                    outcomes.append((True, pickling.dumps(value)))
+                except Exception as exc:
+                    message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
+                    outcomes.append(
+                        (False, _failure_record(_Failure(Failure.SERIALIZATION, message)))
+                    )
+            reply: dict = {"ok": True, "outcomes": outcomes}
+        except BaseException as exc:  # noqa: BLE001
+            reply = {"ok": False, "failure": _failure_record(exc)}
+    reply["output"] = captured.output()
+    reply["node"] = _node()
+    return reply
+
+
+def _node() -> str:
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # noqa: BLE001 - a label only
+        return "?"
+
+
+# --------------------------------------------------------------------------- recorded runs
+
+
+def execute(folder: RunFolder, fn_name: str, run_args: bool, run_url: str) -> dict:
+    """Execute a recorded run: its function and inputs from its folder (checked against
+    the digests its record holds), its output into its logs, its result or error into
+    the folder. Returns what the coordinator records: ``{"status": "COMPLETED"}`` or
+    ``{"status": "FAILED", "message", "type", "traceback"}``, with the digests written.
+    """
+    record = folder.read_record()
+    digests: dict = {}
+    with _RunLogs(folder):
+        if folder.local:
+            os.environ["REMOTERUN_RUN_DIR"] = folder.path
+        else:
+            import json
+
+            os.environ["REMOTERUN_RUN_URL"] = run_url
+            options = getattr(getattr(folder.files, "fs", None), "storage_options", None) or {}
+            os.environ["REMOTERUN_RUN_STORAGE_OPTIONS"] = json.dumps(options, default=str)
+        os.environ["REMOTERUN_RUN_NAME"] = folder.name
+        error: dict | None = None
+        result: bytes | None = None
+        try:
+            fn = pickling.loads(
+                folder.check_digest(record, "function", folder.read_pickle("function"))
+            )
+            data = folder.read_pickle("inputs")
+            inputs = pickling.loads(folder.check_digest(record, "inputs", data)) if data else {}
+            if run_args:
+                inputs = resolve_run_arguments(inputs)
+            value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+            try:
+                result = pickling.dumps(value)
+            except Exception as exc:
+                error = {
+                    "type": SERIALIZATION_ERROR,
+                    "message": f"the return value of {fn_name} cannot be pickled "
+                    f"({type(value).__name__}): {exc}",
+                    "traceback": "",
+                    "exc": None,
+                }
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt fail the run too
+            from ...agent.failures import error_record
+
+            error = error_record(exc, skip_frames=1)
+            sys.stderr.write(error["traceback"])
+        finally:
+            for key in (
+                "REMOTERUN_RUN_URL",
+                "REMOTERUN_RUN_DIR",
+                "REMOTERUN_RUN_NAME",
+                "REMOTERUN_RUN_STORAGE_OPTIONS",
+            ):
+                os.environ.pop(key, None)
+    if error is None:
+        folder.write_result(result or b"", digests)
+        return {"status": "COMPLETED", "digests": digests.get("digests", {})}
+    if error["exc"] is not None:
+        folder.write_error(error["exc"], digests)
+    return {
+        "status": "FAILED",
+        "message": error["message"],
+        "type": error["type"],
+        "traceback": error["traceback"],
+        "digests": digests.get("digests", {}),
+    }
+
+
+class _RunLogs:
+    """A run's fds 1 and 2 (and sys.stdout/stderr) into its log files while it executes:
+    straight into them on a shared filesystem, else into local files copied to the
+    folder every second and at the end."""
+
+    _PERIOD = 1.0
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.saved: list[int] = []
+        self.paths: list[str] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> _RunLogs:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        if self.folder.local:
+            fds = [self.folder.open_log(s, truncate=False) for s in ("stdout", "stderr")]
+        else:
+            self.tmp = tempfile.mkdtemp(prefix="remoterun-logs-")
+            self.paths = [os.path.join(self.tmp, s) for s in ("stdout", "stderr")]
+            fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) for p in self.paths]
+            self.thread = threading.Thread(target=self._ship_until_stopped, daemon=True)
+            self.thread.start()
+        for fd, log in zip((1, 2), fds):
+            self.saved.append(os.dup(fd))
+            os.dup2(log, fd)
+            os.close(log)
+        self.streams = (sys.stdout, sys.stderr)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        sys.stdout, sys.stderr = self.streams
+        for fd, saved in zip((1, 2), self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        if self.thread is not None:
+            self.stop.set()
+            self.thread.join()
+            self._ship()
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _ship_until_stopped(self) -> None:
+        while not self.stop.wait(self._PERIOD):
+            try:
+                self._ship()
+            except Exception:  # noqa: BLE001 - the last copy, at the end, says it
+                time.sleep(self._PERIOD)
+
+    def _ship(self) -> None:
+        for stream, path in zip(("stdout", "stderr"), self.paths):
+            with open(path, "rb") as f:
+                self.folder.write_log(stream, f.read())

@@ -1,0 +1,267 @@
+"""The Ray system against a real two-node Ray cluster on 127.0.0.1 (``ray start``
+processes the suite starts; see ray_servers.py): every System capability, exactly-once
+execution across driver processes, detached runs, lost workers, and an S3 run root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import remote_tasks as tasks  # noqa: E402
+from conftest import TESTS  # noqa: E402
+
+import remoterun as rr  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray_servers import start_ray_cluster
+
+    started = start_ray_cluster()
+    saved = {k: os.environ.get(k) for k in started.env()}
+    os.environ.update(started.env())
+    try:
+        yield started
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray-runs")
+
+
+@pytest.fixture
+def system(cluster, runs_root):
+    return rr.ray(cluster.address, runs=str(runs_root))
+
+
+def _driver(cluster, runs_root, code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` in a separate driver process (``system`` is the Ray system there)."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import remoterun as rr, remote_tasks as tasks
+        system = rr.ray({cluster.address!r}, runs={str(runs_root)!r})
+        """
+    ) + textwrap.dedent(code)
+    env = {**os.environ, **cluster.env()}
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_a_sync_call_returns_and_prints_here(system, capfd):
+    fn = rr.function(tasks.add, system=system)
+    assert fn(1) == 3
+    assert fn(2, b=5) == 7
+    out = capfd.readouterr().out
+    assert "adding 1 and 2" in out and "adding 2 and 5" in out
+
+
+def test_a_failing_call_raises_the_functions_own_exception(system):
+    with pytest.raises(tasks.CustomError, match="boom"):
+        rr.function(tasks.fail, system=system)("boom")
+
+
+def test_run_handles_and_their_folders(system, runs_root):
+    name = f"add-{uuid.uuid4().hex[:6]}"
+    run = rr.function(tasks.add, system=system).run(4, run_name=name)
+    assert run.result(timeout=60) == 6
+    assert run.status is rr.RunStatus.COMPLETED
+    folder = runs_root / name
+    assert {"config.json", "function.pkl", "inputs.pkl", "result.pkl"} <= set(os.listdir(folder))
+    assert (folder / "stdout.log").read_text() == "adding 4 and 2\n"
+    assert run.stdout() == "adding 4 and 2\n"
+    # Reading it needs no Ray: a storage system on the same folder reads it whole.
+    assert rr.run(path=str(folder)).result() == 6
+
+
+def test_get_or_call_executes_once_by_name_and_by_content(system, marker):
+    fn = rr.function(tasks.record_call, system=system)
+    name = f"cached-{uuid.uuid4().hex[:6]}"
+    assert fn.get_or_call(marker, 5, run_name=name) == 10
+    assert fn.get_or_call(marker, 5, run_name=name) == 10
+    assert tasks.executions(marker) == 1
+    cached = rr.function(tasks.record_call, system=system, cache=True)
+    assert cached.get_or_call(marker, 7) == 14
+    assert cached.get_or_call(marker, 7) == 14
+    assert tasks.executions(marker) == 2
+    run = cached.get_or_run(marker, 7)
+    assert run.status is rr.RunStatus.COMPLETED and tasks.executions(marker) == 2
+
+
+def test_map_keeps_input_order(system):
+    fn = rr.function(tasks.identity, system=system)
+    assert fn.map(range(300), progress=False) == list(range(300))
+
+
+def test_resources_pin_a_function_to_a_node(system):
+    where = rr.function(tasks.ray_node, system=system)
+    on_a = where.options(resources={"custom": {"node_a": 0.01}})()
+    on_b = where.to(system, resources={"custom": {"node_b": 0.01}})()
+    assert on_a != on_b
+    pinned = rr.function(tasks.ray_node, system=system, resources={"custom": {"node_b": 0.01}})
+    run = pinned.run(run_name=f"pinned-{uuid.uuid4().hex[:6]}")
+    assert run.result(timeout=60) == on_b
+
+
+def test_follow_logs_then_cancel_stops_the_task(system, scratch):
+    pidfile = scratch / "pid"
+    fn = rr.function(tasks.note_pid_then_sleep, system=system)
+    run = fn.run(str(pidfile), 120, run_name=f"cancel-{uuid.uuid4().hex[:6]}")
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    assert run.status is rr.RunStatus.RUNNING
+    assert run.cancel() is rr.RunStatus.CANCELLED
+    deadline = time.monotonic() + 30
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the task's process survived cancel"
+        time.sleep(0.05)
+    assert system.get_run(run.name).status is rr.RunStatus.CANCELLED
+    with pytest.raises(rr.RunCancelledError):
+        run.result()
+
+
+def test_logs_follow_yields_lines_as_they_come(system):
+    run = rr.function(tasks.print_slowly, system=system).run(
+        3, 0.3, run_name=f"slow-{uuid.uuid4().hex[:6]}"
+    )
+    lines = list(run.logs(follow=True, poll=0.05))
+    assert lines == ["line 0\n", "line 1\n", "line 2\n"]
+    assert run.result() == 3
+
+
+def test_a_killed_worker_is_a_lost_run_never_retried(system, scratch, marker):
+    pidfile = scratch / "pid"
+    fn = rr.function(tasks.count_then_sleep, system=system)
+    run = fn.run(marker, str(pidfile), run_name=f"killed-{uuid.uuid4().hex[:6]}")
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(int(pidfile.read_text()), 9)
+    with pytest.raises(rr.WorkerLostError, match="worker lost"):
+        run.result(timeout=60)
+    assert run.status is rr.RunStatus.FAILED
+    time.sleep(2)  # Ray would have retried by now
+    assert tasks.executions(marker) == 1
+
+
+def test_current_run_metrics_and_lineage_inside_a_task(system):
+    run = rr.function(tasks.log_some_metrics, system=system).run(
+        run_name=f"metrics-{uuid.uuid4().hex[:6]}"
+    )
+    assert "must be a number" in run.result(timeout=60)
+    assert run.metrics["loss"] == [0.5, 0.25] and run.metrics["acc"] == 0.9
+    assert run.tags == {"kind": "toy"}
+    parent = rr.function(tasks.start_child_on, system=system).run(
+        system, run_name=f"parent-{uuid.uuid4().hex[:6]}"
+    )
+    child_name = parent.result(timeout=60)
+    assert [c.name for c in parent.children()] == [child_name]
+
+
+def test_commands_run_on_the_cluster(system, capfd):
+    results = system.run(["echo hello from ray"])
+    assert results[0][0] == 0 and "hello from ray" in results[0][1]
+
+
+def test_runs_move_and_are_read_without_ray(system, tmp_path):
+    run = rr.function(tasks.add, system=system).run(10, run_name=f"move-{uuid.uuid4().hex[:6]}")
+    run.wait(timeout=60)
+    here = run.to("here")
+    assert here.result() == 12
+    listed = subprocess.run(
+        [sys.executable, "-m", "remoterun.cli", "ls", str(Path(run.url.split("://", 1)[1]).parent)],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert f"{run.name}\tCOMPLETED" in listed.stdout or run.name in listed.stdout
+
+
+def test_racing_drivers_execute_a_name_once(cluster, runs_root, marker):
+    name = f"race-{uuid.uuid4().hex[:6]}"
+    code = f"print(rr.function(tasks.record_call, system=system).get_or_call({marker!r}, 3, 1.0, run_name={name!r}))"
+    drivers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _script(cluster, runs_root, code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **cluster.env()},
+        )
+        for _ in range(3)
+    ]
+    outs = [d.communicate(timeout=180) for d in drivers]
+    for (out, err), d in zip(outs, drivers):
+        assert d.returncode == 0, err
+        assert out.strip().splitlines()[-1] == "6"
+    assert tasks.executions(marker) == 1
+
+
+def test_a_run_outlives_the_driver_that_started_it(cluster, runs_root, system, scratch):
+    gate = scratch / "gate"
+    name = f"detached-{uuid.uuid4().hex[:6]}"
+    started = _driver(
+        cluster,
+        runs_root,
+        f"run = rr.function(tasks.wait_for_file, system=system).run({str(gate)!r}, 120, run_name={name!r})\n"
+        "print(run.status)\n",
+    )
+    assert started.returncode == 0, started.stderr
+    assert "RUNNING" in started.stdout
+    gate.touch()  # the driver is gone; the run goes on and finishes
+    assert system.get_run(name).wait(timeout=60) is rr.RunStatus.COMPLETED
+
+
+def test_an_s3_run_root(cluster, moto_server, s3):
+    system = rr.ray(
+        cluster.address, runs=f"{s3}/ray-runs", storage_options=moto_server.storage_options()
+    )
+    fn = rr.function(tasks.add, system=system)
+    run = fn.run(20, run_name="on-s3")
+    assert run.result(timeout=60) == 22
+    assert run.stdout() == "adding 20 and 2\n"
+    assert fn.get_or_call(20, run_name="on-s3") == 22
+    assert rr.run(path=f"{s3}/ray-runs/on-s3", storage_options=moto_server.storage_options()).result() == 22
+
+
+def _script(cluster, runs_root, code: str) -> str:
+    return (
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "import remoterun as rr, remote_tasks as tasks\n"
+        f"system = rr.ray({cluster.address!r}, runs={str(runs_root)!r})\n" + code + "\n"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
