@@ -416,7 +416,10 @@ def rm(run: str, system: str, force: bool) -> None:
     status = found.status
     if not status.terminal and not force:
         _fail(f"run {found.name!r} is {status}: cancel it first, or pass --force")
-    found.folder.remove()
+    try:
+        found.folder.remove()
+    except FileNotFoundError:
+        raise RunNotFoundError(f"no run at {found.url}") from None
     click.echo(f"removed {found.url}")
 
 

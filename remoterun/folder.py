@@ -1,7 +1,8 @@
 """Run folders on any fsspec filesystem, and copies of whole run folders between them.
 
 ``agent.runfolder.RunFolder`` owns a folder's files over a minimal ``Files`` interface;
-this module gives it ``FsspecFiles`` (local disk, SFTP, S3, memory), opens folders by URL,
+this module gives clients ``LocalFiles`` (this machine's disk) and ``FsspecFiles`` (SFTP,
+S3, memory: any other fsspec filesystem), opens folders by URL,
 and copies runs from one filesystem to another, checking digests and signatures.
 """
 
@@ -65,19 +66,19 @@ class LocalFiles(PosixFiles):
         try:
             return super().read(path, offset)
         except OSError as exc:
-            raise RunStorageError(f"cannot read {path}: {exc}") from exc
+            raise RunStorageError(f"cannot read {self.url(path)}: {storage_reason(exc)}") from exc
 
     def write(self, path: str, data: bytes) -> None:
         try:
             super().write(path, data)
         except OSError as exc:
-            raise RunStorageError(f"cannot write {path}: {exc}") from exc
+            raise RunStorageError(f"cannot write {self.url(path)}: {exc}") from exc
 
     def mkdir(self, path: str) -> None:
         try:
             super().mkdir(path)
         except OSError as exc:
-            raise RunStorageError(f"cannot create run folder {path}: {exc}") from exc
+            raise RunStorageError(f"cannot create run folder {self.url(path)}: {exc}") from exc
 
 
 LOCAL = LocalFiles()
@@ -103,15 +104,10 @@ def is_local(fs: Any) -> bool:
     return bool(set(protocols(fs)) & {"file", "local"})
 
 
-def is_object_store(folder: RunFolder) -> bool:
-    """Whether the folder is on an object store (no folders, no renames)."""
-    return isinstance(folder.files, FsspecFiles) and not folder.files.folders
-
-
 class FsspecFiles:
-    """``Files`` on any fsspec filesystem: writes whole (a temporary name renamed where
-    the filesystem can rename, a single PUT on object stores); storage failures raised
-    as RunStorageError naming the URL."""
+    """``Files`` on any fsspec filesystem (SFTP, S3, memory): writes whole (a temporary
+    name renamed where the filesystem can rename, a single PUT on object stores); read,
+    write and folder failures raised as RunStorageError naming the URL."""
 
     local = False
 
@@ -205,10 +201,7 @@ class FsspecFiles:
             pass
 
     def remove_tree(self, path: str) -> None:
-        try:
-            self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
+        self.fs.rm(path, recursive=True)
 
 
 # --------------------------------------------------------------------------- copying
@@ -264,7 +257,10 @@ def copy_folder(
                 f"{existing.get('start_time')} on {existing.get('host')}); pass "
                 "overwrite=True to replace it, or copy to another path"
             )
-        dst.remove()
+        try:
+            dst.remove()
+        except FileNotFoundError:
+            pass
     elif existing is not None:
         # The same run, copied before: its files are about to be rewritten in place, so
         # its record goes first; it comes back last, as on a first copy.
@@ -281,11 +277,11 @@ def copy_folder(
     }
     # The records (the run's and its earlier attempts'), read first: they name the
     # digests the pickles must match, and are written last.
-    records: dict[str, tuple[bytes, dict]] = {}
+    # The run's own record is the one read first, listed or not (a re-execution may
+    # have archived it since).
+    records: dict[str, tuple[bytes, dict]] = {RunFolder.RECORD_FILE: (config_bytes, config)}
     for rel in RunFolder.record_paths(files):
-        if RunFolder.own_record(rel):
-            records[rel] = (config_bytes, config)
-        else:
+        if not RunFolder.own_record(rel):
             folder = src.folder_of(rel)
             data = folder.read_record_bytes() or b""
             records[rel] = (data, folder.decode_record(data) or {})

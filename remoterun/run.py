@@ -1,8 +1,9 @@
 """Run handles: a recorded execution, wherever its folder lives.
 
-A Run reads its folder through fsspec and asks its system (when it has one that executes)
-for its status, so a worker that died is found out. Results and errors are unpickled
-only when asked for with ``result()``, ``exception()`` or ``inputs()``.
+A Run reads its folder (``agent.runfolder.RunFolder``) and asks its system (when it has
+one that executes) for its status, so a worker that died is found out. Results and
+errors are unpickled only when asked for with ``result()``, ``exception()`` or
+``inputs()``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 
 import remoterun as rr
 from remoterun.agent import layout
-from remoterun.agent.runfolder import RunFolder
+from remoterun.agent.runfolder import RunArgument, RunFolder
 from remoterun.folder import check_run_name, files_of
 
 
@@ -93,3 +94,22 @@ def test_storage_system_cannot_execute(tmp_path):
     fn = rr.function(lambda: 1, system=store)
     with pytest.raises(rr.SystemUnavailableError, match="only stores runs"):
         fn()
+
+
+def test_inputs_recorded_before_runfolder_held_run_arguments_still_load():
+    # A run passed as an argument was pickled as remoterun.agent.layout.RunArgument.
+    old = b"cremoterun.agent.layout\nRunArgument\n(S'/runs/a'\nI2\nS'file:///runs/a'\ntR."
+    loaded = pickle.loads(old)
+    assert isinstance(loaded, RunArgument)
+    assert (loaded.path, loaded.attempt, loaded.url) == ("/runs/a", 2, "file:///runs/a")
+
+
+def test_commands_travel_by_reference_not_as_code():
+    # A code object loads only on the Python version that made it: hosts of another
+    # version must find run_commands by name, in the package they were sent.
+    from remoterun.agent.commands import run_commands
+    from remoterun.function import RemoteFunction
+
+    data, _ = RemoteFunction(run_commands, run_type="command")._pickle_function()
+    assert b"remoterun.agent.commands" in data and len(data) < 200
+    assert pickle.loads(data) is run_commands

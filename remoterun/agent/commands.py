@@ -55,8 +55,3 @@ def _tee_pipe(pipe: Any, sink: Any, captured: dict[int, bytes], key: int) -> Non
         sink.write(chunk)
         sink.flush()
     captured[key] = b"".join(parts)
-
-
-# Runs recorded before this module was split out of worker.py pickled run_commands as
-# remoterun.agent.worker.run_commands: it is still found, and still pickled, there.
-run_commands.__module__ = "remoterun.agent.worker"

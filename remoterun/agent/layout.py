@@ -124,3 +124,14 @@ def corrupt_message(name: str, where: str, problem: str) -> str:
         f"run {name!r} at {where} is damaged: {problem}. Nothing of it was unpickled. "
         f"Run it again (a new attempt replaces it), or remove it: remoterun rm {where}"
     )
+
+
+def __getattr__(name: str) -> object:
+    """``RunArgument`` and ``resolve_run_arguments`` by their old place: the inputs of runs
+    recorded before ``runfolder.py`` held them name them here. (Imported when an old
+    pickle asks: ``runfolder`` sits above this module.)"""
+    if name in ("RunArgument", "resolve_run_arguments"):
+        import importlib
+
+        return getattr(importlib.import_module("remoterun.agent.runfolder"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,8 +11,6 @@ this machine has the team key.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import sys
 import time
 from typing import Any
@@ -213,6 +211,9 @@ class RunRecord(dict):
     def metric_value(key: str, value: Any, step: Any) -> int | float | str:
         """``value`` as a metric holds it (TypeError for what is not a number, or a step
         that is not an int): NaN and infinities as text, which JSON can hold."""
+        import math  # here: `import remoterun` stays light
+        import numbers
+
         check_key(key, "metric")
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(

@@ -6,15 +6,15 @@ alone names those files. Everything else asks a ``RunFolder`` by what it wants: 
 the result", "read the record", "archive this attempt", "the log from this offset".
 
 A RunFolder works over ``Files``, the few filesystem operations it needs: ``PosixFiles``
-on a host's disk (this module, standard library only), ``remoterun.folder.FsspecFiles``
-on a client (any fsspec filesystem: local, SFTP, S3).
+on a host's disk (this module, standard library only); on a client,
+``remoterun.folder.LocalFiles`` (its own disk) or ``FsspecFiles`` (SFTP, S3, ...).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from ..errors import CorruptRunError, UntrustedRunError
 from . import integrity, layout
@@ -58,7 +58,7 @@ class Files(Protocol):
 
     def remove(self, path: str) -> None: ...  # a file; no error if it is gone
 
-    def remove_tree(self, path: str) -> None: ...  # a folder and all in it; no error if gone
+    def remove_tree(self, path: str) -> None: ...  # a folder and all in it (FileNotFoundError)
 
     def url(self, path: str) -> str: ...
 
@@ -110,12 +110,9 @@ class PosixFiles:
             pass
 
     def remove_tree(self, path: str) -> None:
-        import shutil  # here: only `remoterun rm` removes whole folders
+        import shutil  # here: only `remoterun rm` and overwriting copies remove folders
 
-        try:
-            shutil.rmtree(path)
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(path)
 
     def url(self, path: str) -> str:
         return "file://" + path
@@ -274,9 +271,10 @@ class RunFolder:
         self.files.move(staged_path, self._file(_PICKLES[what]))
 
     def remove_outcome(self, record: dict) -> None:
-        """Remove a result or error that was (perhaps partly) written, and its digest."""
+        """Remove a result or error that was (perhaps partly) written, and its digest;
+        as much as can be (what cannot be removed is left, its digest dropped)."""
         for filename in (_RESULT, _ERROR):
-            self.files.remove(self._file(filename))
+            _try(self.files.remove, self._file(filename))
             (record.get(integrity.DIGESTS) or {}).pop(filename, None)
 
     # ------------------------------------------------------------------ checking
@@ -368,15 +366,13 @@ class RunFolder:
         """Take back a new attempt that could not be recorded (a full disk): remove what
         it put in the folder and move the previous attempt, archived for it, back. (On
         this machine's disk: hosts do this.)"""
-        for filename in _ATTEMPT_FILES:
-            self.files.remove(self._file(filename))
+        for filename in _ATTEMPT_FILES:  # best effort: the disk is full, or worse
+            _try(self.files.remove, self._file(filename))
         if attempt > 1:
             archived = self.attempt(attempt - 1)
-            names = self.files.listdir(archived.path)
-            for filename in names:
+            for filename in self.files.listdir(archived.path):
                 self.files.move(f"{archived.path}/{filename}", self._file(filename))
-            if names:
-                _rmdir(archived.path)
+            _rmdir(archived.path)
         _rmdir(self._file(_ATTEMPTS))
         _rmdir(self.path)
 
@@ -436,7 +432,8 @@ class RunFolder:
         self.files.remove(self._file(_RECORD))
 
     def remove(self) -> None:
-        """Remove the whole folder, earlier attempts included."""
+        """Remove the whole folder, earlier attempts included (FileNotFoundError when
+        there is none)."""
         self.files.remove_tree(self.path)
 
 
@@ -452,6 +449,13 @@ def _warn_legacy(url: str) -> None:
             "run %s was recorded before digests: read unchecked (run it again to record digests)",
             url,
         )
+
+
+def _try(remove: Callable[[str], None], path: str) -> None:
+    try:
+        remove(path)
+    except OSError:
+        pass
 
 
 def _rmdir(path: str) -> None:

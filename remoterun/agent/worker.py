@@ -10,7 +10,10 @@ import signal
 import sys
 
 from . import layout, pickling, protocol
-from .commands import run_commands as run_commands  # see commands.py
+
+# Runs recorded before commands.py was split out of this module pickled run_commands as
+# remoterun.agent.worker.run_commands: it is still found here.
+from .commands import run_commands as run_commands
 from .failures import SERIALIZATION_ERROR, STORAGE_ERROR, error_record
 from .procs import open_fds
 from .record import RUNNING, RunRecord
