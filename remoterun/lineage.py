@@ -117,6 +117,11 @@ def resolve(holder: Run, url: str, attempt: int | None = None) -> Run | None:
                     run = candidate
             except RemoterunError:  # not readable there: written by a client
                 pass
+        system = holder.system
+        shared = getattr(system, "root_is_shared", False)
+        # A root every node and the client read (Ray): a path under it is that run.
+        if run is None and shared and path.startswith(system.root.rstrip("/") + "/"):
+            run = holder.at(system.folder(name, posixpath.dirname(path)), system)
         if run is None:  # on this machine: only a record written here
             local = _at_attempt(holder.at(RunFolder(LOCAL, path)), attempt)
             host = (local.known_config or {}).get("host")

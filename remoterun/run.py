@@ -66,6 +66,8 @@ class RunStatus(str, enum.Enum):
 
 _POLL_FIRST = 0.001
 _POLL_MAX = 0.1
+# How long one wait of a system that tells when a run ends lasts (then the run is read).
+_POLL_LONG = 1.0
 # How long a run that was seen may read as absent before wait() says it is gone.
 _GONE_AFTER = 1.0
 
@@ -235,7 +237,14 @@ class Run:
                 if left <= 0:
                     raise TimeoutError(f"run {self.name!r} is still {status} after {timeout} s")
                 delay = min(delay, left)
-            time.sleep(delay)
+            # A system that can tell when a run ends (Ray's coordinator) is asked to wait
+            # for it; the others are polled, less often as the run goes on.
+            wait_for_end = getattr(self.system, "wait_for_end", None)
+            if wait_for_end is None or self.folder.archived:
+                time.sleep(delay)
+            else:
+                left = None if deadline is None else deadline - time.monotonic()
+                wait_for_end(self.name, self.root, min(_POLL_LONG, left or _POLL_LONG))
             delay = min(delay * 1.5, _POLL_MAX)
 
     # ------------------------------------------------------------------ outcome

@@ -4,6 +4,7 @@ execution across driver processes, detached runs, lost workers, and an S3 run ro
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is not installed (pip install 'remoterun[ray]')", allow_module_level=True)
+# Ray itself is imported only once the cluster's variables are set (auth token, loopback):
+# Ray reads them when it is imported.
 
 import remote_tasks as tasks  # noqa: E402
 from conftest import TESTS  # noqa: E402
@@ -24,16 +28,22 @@ import remoterun as rr  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
     from ray_servers import start_ray_cluster
 
+    assert "ray" not in sys.modules, (
+        "ray was imported before the cluster's variables were set (it reads them then): "
+        "import it lazily in tests"
+    )
     started = start_ray_cluster()
     saved = {k: os.environ.get(k) for k in started.env()}
     os.environ.update(started.env())
     try:
         yield started
     finally:
+        import ray
+
         ray.shutdown()
         for key, value in saved.items():
             if value is None:
@@ -43,7 +53,7 @@ def cluster():
         started.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ray-runs")
 
@@ -205,7 +215,8 @@ def test_runs_move_and_are_read_without_ray(system, tmp_path):
 
 def test_racing_drivers_execute_a_name_once(cluster, runs_root, marker):
     name = f"race-{uuid.uuid4().hex[:6]}"
-    code = f"print(rr.function(tasks.record_call, system=system).get_or_call({marker!r}, 3, 1.0, run_name={name!r}))"
+    fn = "rr.function(tasks.record_call, system=system)"
+    code = f"print({fn}.get_or_call({marker!r}, 3, 1.0, run_name={name!r}))"
     drivers = [
         subprocess.Popen(
             [sys.executable, "-c", _script(cluster, runs_root, code)],
@@ -229,7 +240,8 @@ def test_a_run_outlives_the_driver_that_started_it(cluster, runs_root, system, s
     started = _driver(
         cluster,
         runs_root,
-        f"run = rr.function(tasks.wait_for_file, system=system).run({str(gate)!r}, 120, run_name={name!r})\n"
+        "fn = rr.function(tasks.wait_for_file, system=system)\n"
+        f"run = fn.run({str(gate)!r}, 120, run_name={name!r})\n"
         "print(run.status)\n",
     )
     assert started.returncode == 0, started.stderr
@@ -247,7 +259,10 @@ def test_an_s3_run_root(cluster, moto_server, s3):
     assert run.result(timeout=60) == 22
     assert run.stdout() == "adding 20 and 2\n"
     assert fn.get_or_call(20, run_name="on-s3") == 22
-    assert rr.run(path=f"{s3}/ray-runs/on-s3", storage_options=moto_server.storage_options()).result() == 22
+    assert (
+        rr.run(path=f"{s3}/ray-runs/on-s3", storage_options=moto_server.storage_options()).result()
+        == 22
+    )
 
 
 def _script(cluster, runs_root, code: str) -> str:
@@ -265,3 +280,20 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+# Last in this module: it takes the second node down for the rest of the session.
+def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
+    pidfile = scratch / "pid"
+    on_b = rr.function(
+        tasks.note_pid_then_sleep, system=system, resources={"custom": {"node_b": 0.01}}
+    )
+    run = on_b.run(str(pidfile), 120, run_name=f"node-{uuid.uuid4().hex[:6]}")
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    cluster.kill_worker_node()
+    with pytest.raises(rr.WorkerLostError, match="worker lost"):
+        run.result(timeout=90)
+    assert system.get_run(run.name).status is rr.RunStatus.FAILED

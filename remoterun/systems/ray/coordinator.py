@@ -111,6 +111,14 @@ class Coordinator:
             reply.update(folder.read_outcome(config))
         return reply
 
+    def wait_for_end(self, name: str, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the run ``name`` that this coordinator runs
+        to have its end recorded; whether it has (or is not running here)."""
+        tracked = self._tasks.get(name)
+        if tracked is None:
+            return True
+        return tracked[2].wait(timeout)
+
     def cancel(self, name: str) -> dict | None:
         folder = self.folder(name)
         with self.lock(name):
@@ -151,8 +159,14 @@ class Coordinator:
         return config
 
     def _start(self, folder: RunFolder, request: dict, attempt: int) -> threading.Event:
-        """Write the new attempt's files and RUNNING record, start its task and watch it."""
+        """Start the new attempt's task, write its files and RUNNING record while it
+        starts, and watch it. The task gets the function and inputs from here, not from
+        the folder; it writes only its logs and outcome, and the record of its end is
+        written after the RUNNING one (by the watcher, under the same lock)."""
         folder.create()
+        ref = self._launch(folder, request)
+        done = threading.Event()
+        self._tasks[folder.name] = (attempt, ref, done)
         fields = dict(request.get("record") or {})
         record = RunRecord.new(folder.name, fields.pop("run_type", "function"), attempt, **fields)
         record.update(digests={}, host="ray", coordinator=self.id)
@@ -160,10 +174,13 @@ class Coordinator:
             folder.write_pickle("function", request["fn"], record)
         if request.get("inputs") is not None:
             folder.write_pickle("inputs", request["inputs"], record)
-        for stream in ("stdout", "stderr"):
-            folder.write_log(stream, b"")
-        record.running(pid=None)
+        record.running(pid=None)  # the task makes its logs (an absent log reads as empty)
         folder.write_record(record)
+        threading.Thread(target=self._watch, args=(folder, attempt, ref, done), daemon=True).start()
+        return done
+
+    def _launch(self, folder: RunFolder, request: dict) -> Any:
+        """Submit the run's task, with the resources the request asks for."""
         options: dict[str, Any] = {}
         resources = dict(request.get("resources") or {})
         for key in ("num_cpus", "num_gpus", "memory"):
@@ -173,14 +190,16 @@ class Coordinator:
             resources.update(resources.pop("custom"))
         if resources:
             options["resources"] = resources
-        url = f"{self.url}/{folder.name}"
-        ref = self._execute.options(**options).remote(
-            folder, record.fn_name or "the function", bool(request.get("run_args")), url
+        fn_name = (request.get("record") or {}).get("fn_name") or "the function"
+        execute = self._execute.options(**options) if options else self._execute
+        return execute.remote(
+            folder,
+            request.get("fn"),
+            request.get("inputs"),
+            fn_name,
+            bool(request.get("run_args")),
+            f"{self.url}/{folder.name}",
         )
-        done = threading.Event()
-        self._tasks[folder.name] = (attempt, ref, done)
-        threading.Thread(target=self._watch, args=(folder, attempt, ref, done), daemon=True).start()
-        return done
 
     def _watch(self, folder: RunFolder, attempt: int, ref: Any, done: threading.Event) -> None:
         import ray

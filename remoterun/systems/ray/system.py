@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from typing import Any, ContextManager
 
 from ...agent.protocol import STDERR, STDOUT, Failure, Op
@@ -31,10 +32,16 @@ from ..base import System
 from ..connection import AgentConnection, OutputHandler
 
 NAMESPACE = "remoterun"
+# How often a RUNNING run's liveness is asked of the coordinator while it is read.
+_LIVENESS_EVERY = 1.0
 _OUTPUT_KINDS = {"stdout": STDOUT, "stderr": STDERR}
 
 
-def _ray() -> Any:
+def _ray(address: str | None = None) -> Any:
+    if address and address.split("://")[-1].startswith(("127.", "localhost")):
+        # Read when Ray is imported: without it Ray swaps a loopback address for the
+        # machine's interface address, where a cluster kept on loopback is not.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError as exc:
@@ -60,6 +67,8 @@ class RaySystem(System):
     """
 
     executes = True
+    #: The client and every node read the same run root (lineage resolves paths in it).
+    root_is_shared = True
 
     def __init__(
         self,
@@ -89,6 +98,7 @@ class RaySystem(System):
         self._lock = threading.Lock()
         self._coordinator: Any = None
         self._functions: dict[str, Any] = {}  # fn_key -> Ray object of its pickle
+        self._checked: dict[str, float] = {}  # run name -> when the coordinator last said
 
     def __reduce__(self) -> tuple:
         state = (self.address, self.runs, self.runtime_env, self.storage_options)
@@ -125,11 +135,10 @@ class RaySystem(System):
 
     def _connect(self) -> Any:
         """Ray, connected to the cluster (once per process: Ray's own rule)."""
-        ray = _ray()
+        ray = _ray(self.address)
         if not ray.is_initialized():
             with self._lock:
                 if not ray.is_initialized():
-                    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                     try:
                         ray.init(
                             address=self.address,
@@ -233,15 +242,26 @@ class RaySystem(System):
         # The run root is readable from here: a hit needs no Ray at all.
         return hit_reply(self.folder(request["name"]), request, self._root)
 
+    def wait_for_end(self, name: str, root: str, timeout: float) -> None:
+        """Return once the run ``name`` has its end recorded, or after ``timeout`` s."""
+        self._remote_op("wait_for_end", name, timeout)
+
     def _request(self, op: dict, on_output: OutputHandler | None = None) -> dict:
         kind = op["op"]
         if kind == Op.STATUS:
-            folder = self.folder(op["name"])
+            name = op["name"]
+            folder = self.folder(name)
             reply = folder.read_with_outcome(op.get("want_outcome", False))
             config = reply["config"]
             if config is None or config.status != "RUNNING":
                 return reply  # a record that is not RUNNING is final: no Ray needed
-            return self._remote_op("status", op["name"], op.get("want_outcome", False))
+            # Whether its task still runs is the coordinator's to say (it records a lost
+            # worker itself): asked at most once a second per run.
+            now = time.monotonic()
+            if now - self._checked.get(name, 0.0) < _LIVENESS_EVERY:
+                return reply
+            self._checked[name] = now
+            return self._remote_op("status", name, op.get("want_outcome", False))
         if kind == Op.CANCEL:
             return {"config": self._remote_op("cancel", op["name"])}
         if kind == Op.SUBMIT:
@@ -250,6 +270,7 @@ class RaySystem(System):
             if resources:
                 op["resources"] = resources
             reply = self._remote_op("submit", op)
+            self._checked[op["name"]] = time.monotonic()  # it was just started or found
             if op.get("wait") and on_output is not None:
                 folder = self.folder(op["name"])
                 for stream in ("stdout", "stderr"):

@@ -160,13 +160,19 @@ def _node() -> str:
 # --------------------------------------------------------------------------- recorded runs
 
 
-def execute(folder: RunFolder, fn_name: str, run_args: bool, run_url: str) -> dict:
-    """Execute a recorded run: its function and inputs from its folder (checked against
-    the digests its record holds), its output into its logs, its result or error into
-    the folder. Returns what the coordinator records: ``{"status": "COMPLETED"}`` or
-    ``{"status": "FAILED", "message", "type", "traceback"}``, with the digests written.
+def execute(
+    folder: RunFolder,
+    fn_bytes: bytes,
+    inputs_bytes: bytes | None,
+    fn_name: str,
+    run_args: bool,
+    run_url: str,
+) -> dict:
+    """Execute a recorded run: its function and inputs as the coordinator recorded them,
+    its output into its logs, its result or error into the folder. Returns what the
+    coordinator records: ``{"status": "COMPLETED"}`` or ``{"status": "FAILED",
+    "message", "type", "traceback"}``, with the digests of what it wrote.
     """
-    record = folder.read_record()
     digests: dict = {}
     with _RunLogs(folder):
         if folder.local:
@@ -181,11 +187,8 @@ def execute(folder: RunFolder, fn_name: str, run_args: bool, run_url: str) -> di
         error: dict | None = None
         result: bytes | None = None
         try:
-            fn = pickling.loads(
-                folder.check_digest(record, "function", folder.read_pickle("function"))
-            )
-            data = folder.read_pickle("inputs")
-            inputs = pickling.loads(folder.check_digest(record, "inputs", data)) if data else {}
+            fn = pickling.loads(fn_bytes)
+            inputs = pickling.loads(inputs_bytes) if inputs_bytes else {}
             if run_args:
                 inputs = resolve_run_arguments(inputs)
             value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
