@@ -210,7 +210,17 @@ def test_runs_move_and_are_read_without_ray(system, tmp_path):
         env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
     )
     assert listed.returncode == 0, listed.stderr
-    assert f"{run.name}\tCOMPLETED" in listed.stdout or run.name in listed.stdout
+    assert run.name in listed.stdout and "COMPLETED" in listed.stdout
+    folder = run.url.split("://", 1)[1]
+    for command, expected in (("show", "COMPLETED"), ("logs", "adding 10 and 2")):
+        shown = subprocess.run(
+            [sys.executable, "-m", "remoterun.cli", command, folder],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert expected in shown.stdout
 
 
 def test_racing_drivers_execute_a_name_once(cluster, runs_root, marker):
@@ -297,3 +307,23 @@ def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
     with pytest.raises(rr.WorkerLostError, match="worker lost"):
         run.result(timeout=90)
     assert system.get_run(run.name).status is rr.RunStatus.FAILED
+
+
+def test_without_an_address_a_local_ray_is_started(tmp_path):
+    # In a process of its own: Ray allows one cluster per driver process.
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "import remoterun as rr, remote_tasks as tasks\n"
+        f"system = rr.ray(runs={str(tmp_path / 'runs')!r})\n"
+        "print(rr.function(tasks.add, system=system)(1))\n"
+        "import ray\n"
+        "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # Ray writes ~/.ray: not the user's
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-2:] == ["3", "['127.0.0.1']"]

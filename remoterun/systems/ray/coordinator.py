@@ -74,6 +74,7 @@ class Coordinator:
         if hit is not None:
             return hit
         done = None
+        started: RunRecord | None = None
         with self.lock(name):
             try:
                 decision = decide(self._alive(folder, folder.read_record()), request)
@@ -88,13 +89,18 @@ class Coordinator:
             if action == Action.START:
                 previous = decision.get("previous")
                 attempt = 1 if previous is None else folder.archive_attempt(previous.get("attempt"))
-                done = self._start(folder, request, attempt)
+                done, started = self._start(folder, request, attempt)
         if done is not None and request.get("wait"):
             done.wait()
         reply: dict[str, Any] = {"name": name, "action": action, "root": self.root}
         if action in (Action.MISMATCH, Action.EXISTS, Action.BUSY):
             reply["differences"] = decision.get("differences", [])
-        config = folder.read_record() if action == Action.START else decision.get("config")
+        if action != Action.START:
+            config = decision.get("config")
+        elif done is not None and done.is_set():
+            config = folder.read_record()  # it has ended already (waited for)
+        else:
+            config = started
         reply["config"] = config
         if request.get("want_outcome") and config is not None and config.terminal:
             reply.update(folder.read_outcome(config))
@@ -158,7 +164,9 @@ class Coordinator:
         folder.write_record(config)
         return config
 
-    def _start(self, folder: RunFolder, request: dict, attempt: int) -> threading.Event:
+    def _start(
+        self, folder: RunFolder, request: dict, attempt: int
+    ) -> tuple[threading.Event, RunRecord]:
         """Start the new attempt's task, write its files and RUNNING record while it
         starts, and watch it. The task gets the function and inputs from here, not from
         the folder; it writes only its logs and outcome, and the record of its end is
@@ -177,7 +185,7 @@ class Coordinator:
         record.running(pid=None)  # the task makes its logs (an absent log reads as empty)
         folder.write_record(record)
         threading.Thread(target=self._watch, args=(folder, attempt, ref, done), daemon=True).start()
-        return done
+        return done, RunRecord(record)
 
     def _launch(self, folder: RunFolder, request: dict) -> Any:
         """Submit the run's task, with the resources the request asks for."""

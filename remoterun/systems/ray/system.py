@@ -38,7 +38,7 @@ _OUTPUT_KINDS = {"stdout": STDOUT, "stderr": STDERR}
 
 
 def _ray(address: str | None = None) -> Any:
-    if address and address.split("://")[-1].startswith(("127.", "localhost")):
+    if address is None or address.split("://")[-1].startswith(("127.", "localhost")):
         # Read when Ray is imported: without it Ray swaps a loopback address for the
         # machine's interface address, where a cluster kept on loopback is not.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -139,6 +139,9 @@ class RaySystem(System):
         if not ray.is_initialized():
             with self._lock:
                 if not ray.is_initialized():
+                    options: dict[str, Any] = {}
+                    if self.address is None:  # a Ray of this process: on loopback only
+                        options.update(_node_ip_address="127.0.0.1", include_dashboard=False)
                     try:
                         ray.init(
                             address=self.address,
@@ -147,6 +150,7 @@ class RaySystem(System):
                             log_to_driver=False,
                             logging_level="ERROR",
                             ignore_reinit_error=True,
+                            **options,
                         )
                     except Exception as exc:  # ConnectionError, auth, a bad address
                         raise SystemUnavailableError(
