@@ -275,6 +275,15 @@ def test_an_s3_run_root(cluster, moto_server, s3):
     )
 
 
+def test_a_ray_run_moves_to_s3_and_is_read_there(system, moto_server, s3):
+    run = rr.function(tasks.add, system=system).run(30, run_name=f"to-s3-{uuid.uuid4().hex[:6]}")
+    assert run.result(timeout=60) == 32
+    options = moto_server.storage_options()
+    copy = run.to(f"{s3}/copies", storage_options=options)
+    assert copy.url == f"{s3}/copies/{run.name}"
+    assert rr.run(path=copy.url, storage_options=options).result() == 32
+
+
 def _script(cluster, runs_root, code: str) -> str:
     return (
         "import sys\n"
@@ -327,3 +336,23 @@ def test_without_an_address_a_local_ray_is_started(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-2:] == ["3", "['127.0.0.1']"]
+
+
+def test_a_slow_calls_output_is_printed_as_it_comes(system, monkeypatch):
+    # A line printed, then a pause: the line is here before the call returns.
+    seen: list[tuple[float, str]] = []
+
+    class Recorder:
+        def write(self, text: str) -> None:
+            seen.append((time.monotonic(), text))
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    started = time.monotonic()
+    assert rr.function(tasks.print_slowly, system=system)(2, 1.0) == 2
+    ended = time.monotonic()
+    monkeypatch.undo()
+    assert "".join(text for _, text in seen) == "line 0\nline 1\n"
+    assert seen[0][0] - started < ended - started - 0.5, "the first line came only at the end"

@@ -15,6 +15,7 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from typing import Any, ContextManager
 
 from ...agent.protocol import STDERR, STDOUT, Failure, Op
@@ -32,6 +33,8 @@ from ..base import System
 from ..connection import AgentConnection, OutputHandler
 
 NAMESPACE = "remoterun"
+# A synchronous call's output is printed as it comes once the call has run this long.
+_LIVE_AFTER = 0.1
 # How often a RUNNING run's liveness is asked of the coordinator while it is read.
 _LIVENESS_EVERY = 1.0
 _OUTPUT_KINDS = {"stdout": STDOUT, "stderr": STDERR}
@@ -215,14 +218,24 @@ class RaySystem(System):
 
         holder = self._function_holder(op, fn_bytes)
         options = self._task_options(op)
+        live = None
         if op["op"] == Op.MAP:
             task = _remote(ray, "map_chunk", tasks.map_chunk, options)
             ref = task.remote(op["fn_key"], holder, op["items"])
         else:
             task = _remote(ray, "call", tasks.call, options)
-            ref = task.remote(op["fn_key"], holder, op["inputs"], bool(op.get("run_args")))
+            live = self._live_folder() if on_output is not None else None
+            ref = task.remote(op["fn_key"], holder, op["inputs"], bool(op.get("run_args")), live)
+        printed = {"stdout": 0, "stderr": 0}
         try:
-            reply = ray.get(ref)
+            if live is None:
+                reply = ray.get(ref)
+            else:
+                try:  # a quick call's output comes with its result
+                    reply = ray.get(ref, timeout=_LIVE_AFTER)
+                except ray.exceptions.GetTimeoutError:
+                    self._follow(ref, live, printed, on_output)  # type: ignore[arg-type]
+                    reply = ray.get(ref)
         except ray.exceptions.RayError as exc:
             lost = {
                 "kind": Failure.REMOTE,
@@ -235,10 +248,40 @@ class RaySystem(System):
         host = f"{self.name} node {reply.get('node', '?')}"
         if on_output is not None:
             for kind, data in reply.get("output", ()):
-                on_output(_OUTPUT_KINDS[kind], data)
+                rest = data[printed[kind] :]  # what was not printed while it ran
+                if rest:
+                    on_output(_OUTPUT_KINDS[kind], rest)
         if not reply["ok"]:
             return None, host, exception_from_record(reply["failure"], host=host)
         return reply, host, None
+
+    def _live_folder(self) -> str | None:
+        """Where a synchronous call copies its output while it runs, when the run root
+        is a folder this process and the workers share (else: none, the output comes
+        with the result)."""
+        if not self.files().local:
+            return None
+        return f"{self._root}/.calls/{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+    def _follow(self, ref: Any, live: str, printed: dict, on_output: OutputHandler) -> None:
+        """Print what a running call writes (its live folder) until it returns."""
+        ray = self._connect()
+        try:
+            while not ray.wait([ref], timeout=0.05)[0]:
+                for stream in ("stdout", "stderr"):
+                    try:
+                        with open(os.path.join(live, stream), "rb") as f:
+                            f.seek(printed[stream])
+                            data = f.read()
+                    except FileNotFoundError:
+                        continue
+                    if data:
+                        printed[stream] += len(data)
+                        on_output(_OUTPUT_KINDS[stream], data)
+        finally:
+            import shutil
+
+            shutil.rmtree(live, ignore_errors=True)
 
     # ------------------------------------------------------------------ runs
 

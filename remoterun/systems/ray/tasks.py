@@ -48,11 +48,19 @@ def _function(fn_key: str, fn_holder: list) -> Any:
 
 class _Captured:
     """fds 1 and 2 pointed at temporary files for the span of one call; what was written
-    is returned, in order per stream."""
+    is returned, in order per stream. A call still running after ``_LIVE_AFTER`` seconds
+    with a ``live`` folder (on a filesystem the caller reads too) has its output copied
+    there as it comes, by this worker's mirror thread, for the caller to print while it
+    waits."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: str | None = None) -> None:
         self.files = [tempfile.TemporaryFile() for _ in range(2)]  # noqa: SIM115 - closed in output()
         self.saved: list[int] = []
+        self.live = live
+        self.started = time.monotonic()
+        self.targets: list[Any] | None = None
+        self.offsets = [0, 0]
+        self.lock = threading.Lock()
 
     def __enter__(self) -> _Captured:
         for stream in (sys.stdout, sys.stderr):
@@ -60,6 +68,8 @@ class _Captured:
         for fd, f in zip((1, 2), self.files):
             self.saved.append(os.dup(fd))
             os.dup2(f.fileno(), fd)
+        if self.live:
+            _mirror.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,6 +81,28 @@ class _Captured:
         for fd, saved in zip((1, 2), self.saved):
             os.dup2(saved, fd)
             os.close(saved)
+        if self.live:
+            _mirror.unwatch(self)
+
+    def copy_out(self) -> None:
+        """Copy what was written since the last copy to the live folder."""
+        with self.lock:
+            if self.targets is None:
+                try:
+                    os.makedirs(self.live, mode=0o700, exist_ok=True)  # type: ignore[arg-type]
+                    self.targets = [
+                        open(os.path.join(self.live, s), "ab")  # type: ignore[arg-type]  # noqa: SIM115
+                        for s in ("stdout", "stderr")
+                    ]
+                except OSError:
+                    self.live = None  # the caller gets the output with the result
+                    return
+            for i, (f, target) in enumerate(zip(self.files, self.targets)):
+                data = os.pread(f.fileno(), 1 << 20, self.offsets[i])
+                if data:
+                    target.write(data)
+                    target.flush()
+                    self.offsets[i] += len(data)
 
     def output(self) -> list[tuple[str, bytes]]:
         out = []
@@ -82,11 +114,61 @@ class _Captured:
                 out.append((kind, data))
         return out
 
+    def close_live(self) -> None:
+        with self.lock:
+            for target in self.targets or ():
+                target.close()
+            self.targets = None
 
-def call(fn_key: str, fn_holder: list, inputs: bytes, run_args: bool) -> dict:
+
+_LIVE_AFTER = 0.1
+_LIVE_EVERY = 0.05
+
+
+class _Mirror:
+    """One thread per worker process that copies the output of its slow calls to their
+    live folders (a thread per call would cost every quick call its start)."""
+
+    def __init__(self) -> None:
+        self.calls: set[_Captured] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def watch(self, captured: _Captured) -> None:
+        with self.lock:
+            self.calls.add(captured)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True)
+                self.thread.start()
+
+    def unwatch(self, captured: _Captured) -> None:
+        with self.lock:
+            self.calls.discard(captured)
+        captured.close_live()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_LIVE_EVERY)
+            now = time.monotonic()
+            with self.lock:
+                slow = [c for c in self.calls if now - c.started >= _LIVE_AFTER and c.live]
+            for captured in slow:
+                try:
+                    captured.copy_out()
+                except (OSError, ValueError):
+                    pass
+
+
+_mirror = _Mirror()
+
+
+def call(
+    fn_key: str, fn_holder: list, inputs: bytes, run_args: bool, live: str | None = None
+) -> dict:
     """A synchronous call: ``{"ok": True, "result": ...}`` or ``{"ok": False, "failure":
-    record}``, with ``"output"``: what the function wrote, ``[(stream, bytes), ...]``."""
-    with _Captured() as captured:
+    record}``, with ``"output"``: what the function wrote, ``[(stream, bytes), ...]``
+    (also copied to ``live`` as it comes, when the call is not quick)."""
+    with _Captured(live) as captured:
         try:
             reply: dict = {"ok": True, "result": _call(fn_key, fn_holder, inputs, run_args)}
         except BaseException as exc:  # noqa: BLE001 - every failure goes back as a record
