@@ -17,6 +17,21 @@ from .errors import RunNotFinishedError
 from .version import __version__
 
 _STREAMS = ("stdout", "stderr")
+# The folder of the recorded run this process executes when it is not on this machine's
+# disk (a Ray task's, on an object store): given as an object, since its storage options
+# hold credentials that must not go into the environment of the user's subprocesses.
+_executing: list[Any] = []
+
+
+def executing(folder: Any) -> None:
+    """Set (or, with None, clear) the folder of the run this process executes."""
+    _executing[:] = [] if folder is None else [folder]
+
+
+def executing_folder() -> Any:
+    return _executing[0] if _executing else None
+
+
 _context_stack = threading.local()
 # Blocks open in any thread of this process, so that threads a block starts see it.
 _open_blocks: list[Any] = []

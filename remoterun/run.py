@@ -37,7 +37,6 @@ from .errors import (
 from .folder import (
     LOCAL,
     check_run_name,
-    open_folder,
     split_run_url,
 )
 from .rerun import rerun as _rerun
@@ -243,8 +242,9 @@ class Run:
             if wait_for_end is None or self.folder.archived:
                 time.sleep(delay)
             else:
-                left = None if deadline is None else deadline - time.monotonic()
-                wait_for_end(self.name, self.root, min(_POLL_LONG, left or _POLL_LONG))
+                left = _POLL_LONG if deadline is None else deadline - time.monotonic()
+                if not wait_for_end(self.name, self.root, max(0.0, min(_POLL_LONG, left))):
+                    time.sleep(delay)  # nothing to wait on: read it again, less often
             delay = min(delay * 1.5, _POLL_MAX)
 
     # ------------------------------------------------------------------ outcome
@@ -691,12 +691,9 @@ def current_run() -> Run | None:
     run_dir = os.environ.get("REMOTERUN_RUN_DIR")
     if run_dir:
         return Run(RunFolder(LOCAL, run_dir))
-    url = os.environ.get("REMOTERUN_RUN_URL")  # a run on an object store (Ray)
-    if url:
-        import json  # start-up time: only inside such a run
-
-        options = json.loads(os.environ.get("REMOTERUN_RUN_STORAGE_OPTIONS") or "{}")
-        return Run(open_folder(url, **options), trust="writers")
+    folder = context.executing_folder()  # a run on an object store (Ray)
+    if folder is not None:
+        return Run(folder, trust="writers")
     return None
 
 

@@ -301,23 +301,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-# Last in this module: it takes the second node down for the rest of the session.
-def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
-    pidfile = scratch / "pid"
-    on_b = rr.function(
-        tasks.note_pid_then_sleep, system=system, resources={"custom": {"node_b": 0.01}}
-    )
-    run = on_b.run(str(pidfile), 120, run_name=f"node-{uuid.uuid4().hex[:6]}")
-    deadline = time.monotonic() + 60
-    while not (pidfile.exists() and pidfile.read_text()):
-        assert time.monotonic() < deadline, "the run never started"
-        time.sleep(0.05)
-    cluster.kill_worker_node()
-    with pytest.raises(rr.WorkerLostError, match="worker lost"):
-        run.result(timeout=90)
-    assert system.get_run(run.name).status is rr.RunStatus.FAILED
-
-
 def test_without_an_address_a_local_ray_is_started(tmp_path):
     # In a process of its own: Ray allows one cluster per driver process.
     script = (
@@ -356,3 +339,20 @@ def test_a_slow_calls_output_is_printed_as_it_comes(system, monkeypatch):
     monkeypatch.undo()
     assert "".join(text for _, text in seen) == "line 0\nline 1\n"
     assert seen[0][0] - started < ended - started - 0.5, "the first line came only at the end"
+
+
+# Last in this module: it takes the second node down for the rest of the session.
+def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
+    pidfile = scratch / "pid"
+    on_b = rr.function(
+        tasks.note_pid_then_sleep, system=system, resources={"custom": {"node_b": 0.01}}
+    )
+    run = on_b.run(str(pidfile), 120, run_name=f"node-{uuid.uuid4().hex[:6]}")
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    cluster.kill_worker_node()
+    with pytest.raises(rr.WorkerLostError, match="worker lost"):
+        run.result(timeout=90)
+    assert system.get_run(run.name).status is rr.RunStatus.FAILED

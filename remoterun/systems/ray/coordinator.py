@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -27,6 +28,7 @@ from ...agent.runfolder import Files, RunFolder
 from ...agent.store import HostRuns, decide, hit_reply
 from ...errors import CorruptRunError
 from ...folder import check_run_name
+from .options import ray_options
 
 
 class Coordinator:
@@ -87,9 +89,14 @@ class Coordinator:
             if action == Action.START and request.get("payload_omitted"):
                 return {"name": name, "action": Action.NEED_PAYLOAD, "root": self.root}
             if action == Action.START:
+                options = ray_options(request.get("resources"))  # a bad one: nothing moved
                 previous = decision.get("previous")
                 attempt = 1 if previous is None else folder.archive_attempt(previous.get("attempt"))
-                done, started = self._start(folder, request, attempt)
+                try:
+                    done, started = self._start(folder, request, attempt, options)
+                except BaseException:
+                    self._undo(folder, attempt)
+                    raise
         if done is not None and request.get("wait"):
             done.wait()
         reply: dict[str, Any] = {"name": name, "action": action, "root": self.root}
@@ -117,13 +124,14 @@ class Coordinator:
             reply.update(folder.read_outcome(config))
         return reply
 
-    def wait_for_end(self, name: str, timeout: float) -> bool:
+    def wait_for_end(self, name: str, timeout: float) -> str:
         """Wait up to ``timeout`` seconds for the run ``name`` that this coordinator runs
-        to have its end recorded; whether it has (or is not running here)."""
+        to have its end recorded: ``"ended"``, ``"running"`` (the time is up), or
+        ``"untracked"`` (no task of this coordinator runs it: nothing to wait for)."""
         tracked = self._tasks.get(name)
         if tracked is None:
-            return True
-        return tracked[2].wait(timeout)
+            return "untracked"
+        return "ended" if tracked[2].wait(timeout) else "running"
 
     def cancel(self, name: str) -> dict | None:
         folder = self.folder(name)
@@ -134,13 +142,15 @@ class Coordinator:
             tracked = self._tasks.get(name)
             config.cancelled()
             folder.write_record(config)
-        if tracked is not None:
-            import ray
+            if tracked is not None:  # under the lock: no new attempt starts before it
+                import ray
 
-            try:
-                ray.cancel(tracked[1], force=True)
-            except Exception:  # noqa: BLE001 - already finished: its record says CANCELLED
-                pass
+                try:
+                    ray.cancel(tracked[1], force=True)
+                except Exception:  # noqa: BLE001 - already finished: it says CANCELLED
+                    pass
+        if tracked is not None:
+            tracked[2].wait(10)  # its watcher has seen it end
         return config
 
     # ------------------------------------------------------------------ runs
@@ -158,21 +168,38 @@ class Coordinator:
         coordinator runs it. The caller holds the lock."""
         if config is None or config.status != RUNNING or self._tracked(folder.name, config):
             return config
-        if config.get("coordinator") == self.id:
-            return config  # started by this coordinator, its watcher records the end
+        # Not tracked: its watcher records an end before it lets a run go, so no task of
+        # this coordinator runs it (and another coordinator's run was cut off with it).
         config.lost("no Ray task runs it any more (its coordinator or cluster restarted)")
         folder.write_record(config)
         return config
 
+    def _undo(self, folder: RunFolder, attempt: int) -> None:
+        """Take back an attempt that could not be started: stop its task if it has one,
+        move the previous attempt back."""
+        tracked = self._tasks.pop(folder.name, None)
+        if tracked is not None:
+            import ray
+
+            try:
+                ray.cancel(tracked[1], force=True)
+            except Exception:  # noqa: BLE001 - it never ran
+                pass
+            tracked[2].set()
+        try:
+            folder.undo_attempt(attempt)
+        except OSError:
+            pass  # the record, if any, says what is there
+
     def _start(
-        self, folder: RunFolder, request: dict, attempt: int
+        self, folder: RunFolder, request: dict, attempt: int, options: dict
     ) -> tuple[threading.Event, RunRecord]:
         """Start the new attempt's task, write its files and RUNNING record while it
         starts, and watch it. The task gets the function and inputs from here, not from
         the folder; it writes only its logs and outcome, and the record of its end is
         written after the RUNNING one (by the watcher, under the same lock)."""
         folder.create()
-        ref = self._launch(folder, request)
+        ref = self._launch(folder, request, options)
         done = threading.Event()
         self._tasks[folder.name] = (attempt, ref, done)
         fields = dict(request.get("record") or {})
@@ -187,17 +214,8 @@ class Coordinator:
         threading.Thread(target=self._watch, args=(folder, attempt, ref, done), daemon=True).start()
         return done, RunRecord(record)
 
-    def _launch(self, folder: RunFolder, request: dict) -> Any:
-        """Submit the run's task, with the resources the request asks for."""
-        options: dict[str, Any] = {}
-        resources = dict(request.get("resources") or {})
-        for key in ("num_cpus", "num_gpus", "memory"):
-            if key in resources:
-                options[key] = resources.pop(key)
-        if resources.get("custom"):
-            resources.update(resources.pop("custom"))
-        if resources:
-            options["resources"] = resources
+    def _launch(self, folder: RunFolder, request: dict, options: dict) -> Any:
+        """Submit the run's task with its Ray options."""
         fn_name = (request.get("record") or {}).get("fn_name") or "the function"
         execute = self._execute.options(**options) if options else self._execute
         return execute.remote(
@@ -223,21 +241,35 @@ class Coordinator:
                 outcome, lost = None, f"its Ray worker died ({type(exc).__name__})"
             except exceptions.RayError as exc:
                 outcome, lost = None, f"its Ray task failed ({type(exc).__name__}: {exc})"
-            with self.lock(folder.name):
-                config = folder.read_record()
-                if config is None or config.status != RUNNING or config.attempt != attempt:
-                    return
-                if outcome is None:
-                    config.lost(lost or "unknown")
-                else:
-                    config.setdefault("digests", {}).update(outcome.get("digests") or {})
-                    if outcome["status"] == "COMPLETED":
-                        config.completed()
-                    else:
-                        config.failed(outcome["message"], outcome["type"], outcome["traceback"])
-                folder.write_record(config)
+            for tries in range(5):  # a store's hiccup must not leave it RUNNING
+                try:
+                    self._record_end(folder, attempt, outcome, lost)
+                    break
+                except Exception:  # noqa: BLE001 - tried again; the last one is logged
+                    if tries == 4:
+                        import traceback
+
+                        traceback.print_exc()
+                    time.sleep(0.2 * (tries + 1))
         finally:
             current = self._tasks.get(folder.name)
             if current is not None and current[1] is ref:
                 del self._tasks[folder.name]
             done.set()
+
+    def _record_end(
+        self, folder: RunFolder, attempt: int, outcome: dict | None, lost: str | None
+    ) -> None:
+        with self.lock(folder.name):
+            config = folder.read_record()
+            if config is None or config.status != RUNNING or config.attempt != attempt:
+                return
+            if outcome is None:
+                config.lost(lost or "unknown")
+            else:
+                config.setdefault("digests", {}).update(outcome.get("digests") or {})
+                if outcome["status"] == "COMPLETED":
+                    config.completed()
+                else:
+                    config.failed(outcome["message"], outcome["type"], outcome["traceback"])
+            folder.write_record(config)

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, ContextManager
 
-from ...agent.protocol import STDERR, STDOUT, Failure, Op
+from ...agent.protocol import STDERR, STDOUT, Action, Failure, Op
 from ...agent.runfolder import Files, RunFolder
 from ...agent.store import hit_reply
 from ...errors import (
@@ -31,8 +31,12 @@ from ...folder import files_of
 from ...registry import share_list
 from ..base import System
 from ..connection import AgentConnection, OutputHandler
+from .options import ray_options
 
 NAMESPACE = "remoterun"
+# Functions pickled smaller than this travel with each call; larger ones once, by
+# reference (workers keep them unpickled, by key, either way).
+_INLINE_FUNCTION = 64 << 10
 # A synchronous call's output is printed as it comes once the call has run this long.
 _LIVE_AFTER = 0.1
 # How often a RUNNING run's liveness is asked of the coordinator while it is read.
@@ -147,7 +151,8 @@ class RaySystem(System):
                         options.update(_node_ip_address="127.0.0.1", include_dashboard=False)
                     try:
                         ray.init(
-                            address=self.address,
+                            # None would join $RAY_ADDRESS or the last cluster started here
+                            address=self.address or "local",
                             namespace=NAMESPACE,
                             runtime_env=self.runtime_env,
                             log_to_driver=False,
@@ -180,6 +185,9 @@ class RaySystem(System):
                         max_task_retries=0,
                         max_concurrency=256,
                         num_cpus=0,
+                        # On the head node: Ray stops the tasks of an owner that dies,
+                        # so the coordinator lives where the cluster itself does.
+                        resources={"node:__internal_head__": 0.001},
                     )
                     self._coordinator = actor.remote(self.files(), self._root, self._url)
         return self._coordinator
@@ -188,20 +196,16 @@ class RaySystem(System):
 
     def _task_options(self, op: dict) -> dict:
         resources = {**self.resources, **(op.get("resources") or {})}
-        options: dict[str, Any] = {"max_retries": 0}
-        for key in ("num_cpus", "num_gpus", "memory"):
-            if key in resources:
-                options[key] = resources.pop(key)
-        custom = dict(resources.pop("custom", None) or {})
-        custom.update(resources)
-        if custom:
-            options["resources"] = custom
-        return options
+        return {"max_retries": 0, **ray_options(resources)}
 
     def _function_holder(self, op: dict, fn_bytes: bytes) -> list:
         """The function for a task, as a one-item list (so that Ray does not fetch it
         before the worker knows it needs it): a Ray object put once per function."""
         key = op["fn_key"]
+        if len(fn_bytes) <= _INLINE_FUNCTION:
+            # Small: sent with each call (a reference inside the arguments costs Ray a
+            # borrower's bookkeeping per call, more than a few KB of bytes).
+            return [fn_bytes]
         ref = self._functions.get(key)
         if ref is None:
             ref = self._connect().put(fn_bytes)
@@ -289,9 +293,10 @@ class RaySystem(System):
         # The run root is readable from here: a hit needs no Ray at all.
         return hit_reply(self.folder(request["name"]), request, self._root)
 
-    def wait_for_end(self, name: str, root: str, timeout: float) -> None:
-        """Return once the run ``name`` has its end recorded, or after ``timeout`` s."""
-        self._remote_op("wait_for_end", name, timeout)
+    def wait_for_end(self, name: str, root: str, timeout: float) -> bool:
+        """Return once the run ``name`` has its end recorded, or after ``timeout`` s;
+        False when nothing tracks it (its record is read again, after a pause)."""
+        return self._remote_op("wait_for_end", name, timeout) != "untracked"
 
     def _request(self, op: dict, on_output: OutputHandler | None = None) -> dict:
         kind = op["op"]
@@ -312,22 +317,42 @@ class RaySystem(System):
         if kind == Op.CANCEL:
             return {"config": self._remote_op("cancel", op["name"])}
         if kind == Op.SUBMIT:
-            op = dict(op)
+            # Waiting happens here, not in the coordinator (whose threads serve everyone):
+            # the run's logs are printed as they come meanwhile.
+            wait, want_outcome = op.get("wait"), op.get("want_outcome")
+            op = dict(op, wait=False, want_outcome=False)
             resources = {**self.resources, **(op.get("resources") or {})}
             if resources:
                 op["resources"] = resources
             reply = self._remote_op("submit", op)
-            self._checked[op["name"]] = time.monotonic()  # it was just started or found
-            if op.get("wait") and on_output is not None:
-                folder = self.folder(op["name"])
-                for stream in ("stdout", "stderr"):
-                    data = folder.read_log(stream)
-                    if data:
-                        on_output(_OUTPUT_KINDS[stream], data)
+            name = op["name"]
+            self._checked[name] = time.monotonic()  # it was just started or found
+            if wait and reply["action"] == Action.START:
+                self._follow_run(name, on_output)
+                reply.update(self.folder(name).read_with_outcome(bool(want_outcome)))
+            elif want_outcome and reply.get("config") is not None:
+                config = reply["config"]
+                if config.terminal:
+                    reply.update(self.folder(name).read_outcome(config))
             return reply
         if kind == Op.PING:
             return self._remote_op("ping")
         raise RemoterunError(f"{self.name} does not do {kind!r}")
+
+    def _follow_run(self, name: str, on_output: OutputHandler | None) -> None:
+        """Wait for a run started here to end, printing its logs as they grow."""
+        folder = self.folder(name)
+        printed = {"stdout": 0, "stderr": 0}
+        while True:
+            state = self._remote_op("wait_for_end", name, 0.25)
+            if on_output is not None:
+                for stream in ("stdout", "stderr"):
+                    data = folder.read_log(stream, printed[stream])
+                    if data:
+                        printed[stream] += len(data)
+                        on_output(_OUTPUT_KINDS[stream], data)
+            if state != "running":
+                return
 
     def _remote_op(self, method: str, *args: Any) -> Any:
         ray = self._connect()

@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any
 
-from ...agent import pickling
+from ... import context
+from ...agent import layout, pickling
 from ...agent.protocol import Failure
 from ...agent.record import SERIALIZATION_ERROR
 from ...agent.runfolder import RunFolder, resolve_run_arguments
@@ -46,6 +47,20 @@ def _function(fn_key: str, fn_holder: list) -> Any:
     return fn
 
 
+_files: list[Any] = []
+
+
+def _capture_files() -> list[Any]:
+    """This worker's two capture files, emptied: made once (a worker runs one call at
+    a time), since making them costs more than a quick call."""
+    if not _files:
+        _files.extend(tempfile.TemporaryFile() for _ in range(2))  # noqa: SIM115
+    for f in _files:
+        f.seek(0)
+        f.truncate()
+    return _files
+
+
 class _Captured:
     """fds 1 and 2 pointed at temporary files for the span of one call; what was written
     is returned, in order per stream. A call still running after ``_LIVE_AFTER`` seconds
@@ -54,13 +69,14 @@ class _Captured:
     waits."""
 
     def __init__(self, live: str | None = None) -> None:
-        self.files = [tempfile.TemporaryFile() for _ in range(2)]  # noqa: SIM115 - closed in output()
+        self.files = _capture_files()
         self.saved: list[int] = []
         self.live = live
         self.started = time.monotonic()
         self.targets: list[Any] | None = None
         self.offsets = [0, 0]
         self.lock = threading.Lock()
+        self.closed = False
 
     def __enter__(self) -> _Captured:
         for stream in (sys.stdout, sys.stderr):
@@ -87,11 +103,19 @@ class _Captured:
     def copy_out(self) -> None:
         """Copy what was written since the last copy to the live folder."""
         with self.lock:
+            if self.closed:
+                return
             if self.targets is None:
-                try:
-                    os.makedirs(self.live, mode=0o700, exist_ok=True)  # type: ignore[arg-type]
+                try:  # private to the run root's owner, as the runs in it are
+                    layout.makedirs_private(self.live)  # type: ignore[arg-type]
                     self.targets = [
-                        open(os.path.join(self.live, s), "ab")  # type: ignore[arg-type]  # noqa: SIM115
+                        os.fdopen(
+                            layout.open_private(
+                                os.path.join(self.live, s),  # type: ignore[arg-type]
+                                os.O_WRONLY | os.O_APPEND,
+                            ),
+                            "ab",
+                        )
                         for s in ("stdout", "stderr")
                     ]
                 except OSError:
@@ -109,13 +133,13 @@ class _Captured:
         for kind, f in zip(("stdout", "stderr"), self.files):
             f.seek(0)
             data = f.read()
-            f.close()
             if data:
                 out.append((kind, data))
         return out
 
     def close_live(self) -> None:
         with self.lock:
+            self.closed = True
             for target in self.targets or ():
                 target.close()
             self.targets = None
@@ -230,13 +254,19 @@ def map_chunk(fn_key: str, fn_holder: list, items: bytes) -> dict:
     return reply
 
 
-def _node() -> str:
-    import ray
+_node_id: list[str] = []
 
-    try:
-        return ray.get_runtime_context().get_node_id()[:12]
-    except Exception:  # noqa: BLE001 - a label only
-        return "?"
+
+def _node() -> str:
+    """This worker's node, as a short label."""
+    if not _node_id:
+        import ray
+
+        try:
+            _node_id.append(ray.get_runtime_context().get_node_id()[:12])
+        except Exception:  # noqa: BLE001 - a label only
+            return "?"
+    return _node_id[0]
 
 
 # --------------------------------------------------------------------------- recorded runs
@@ -259,12 +289,9 @@ def execute(
     with _RunLogs(folder):
         if folder.local:
             os.environ["REMOTERUN_RUN_DIR"] = folder.path
-        else:
-            import json
-
+        else:  # the folder itself, credentials and all, stays in this process
             os.environ["REMOTERUN_RUN_URL"] = run_url
-            options = getattr(getattr(folder.files, "fs", None), "storage_options", None) or {}
-            os.environ["REMOTERUN_RUN_STORAGE_OPTIONS"] = json.dumps(options, default=str)
+            context.executing(folder)
         os.environ["REMOTERUN_RUN_NAME"] = folder.name
         error: dict | None = None
         result: bytes | None = None
@@ -290,13 +317,9 @@ def execute(
             error = error_record(exc, skip_frames=1)
             sys.stderr.write(error["traceback"])
         finally:
-            for key in (
-                "REMOTERUN_RUN_URL",
-                "REMOTERUN_RUN_DIR",
-                "REMOTERUN_RUN_NAME",
-                "REMOTERUN_RUN_STORAGE_OPTIONS",
-            ):
+            for key in ("REMOTERUN_RUN_URL", "REMOTERUN_RUN_DIR", "REMOTERUN_RUN_NAME"):
                 os.environ.pop(key, None)
+            context.executing(None)
     if error is None:
         folder.write_result(result or b"", digests)
         return {"status": "COMPLETED", "digests": digests.get("digests", {})}
