@@ -312,7 +312,7 @@ class RaySystem(System):
             now = time.monotonic()
             if now - self._checked.get(name, 0.0) < _LIVENESS_EVERY:
                 return reply
-            self._checked[name] = now
+            self._note_checked(name)
             return self._remote_op("status", name, op.get("want_outcome", False))
         if kind == Op.CANCEL:
             return {"config": self._remote_op("cancel", op["name"])}
@@ -326,7 +326,7 @@ class RaySystem(System):
                 op["resources"] = resources
             reply = self._remote_op("submit", op)
             name = op["name"]
-            self._checked[name] = time.monotonic()  # it was just started or found
+            self._note_checked(name)  # it was just started or found
             if wait and reply["action"] == Action.START:
                 self._follow_run(name, on_output)
                 reply.update(self.folder(name).read_with_outcome(bool(want_outcome)))
@@ -338,6 +338,11 @@ class RaySystem(System):
         if kind == Op.PING:
             return self._remote_op("ping")
         raise RemoterunError(f"{self.name} does not do {kind!r}")
+
+    def _note_checked(self, name: str) -> None:
+        if len(self._checked) > 4096:  # the oldest looks are of runs long over
+            self._checked.clear()
+        self._checked[name] = time.monotonic()
 
     def _follow_run(self, name: str, on_output: OutputHandler | None) -> None:
         """Wait for a run started here to end, printing its logs as they grow."""

@@ -151,30 +151,35 @@ _LIVE_EVERY = 0.05
 
 class _Mirror:
     """One thread per worker process that copies the output of its slow calls to their
-    live folders (a thread per call would cost every quick call its start)."""
+    live folders (a thread per call would cost every quick call its start). It sleeps
+    while no call is watched."""
 
     def __init__(self) -> None:
         self.calls: set[_Captured] = set()
-        self.lock = threading.Lock()
+        self.changed = threading.Condition()
         self.thread: threading.Thread | None = None
 
     def watch(self, captured: _Captured) -> None:
-        with self.lock:
+        with self.changed:
             self.calls.add(captured)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, daemon=True)
                 self.thread.start()
+            self.changed.notify()
 
     def unwatch(self, captured: _Captured) -> None:
-        with self.lock:
+        with self.changed:
             self.calls.discard(captured)
         captured.close_live()
 
     def _run(self) -> None:
         while True:
+            with self.changed:
+                while not self.calls:
+                    self.changed.wait()
             time.sleep(_LIVE_EVERY)
             now = time.monotonic()
-            with self.lock:
+            with self.changed:
                 slow = [c for c in self.calls if now - c.started >= _LIVE_AFTER and c.live]
             for captured in slow:
                 try:
@@ -347,6 +352,7 @@ class _RunLogs:
         self.paths: list[str] = []
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.shipped: dict[str, int] = {}  # stream -> size of its last copy
 
     def __enter__(self) -> _RunLogs:
         for stream in (sys.stdout, sys.stderr):
@@ -394,6 +400,12 @@ class _RunLogs:
                 time.sleep(self._PERIOD)
 
     def _ship(self) -> None:
+        """Copy each log that grew since its last copy (an object is written whole)."""
         for stream, path in zip(("stdout", "stderr"), self.paths):
+            size = os.path.getsize(path)
+            if self.shipped.get(stream) == size:
+                continue
             with open(path, "rb") as f:
-                self.folder.write_log(stream, f.read())
+                data = f.read()
+            self.folder.write_log(stream, data)
+            self.shipped[stream] = len(data)
