@@ -341,6 +341,39 @@ def test_a_slow_calls_output_is_printed_as_it_comes(system, monkeypatch):
     assert seen[0][0] - started < ended - started - 0.5, "the first line came only at the end"
 
 
+def test_ctrl_c_during_a_call_stops_the_task(cluster, runs_root, scratch):
+    pidfile = scratch / "pid"
+    code = (
+        "import time\n"
+        "try:\n"
+        f"    rr.function(tasks.note_pid_then_sleep, system=system)({str(pidfile)!r}, 120)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "time.sleep(60)\n"  # the driver lives on: only the call must end
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _script(cluster, runs_root, code)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **cluster.env()},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline, "the call never started"
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        driver.send_signal(2)  # SIGINT, as Ctrl-C
+        assert driver.stdout.readline().strip() == "interrupted"
+        deadline = time.monotonic() + 30
+        while _alive(pid):
+            assert time.monotonic() < deadline, "the task went on after Ctrl-C"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait()
+
+
 # Last in this module: it takes the second node down for the rest of the session.
 def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
     pidfile = scratch / "pid"

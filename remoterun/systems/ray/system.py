@@ -240,6 +240,9 @@ class RaySystem(System):
                 except ray.exceptions.GetTimeoutError:
                     self._follow(ref, live, printed, on_output)  # type: ignore[arg-type]
                     reply = ray.get(ref)
+        except KeyboardInterrupt:
+            ray.cancel(ref, force=True)  # Ctrl-C stops the call, as on the other systems
+            raise
         except ray.exceptions.RayError as exc:
             lost = {
                 "kind": Failure.REMOTE,
