@@ -248,19 +248,7 @@ class Agent:
     def op_call(self, request: dict, req_id: int) -> dict:
         """Call a function here, in the agent: the synchronous fast path (no folder)."""
         fn, inputs = self._load(request, "inputs")
-        try:
-            if request.get("run_args"):
-                inputs = resolve_run_arguments(inputs)
-            value = fn(*inputs["args"], **inputs["kwargs"])
-        except BaseException as exc:
-            raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
-        try:
-            return {"result": pickling.dumps(value)}
-        except Exception as exc:
-            raise _Failure(
-                "serialization",
-                f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
-            ) from exc
+        return {"result": call_pickled(fn, inputs, bool(request.get("run_args")))}
 
     def op_map(self, request: dict, req_id: int) -> dict:
         """Call a function on a chunk of argument tuples, one after the other.
@@ -269,19 +257,7 @@ class Agent:
         one item's failure does not stop the others.
         """
         fn, items = self._load(request, "items")
-        outcomes: list[tuple[bool, Any]] = []
-        for args in items:
-            try:
-                value = fn(*args)
-            except BaseException as exc:
-                outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
-                continue
-            try:
-                outcomes.append((True, pickling.dumps(value)))
-            except Exception as exc:
-                message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
-                outcomes.append((False, _failure_record(_Failure(Failure.SERIALIZATION, message))))
-        return {"outcomes": outcomes}
+        return {"outcomes": map_outcomes(fn, items)}
 
     def op_submit(self, request: dict, req_id: int) -> dict:
         """Record a run and start it detached, or answer from the cache.
@@ -399,6 +375,43 @@ class _Failure(Exception):
         self.remoterun_kind = kind
         self.original = exc
         self.skip_frames = skip_frames
+
+
+def call_pickled(fn: Any, inputs: dict, run_args: bool) -> bytes:
+    """``fn(*args, **kwargs)`` of the unpickled ``inputs``, its value pickled; a failure
+    raised as an op failure (the function's own exception, or a value that cannot be
+    pickled). Also what Ray's workers run (``systems/ray/tasks.py``)."""
+    try:
+        if run_args:
+            inputs = resolve_run_arguments(inputs)
+        value = fn(*inputs["args"], **inputs["kwargs"])
+    except BaseException as exc:
+        raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
+    try:
+        return pickling.dumps(value)
+    except Exception as exc:
+        raise _Failure(
+            Failure.SERIALIZATION,
+            f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
+        ) from exc
+
+
+def map_outcomes(fn: Any, items: list) -> list[tuple[bool, Any]]:
+    """``fn(*args)`` for each argument tuple: ``(True, value pickle)`` or ``(False,
+    failure record)`` each, one item's failure not stopping the others."""
+    outcomes: list[tuple[bool, Any]] = []
+    for args in items:
+        try:
+            value = fn(*args)
+        except BaseException as exc:
+            outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
+            continue
+        try:
+            outcomes.append((True, pickling.dumps(value)))
+        except Exception as exc:
+            message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
+            outcomes.append((False, _failure_record(_Failure(Failure.SERIALIZATION, message))))
+    return outcomes
 
 
 def _load_failure_message(exc: BaseException) -> str:

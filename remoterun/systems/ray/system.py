@@ -108,8 +108,15 @@ class RaySystem(System):
         self._checked: dict[str, float] = {}  # run name -> when the coordinator last said
 
     def __reduce__(self) -> tuple:
-        state = (self.address, self.runs, self.runtime_env, self.storage_options)
-        return (_rebuild, (*state, self.resources, self.share, self.name))
+        options = dict(
+            runs=self.runs,
+            runtime_env=self.runtime_env,
+            storage_options=self.storage_options,
+            resources=self.resources,
+            share=self.share,
+            name=self.name,
+        )
+        return (_rebuild, (self.address, options))
 
     def __repr__(self) -> str:
         return f"<RaySystem {self.name!r} runs={self._url!r}>"
@@ -391,36 +398,9 @@ def _remote(ray: Any, name: str, fn: Any, options: dict) -> Any:
     return task
 
 
-def _rebuild(*args: Any) -> RaySystem:
-    address, runs, runtime_env, storage_options, resources, share, name = args
-    return RaySystem(
-        address,
-        runs=runs,
-        runtime_env=runtime_env,
-        storage_options=storage_options,
-        resources=resources,
-        share=share,
-        name=name,
-    )
+def _rebuild(address: str | None, options: dict) -> RaySystem:
+    return RaySystem(address, **options)
 
 
-def ray(
-    address: str | None = None,
-    *,
-    runs: str | None = None,
-    runtime_env: dict | None = None,
-    storage_options: dict | None = None,
-    resources: dict | None = None,
-    share: Any = None,
-    name: str | None = None,
-) -> RaySystem:
-    """A Ray cluster as a System: see ``RaySystem``."""
-    return RaySystem(
-        address,
-        runs=runs,
-        runtime_env=runtime_env,
-        storage_options=storage_options,
-        resources=resources,
-        share=share,
-        name=name,
-    )
+#: ``rr.ray(address=None, *, runs=None, runtime_env=None, ...)``: see ``RaySystem``.
+ray = RaySystem

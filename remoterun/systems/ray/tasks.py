@@ -23,7 +23,13 @@ from ...agent import layout, pickling
 from ...agent.protocol import Failure
 from ...agent.record import SERIALIZATION_ERROR
 from ...agent.runfolder import RunFolder, resolve_run_arguments
-from ...agent.server import _Failure, _failure_record, _load_failure_message
+from ...agent.server import (
+    _Failure,
+    _failure_record,
+    _load_failure_message,
+    call_pickled,
+    map_outcomes,
+)
 
 # Functions already unpickled in this worker process, by key.
 _functions: dict[str, Any] = {}
@@ -208,55 +214,28 @@ def call(
 
 
 def _call(fn_key: str, fn_holder: list, inputs: bytes, run_args: bool) -> bytes:
-    try:
-        fn = _function(fn_key, fn_holder)
-        loaded = pickling.loads(inputs)
-    except BaseException as exc:
-        raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
-    try:
-        if run_args:
-            loaded = resolve_run_arguments(loaded)
-        value = fn(*loaded["args"], **loaded["kwargs"])
-    except BaseException as exc:
-        raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
-    try:
-        return pickling.dumps(value)
-    except Exception as exc:
-        raise _Failure(
-            Failure.SERIALIZATION,
-            f"the return value ({type(value).__name__}) cannot be pickled: {exc}",
-        ) from exc
+    return call_pickled(*_load(fn_key, fn_holder, inputs), run_args)
 
 
 def map_chunk(fn_key: str, fn_holder: list, items: bytes) -> dict:
     """A chunk of ``map``: ``{"ok": True, "outcomes": [(True, pickle) | (False, record)]}``."""
     with _Captured() as captured:
         try:
-            try:
-                fn = _function(fn_key, fn_holder)
-                loaded = pickling.loads(items)
-            except BaseException as exc:
-                raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
-            outcomes: list[tuple[bool, Any]] = []
-            for args in loaded:
-                try:
-                    value = fn(*args)
-                except BaseException as exc:
-                    outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
-                    continue
-                try:
-                    outcomes.append((True, pickling.dumps(value)))
-                except Exception as exc:
-                    message = f"the return value ({type(value).__name__}) cannot be pickled: {exc}"
-                    outcomes.append(
-                        (False, _failure_record(_Failure(Failure.SERIALIZATION, message)))
-                    )
-            reply: dict = {"ok": True, "outcomes": outcomes}
-        except BaseException as exc:  # noqa: BLE001
+            reply: dict = {"ok": True, "outcomes": map_outcomes(*_load(fn_key, fn_holder, items))}
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back as a record
             reply = {"ok": False, "failure": _failure_record(exc)}
     reply["output"] = captured.output()
     reply["node"] = _node()
     return reply
+
+
+def _load(fn_key: str, fn_holder: list, data: bytes) -> tuple[Any, Any]:
+    """The function and the unpickled ``data``; a failure to load either (a module
+    missing on this node) is reported as such, not as the function's error."""
+    try:
+        return _function(fn_key, fn_holder), pickling.loads(data)
+    except BaseException as exc:
+        raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
 
 
 _node_id: list[str] = []
