@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,7 +59,10 @@ def test_a_driver_runs_a_task_on_each_node_with_remoterun_importable(cluster):
     assert out["node_b"]["node"] == cluster.node_ids["node_b"]
     assert cluster.node_ids["node_a"] != cluster.node_ids["node_b"]
     for node in ("node_a", "node_b"):
-        assert out[node]["python"] == sys.executable  # the workers run this interpreter
+        # the workers run this interpreter, of this environment (python or python3 in it)
+        worker_python = out[node]["python"]
+        assert os.path.dirname(worker_python) == os.path.dirname(sys.executable)
+        assert os.path.samefile(worker_python, sys.executable)
         assert out[node]["remoterun"] == remoterun.__file__
         assert out[node]["marker"] == cluster.cluster_id  # what teardown finds workers by
 
