@@ -18,6 +18,35 @@ import remoterun as rr
 
 TESTS = Path(__file__).resolve().parent
 
+# Every SSH test runs over both transports: the ssh binary's and paramiko's.
+SSH_TRANSPORTS = ("paramiko", "openssh")
+# As parameters of tests that also run elsewhere ("local", "s3", ...).
+SSH_PARAMS = tuple(f"ssh-{transport}" for transport in SSH_TRANSPORTS)
+# Modules whose every test is about SSH (their hosts are fixtures of their own).
+_SSH_MODULES = {"test_ssh", "test_ssh_trust"}
+
+
+def transport_of(param: str) -> str:
+    """The transport of an ``ssh-<transport>`` parameter."""
+    return param.split("-", 1)[1]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that use the suite's sshd run once per transport (``ssh_transport``)."""
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "ssh_server" in metafunc.fixturenames or module in _SSH_MODULES:
+        metafunc.parametrize("ssh_transport", SSH_TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def ssh_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The transport of the test's clusters (and of the clients it starts), when the test
+    is run once per transport; as ``$REMOTERUN_SSH_TRANSPORT``."""
+    transport = getattr(request, "param", None)
+    if transport is not None:
+        monkeypatch.setenv("REMOTERUN_SSH_TRANSPORT", transport)
+    return transport
+
 
 @pytest.fixture(autouse=True)
 def remoterun_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -55,15 +84,17 @@ def make_cluster(server, name: str = "test", **options):
     )
 
 
-@pytest.fixture(params=["local", "ssh"])
+@pytest.fixture(params=["local", *SSH_PARAMS])
 def system(request: pytest.FixtureRequest, tmp_path: Path):
-    """Every executing system, each with its own empty run root."""
+    """Every executing system (SSH over each transport), each with its own empty run
+    root."""
     if request.param == "local":
         system_ = rr.LocalSystem(root=str(tmp_path / "runs"))
     else:
-        system_ = make_cluster(request.getfixturevalue("ssh_server"))
+        transport = transport_of(request.param)
+        system_ = make_cluster(request.getfixturevalue("ssh_server"), transport=transport)
     yield system_
-    if request.param == "ssh":
+    if request.param != "local":
         root = system_.root
         system_.close()
         shutil.rmtree(root, ignore_errors=True)

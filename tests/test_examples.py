@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_cluster
+from conftest import SSH_PARAMS, make_cluster, transport_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pipeline.py"
 
@@ -36,13 +36,17 @@ def _run(script: Path, *args: str) -> tuple[list[str], list[str], str]:
     return listed("executed"), listed("cached"), out
 
 
-@pytest.mark.parametrize("where", ["local", "ssh"])
+@pytest.mark.parametrize("where", ["local", *SSH_PARAMS])
 def test_pipeline_example(where, tmp_path, request):
     script = tmp_path / "pipeline.py"
     shutil.copy(EXAMPLE, script)
     args: list[str] = []
-    if where == "ssh":
-        cluster = make_cluster(request.getfixturevalue("ssh_server"), name="pipeline-test")
+    if where != "local":
+        cluster = make_cluster(
+            request.getfixturevalue("ssh_server"),
+            name="pipeline-test",
+            transport=transport_of(where),
+        )
         cluster.save()  # the script loads it by name, in its own process
         request.addfinalizer(lambda root=cluster.root: shutil.rmtree(root, ignore_errors=True))
         cluster.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import remote_tasks as tasks
-from conftest import client_env, make_cluster
+from conftest import SSH_PARAMS, client_env, make_cluster, transport_of
 
 import remoterun as rr
 from remoterun.systems.storage import StorageSystem
@@ -39,7 +39,7 @@ NOT_RUNS = {
 }
 
 
-@pytest.fixture(params=["local", "ssh", "s3"])
+@pytest.fixture(params=["local", *SSH_PARAMS, "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path):
     """``(system, what the command line calls it)``, holding one run named ``good``."""
     if request.param == "local":
@@ -47,8 +47,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):
         rr.function(tasks.add, system=system)(1, run_name="good")
         yield system, "here"
         return
-    if request.param == "ssh":
-        system = make_cluster(request.getfixturevalue("ssh_server"), name="listing-box")
+    if request.param in SSH_PARAMS:
+        system = make_cluster(
+            request.getfixturevalue("ssh_server"),
+            name="listing-box",
+            transport=transport_of(request.param),
+        )
         rr.function(tasks.add, system=system)(1, run_name="good")
         system.save()
         yield system, "listing-box"

@@ -266,7 +266,11 @@ def _alive(pid: int) -> bool:
 
 
 def _drop_client_socket(cluster, agent_pid: int) -> None:
-    cluster.hosts[0].client().get_transport().sock.shutdown(socket.SHUT_RDWR)
+    link = cluster.hosts[0].link
+    if link.transport == "openssh":
+        link.master.kill()  # the ssh process that holds the connection
+    else:
+        link.client.get_transport().sock.shutdown(socket.SHUT_RDWR)
 
 
 def _kill_sshd_session(cluster, agent_pid: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import remote_tasks as tasks
-from conftest import client_env, make_cluster
+from conftest import SSH_PARAMS, client_env, make_cluster, transport_of
 
 import remoterun as rr
 from remoterun import folder as folder_module
@@ -36,7 +36,7 @@ def _same_run(copy: rr.Run, original: rr.Run) -> None:
         copy.attempts()[0].result()
 
 
-@pytest.mark.parametrize("where", ["here", "s3", "memory", "ssh"])
+@pytest.mark.parametrize("where", ["here", "s3", "memory", *SSH_PARAMS])
 def test_copy_from_every_system_to_every_place(system, marker, where, request, tmp_path):
     original = _make_run(system, marker)
     if where == "here":
@@ -55,7 +55,7 @@ def test_copy_from_every_system_to_every_place(system, marker, where, request, t
         copy = original.to(f"memory://{tmp_path.name}/runs")
         assert copy.url.endswith(f"{tmp_path.name}/runs/trip")
     else:
-        other = make_cluster(request.getfixturevalue("ssh_server"))
+        other = make_cluster(request.getfixturevalue("ssh_server"), transport=transport_of(where))
         copy = original.to(other)
         assert copy.url.startswith("ssh://")
         assert other.get_run("trip").result() == "second attempt"
@@ -63,7 +63,7 @@ def test_copy_from_every_system_to_every_place(system, marker, where, request, t
     _same_run(copy, original)
 
 
-@pytest.mark.parametrize("to", ["here", "ssh"])
+@pytest.mark.parametrize("to", ["here", *SSH_PARAMS])
 def test_copy_from_s3_to_executing_systems(s3, marker, to, request):
     original = _make_run(rr.local(), marker)
     in_s3 = original.to(f"{s3}/runs/trip")
@@ -71,7 +71,7 @@ def test_copy_from_s3_to_executing_systems(s3, marker, to, request):
     if to == "here":
         target = rr.LocalSystem(root=str(request.getfixturevalue("tmp_path") / "elsewhere"))
     else:
-        target = make_cluster(request.getfixturevalue("ssh_server"))
+        target = make_cluster(request.getfixturevalue("ssh_server"), transport=transport_of(to))
         request.addfinalizer(target.close)
     copy = rr.run(path=f"{s3}/runs/trip").to(target)
     _same_run(copy, original)

@@ -58,6 +58,7 @@ class SSHCluster(System):
         max_sessions: int = 10,
         proxy_jump: str | None = None,
         share: Any = None,
+        transport: str | None = None,
     ):
         """An SSH cluster of one host (``host=``, default: ``name`` as an ~/.ssh/config alias)
         or several (``hosts=[...]``: aliases, ``"user@host:port"`` strings, or dicts that
@@ -81,6 +82,11 @@ class SSHCluster(System):
             ssh_config: the ssh_config file to read instead of ~/.ssh/config.
             share: shared stores (folder URLs) for every function run here: see
                 ``rr.function(share=...)``.
+            transport: "openssh" drives the ``ssh`` binary over one master connection
+                per host, so the whole ssh_config applies (Match, Include,
+                certificates, ProxyCommand, GSSAPI, FIDO keys) and bulk data moves
+                faster; "paramiko" speaks SSH in this process. Default:
+                ``$REMOTERUN_SSH_TRANSPORT``, else "openssh" where ``ssh`` is on PATH.
         """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")
@@ -103,6 +109,7 @@ class SSHCluster(System):
             ssh_config=ssh_config,
             max_sessions=max_sessions,
             proxy_jump=proxy_jump,
+            transport=transport,
         )
         self.share = share_list(share)
         self._options = dict(
@@ -254,14 +261,14 @@ def url_filesystem(url: str, **options: Any) -> tuple[Any, str]:
     URL, over remoterun's own connection to that host: its key checked against
     known_hosts and ~/.ssh/config honoured, as for a cluster (fsspec's own SFTP would take
     any host key). ``options``: ``key``, ``known_hosts``, ``trust_new_hosts``,
-    ``python`` (the host is prepared as for a cluster, on first use)."""
+    ``python`` (the host is prepared as for a cluster, on first use), ``transport``."""
     parts = urllib.parse.urlsplit(url)
     if not parts.hostname:
         raise ValueError(f"{url!r} names no host: ssh://[user@]host[:port]/path")
-    unknown = set(options) - {"key", "known_hosts", "trust_new_hosts", "python"}
+    unknown = set(options) - {"key", "known_hosts", "trust_new_hosts", "python", "transport"}
     if unknown:
         raise ValueError(
-            f"ssh:// URLs take key=, known_hosts=, trust_new_hosts=, python=; "
+            f"ssh:// URLs take key=, known_hosts=, trust_new_hosts=, python=, transport=; "
             f"not {', '.join(sorted(unknown))}"
         )
     cluster = SSHCluster(
@@ -273,5 +280,6 @@ def url_filesystem(url: str, **options: Any) -> tuple[Any, str]:
         known_hosts=options.get("known_hosts"),
         trust_new_hosts=bool(options.get("trust_new_hosts")),
         python=options.get("python") or "python3",
+        transport=options.get("transport"),
     )
     return _HostFileSystem(cluster.hosts[0]), parts.path or "/"

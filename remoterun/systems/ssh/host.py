@@ -1,10 +1,9 @@
-"""One host of an SSH cluster: its connection (through its jump hosts), the package
-installed and agents started over exec channels of that connection, and its run folders
-read over SFTP on it."""
+"""One host of an SSH cluster: its link (a paramiko connection, or the OpenSSH client's
+master connection), the package installed and agents started over sessions of that link,
+and its run folders read over SFTP on it."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -13,8 +12,6 @@ import shlex
 import threading
 import time
 from typing import Any, ContextManager, Sequence
-
-import paramiko
 
 from ... import registry
 from ...agent import pickling
@@ -31,8 +28,7 @@ from ...folder import FsspecFiles, check_run_name, copy_out
 from ...version import __version__
 from ..base import System
 from ..connection import AgentConnection, ConnectionPool
-from .commands import _drain_stderr, _exec
-from .endpoint import _endpoint, _jump_hops, _tunnel
+from .link import TRANSPORTS, Link, ParamikoLink
 from .package import (
     MIN_PYTHON,
     boot_command,
@@ -47,10 +43,6 @@ logger = logging.getLogger(__name__)
 
 # A host that failed to connect is left out of placement for this long.
 _DOWN_FOR = 30.0
-# A wide channel window: at paramiko's default (2 MB) a large argument or result spends
-# most of its time waiting for window adjustments.
-_WINDOW_SIZE = 32 << 20
-_MAX_PACKET = 32 << 10
 # Ops that may be sent again after a lost connection: they change nothing twice.
 _IDEMPOTENT = frozenset({Op.PING, Op.STATUS, Op.CANCEL})
 
@@ -59,11 +51,27 @@ class _PackageDamaged(Exception):
     """The host's copy of the package is missing, or not what the client installed."""
 
 
-def _endpoint_field(name: str) -> Any:
-    return property(
-        lambda self: getattr(self.endpoint, name),
-        lambda self, value: setattr(self.endpoint, name, value),
-    )
+def default_transport() -> str:
+    """``$REMOTERUN_SSH_TRANSPORT`` when set, else "openssh" where an ``ssh`` binary is on
+    PATH, else "paramiko"."""
+    from .openssh import ssh_binary
+
+    chosen = os.environ.get("REMOTERUN_SSH_TRANSPORT", "").strip().lower()
+    if chosen:
+        return chosen
+    return "openssh" if ssh_binary() else "paramiko"
+
+
+def make_link(transport: str | None, **options: Any) -> Link:
+    """The link of ``transport`` ("openssh" or "paramiko"; None: the default)."""
+    transport = transport or default_transport()
+    if transport == "paramiko":
+        return ParamikoLink(**options)
+    if transport == "openssh":
+        from .openssh import OpenSSHLink
+
+        return OpenSSHLink(**options)
+    raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
 
 
 class SSHHost(System):
@@ -89,6 +97,7 @@ class SSHHost(System):
         ssh_config: str | None,
         max_sessions: int = 10,
         proxy_jump: str | None = None,
+        transport: str | None = None,
     ):
         if max_sessions < 3:
             raise ValueError(
@@ -96,20 +105,19 @@ class SSHHost(System):
             )
         self.alias = alias
         self.known_hosts = os.path.expanduser(known_hosts) if known_hosts else None
-        self.endpoint = _endpoint(alias, user, port, key, ssh_config, self.known_hosts)
-        jump = proxy_jump if proxy_jump is not None else self.endpoint.proxy_jump
-        # Each hop is resolved like a host (its ~/.ssh/config entry, its keys), now, so a
-        # malformed ProxyJump fails when the cluster is made, not at its first call.
-        # A hop without an IdentityFile of its own is offered the host's key too.
-        self.jumps = [
-            _endpoint(hop, hop_user, hop_port, None, ssh_config, self.known_hosts)
-            for hop_user, hop, hop_port in _jump_hops(jump)
-        ]
-        for hop in self.jumps:
-            if not hop.config_keys:
-                hop.config_keys = [self.endpoint.key] if self.endpoint.key else []
-                hop.look_for_keys = True
-        self._jump_clients: list[paramiko.SSHClient] = []
+        self.link = make_link(
+            transport,
+            alias=alias,
+            user=user,
+            port=port,
+            key=key,
+            ssh_config=ssh_config,
+            known_hosts=self.known_hosts,
+            trust_new_hosts=trust_new_hosts,
+            connect_timeout=connect_timeout,
+            proxy_jump=proxy_jump,
+        )
+        self.transport = self.link.transport
         self.python = python
         self.env = dict(env)
         self.setup = list(setup)
@@ -117,7 +125,6 @@ class SSHHost(System):
         self.connect_timeout = connect_timeout
         self._root_spec = root
         self.name = f"{cluster_name}:{alias}"
-        self._client: paramiko.SSHClient | None = None
         self._fs: _SharedSFTPFileSystem | None = None
         self._lock = threading.Lock()
         self._python_abs: str | None = None
@@ -136,11 +143,12 @@ class SSHHost(System):
     def __repr__(self) -> str:
         return f"<SSHHost {self.user}@{self.hostname}:{self.port}>"
 
-    # Where the host is and as whom: its endpoint holds them, with how to authenticate.
-    hostname = _endpoint_field("hostname")
-    user = _endpoint_field("user")
-    port = _endpoint_field("port")
-    key = _endpoint_field("key")
+    # Where the host is and as whom, as the link resolves them with the ssh config; the
+    # user, port and key given can be changed (for the next connection).
+    hostname = property(lambda self: self.link.hostname)
+    user = property(lambda self: self.link.user, lambda self, v: self.link.override("user", v))
+    port = property(lambda self: self.link.port, lambda self, v: self.link.override("port", v))
+    key = property(None, lambda self, value: self.link.override("key", value))
 
     def host_label(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
@@ -169,51 +177,26 @@ class SSHHost(System):
 
     # ------------------------------------------------------------------ connecting
 
-    def client(self) -> paramiko.SSHClient:
-        """The host's one connection, opened (and the package uploaded) on first use."""
-        client = self._client
-        if (
-            client is not None
-            and client.get_transport() is not None
-            and client.get_transport().is_active()
-        ):
-            return client
+    def connected(self) -> Link:
+        """The host's one link, opened (and the setup commands run) on first use, and
+        again after it dropped."""
+        link = self.link
+        if link.is_open():
+            return link
         with self._lock:
-            client = self._client
-            if (
-                client is None
-                or client.get_transport() is None
-                or not client.get_transport().is_active()
-            ):
+            if not link.is_open():
                 self._pool.close()
                 self._fs = None
-                client = self._client = self._connect()
-        return client
+                try:
+                    link.open()
+                except (HostKeyError, SystemUnavailableError):
+                    self.down_until = time.monotonic() + _DOWN_FOR
+                    raise
+                self.down_until = 0.0
+                self._run_setup(link)
+        return link
 
-    def _connect(self) -> paramiko.SSHClient:
-        self._close_jumps()
-        try:
-            open_sock = None
-            via = ""
-            # Each hop is reached through the one before it, the host through the last;
-            # each attempt at a hop gets a new channel from the one before.
-            for hop, after in zip(self.jumps, self.jumps[1:] + [self.endpoint]):
-                jump = hop.connect(self.trust_new_hosts, self.connect_timeout, open_sock, via)
-                self._jump_clients.append(jump)
-                open_sock = functools.partial(_tunnel, jump, after, hop)
-                via = f" (via jump host {hop.label})"
-            client = self.endpoint.connect(
-                self.trust_new_hosts, self.connect_timeout, open_sock, via
-            )
-        except (HostKeyError, SystemUnavailableError):
-            self._close_jumps()
-            self.down_until = time.monotonic() + _DOWN_FOR
-            raise
-        self.down_until = 0.0
-        self._run_setup(client)
-        return client
-
-    def _run_setup(self, client: paramiko.SSHClient) -> None:
+    def _run_setup(self, link: Link) -> None:
         """Run the cluster's setup commands once per host; again when the list changes.
 
         Their output is kept in ``~/.remoterun/setup/<hash>.log`` on the host.
@@ -232,26 +215,21 @@ class SSHHost(System):
             f"( {script} ) >> {marker}.log 2>&1 && (umask 077 && touch {marker}.done) && exit 0; "
             f"status=$?; tail -c 2000 {marker}.log >&2; exit $status"
         )
-        status, _, err = _exec(client, command, timeout=None)
+        status, _, err = link.exec(command, timeout=None)
         if status != 0:
             raise SystemUnavailableError(
                 f"the setup commands failed on {self.host_label()} (exit {status}; full "
                 f"output in ~/{marker}.log there):\n{err.strip()}"
             )
 
-    def _close_jumps(self) -> None:
-        jumps, self._jump_clients = self._jump_clients, []
-        for jump in reversed(jumps):
-            jump.close()
-
-    def _install_package(self, client: paramiko.SSHClient, seen: int) -> None:
+    def _install_package(self, link: Link, seen: int) -> None:
         """Install the package on the host (again), unless another thread did since this
         one saw ``seen`` installs: the archive goes in on the extraction's stdin, so it
         never lies on the host's disk."""
         with self._install_lock:
             if self._installs != seen:
                 return
-            status, err = upload_package(client, self.python, self.connect_timeout)
+            status, err = upload_package(link.exec, self.python, self.connect_timeout)
             if status != 0:
                 raise SystemUnavailableError(self._python_failure(status, err))
             self._installs += 1
@@ -272,40 +250,26 @@ class SSHHost(System):
     # ------------------------------------------------------------------ agents
 
     def _open_agent(self) -> AgentConnection:
-        client = self.client()
+        link = self.connected()
         installs = self._installs
         try:
-            return self._start_agent(client)
+            return self._start_agent(link)
         except _PackageDamaged as exc:
             # Not there yet (a new host or version), or a file of it was changed or
             # deleted: install it again rather than run it, then start the agent anew.
             log = logger.debug if str(exc) == "it is missing" else logger.warning
             log("remoterun in ~/%s on %s: %s; installing it", self.pkg_dir, self.host_label(), exc)
-            self._install_package(client, installs)
+            self._install_package(link, installs)
         try:
-            return self._start_agent(client)
+            return self._start_agent(link)
         except _PackageDamaged as exc:
             raise SystemUnavailableError(
                 f"remoterun in ~/{self.pkg_dir} on {self.host_label()}: {exc}, even after "
                 "installing it again; is something on the host changing that folder?"
             ) from None
 
-    def _start_agent(self, client: paramiko.SSHClient) -> AgentConnection:
-        transport = client.get_transport()
-        assert transport is not None
-        command = boot_command(self._python_abs or self.python, self.env)
-        try:
-            channel = transport.open_session(
-                window_size=_WINDOW_SIZE, max_packet_size=_MAX_PACKET, timeout=self.connect_timeout
-            )
-            channel.exec_command(command)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise SystemUnavailableError(
-                f"cannot open a channel to {self.host_label()}: {exc}"
-            ) from exc
-
-        def close() -> None:
-            channel.close()
+    def _start_agent(self, link: Link) -> AgentConnection:
+        stream = link.start(boot_command(self._python_abs or self.python, self.env))
 
         def stop() -> None:
             # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
@@ -316,21 +280,20 @@ class SSHHost(System):
             pid = conn.facts.get("pid")
             if isinstance(pid, int):
                 command = f"kill -KILL -- -{pid} 2>/dev/null || kill -KILL {pid}"
-                _exec(client, command, timeout=self.connect_timeout)
+                link.exec(command, timeout=self.connect_timeout)
 
         conn = AgentConnection(
-            channel.recv,
-            channel.sendall,
-            close,
+            stream.read,
+            stream.write,
+            stream.close,
             label=self.host_label(),
-            alive=lambda: not (channel.closed or channel.eof_received),
+            alive=stream.alive,
             stop=stop,
         )
         try:
             facts = conn.handshake()
         except SystemUnavailableError:
-            err = _drain_stderr(channel)
-            status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+            status, err = stream.failure()
             damage = package_damage(err)
             if damage is not None:  # the status is lost when the channel closes first
                 raise _PackageDamaged(damage) from None
@@ -399,12 +362,14 @@ class SSHHost(System):
         return posixpath.normpath(spec)
 
     def filesystem(self) -> _SharedSFTPFileSystem:
-        client = self.client()
+        link = self.connected()
         fs = self._fs
-        if fs is None or fs.client is not client:
+        if fs is None or fs.generation != link.generation:
             with self._lock:
-                if self._fs is None or self._fs.client is not client:
-                    self._fs = _SharedSFTPFileSystem(client, self.host_label())
+                if self._fs is None or self._fs.generation != link.generation:
+                    self._fs = _SharedSFTPFileSystem(
+                        link.open_sftp, self.host_label(), link.generation
+                    )
                 fs = self._fs
         return fs
 
@@ -416,7 +381,10 @@ class SSHHost(System):
     def close(self) -> None:
         self._pool.close()
         with self._lock:
-            client, self._client, self._fs = self._client, None, None
-        if client is not None:
-            client.close()
-        self._close_jumps()
+            fs, self._fs = self._fs, None
+        if fs is not None and getattr(fs, "ftp", None) is not None:
+            try:
+                fs.ftp.close()
+            except (OSError, EOFError):
+                pass
+        self.link.close()

@@ -14,12 +14,9 @@ import io
 import os
 import shlex
 import tarfile
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import cloudpickle
-import paramiko
-
-from .commands import _exec
 
 PKG_DIR = ".remoterun/pkg"
 # remoterun's own folder: this file is remoterun/systems/ssh/package.py.
@@ -210,15 +207,14 @@ def package_damage(err: str) -> str | None:
     return err.split(_DAMAGED_MESSAGE, 1)[1].strip()
 
 
-def upload_package(
-    client: paramiko.SSHClient, python: str, timeout: float | None
-) -> tuple[int, str]:
+def upload_package(exec_: Callable[..., tuple[int, str, str]], python: str, timeout: float | None) -> tuple[int, str]:
     """Install the package on the host with ``python``; ``(exit status, error output)``.
-    The archive goes in on the extraction's stdin, so it never lies on the host's disk."""
+    The archive goes in on the extraction's stdin, so it never lies on the host's disk.
+    ``exec_`` runs a command on the host (``Link.exec``)."""
     package = package_archive()
     command = (
         f"cd && {python} -c {shlex.quote(_EXTRACT)} "
         f"{shlex.quote(package_dir())} {package.manifest_digest}"
     )
-    status, _, err = _exec(client, command, timeout, stdin=package.archive)
+    status, _, err = exec_(command, timeout, stdin=package.archive)
     return status, err

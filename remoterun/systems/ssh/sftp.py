@@ -1,18 +1,19 @@
-"""Run folders over SFTP: fsspec's SFTP filesystem on a host's open connection, one
+"""Run folders over SFTP: fsspec's SFTP filesystem on a host's link, one
 request at a time, and the view of it that follows the host through reconnections."""
 
 from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
 
 class _SharedSFTPFileSystem(SFTPFileSystem):
-    """fsspec's SFTP filesystem over a connection that is already open.
+    """fsspec's SFTP filesystem over a host's link (a paramiko channel, or an
+    ``ssh -s HOST sftp`` process over the OpenSSH master).
 
     One SFTP channel, used by one thread at a time: paramiko's SFTPClient is not safe
     for requests from several threads at once (one thread can take another's response
@@ -20,15 +21,16 @@ class _SharedSFTPFileSystem(SFTPFileSystem):
     sessions per connection (MaxSessions, 10 by default) that agents need.
     """
 
-    def __init__(self, client: paramiko.SSHClient, label: str):
-        self._shared_client = client
+    def __init__(self, open_sftp: Callable[[], paramiko.SFTPClient], label: str, generation: int):
+        self._open_sftp = open_sftp
+        self.generation = generation  # of the host's link it was opened over
         self._label = label
         self._one_at_a_time = threading.RLock()
         super().__init__(label, skip_instance_cache=True)
 
     def _connect(self) -> None:
-        self.client = self._shared_client
-        self.ftp = self.client.open_sftp()
+        self.client = None
+        self.ftp = self._open_sftp()
 
     def unstrip_protocol(self, name: str) -> str:
         return f"ssh://{self._label}{name if name.startswith('/') else '/' + name}"

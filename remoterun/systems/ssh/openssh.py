@@ -1,0 +1,678 @@
+"""A host over the OpenSSH client binary: everything in the user's ssh_config applies as
+``ssh HOST`` applies it (Match, Include, certificates, GSSAPI, FIDO keys, ProxyCommand,
+hashed known_hosts), and the encryption runs outside this process.
+
+One master connection per host (``ssh -M``, in the foreground, owned by this process),
+its control socket in a 0700 folder under ``~/.remoterun/cm``; every agent, command and
+SFTP session is an ``ssh -S`` process over it, costing a session, not a handshake. The
+agent protocol runs unchanged over each process's stdin and stdout.
+
+Nothing outlives the client: every ssh process starts in a session of its own (Ctrl-C
+reaches the client, which then stops its calls over the connection, rather than the
+connection itself), and on Linux asks the kernel to be sent SIGTERM when the thread that
+started it ends (PR_SET_PDEATHSIG), so that a killed client leaves no ssh behind. That
+signal follows the forking *thread*, so every ssh is started from the main thread or
+from one long-lived spawner thread, never from a pool thread that may end. A closed link
+terminates its master, which ends every session over it; the agents on the host end on
+their stdin's EOF.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import math
+import os
+import queue
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from typing import IO, Any, Callable
+
+import paramiko
+
+from ...errors import HostKeyError, SystemUnavailableError
+from .link import AgentStream, Link
+
+logger = logging.getLogger(__name__)
+
+# Pauses between attempts at a server that dropped the connection (a busy sshd past its
+# MaxStartups), as for paramiko (endpoint.py).
+_RETRY_FIRST = 0.05
+_RETRY_CAP = 1.0
+# AES-GCM first where both ends have it (one pass per packet: ~30-45 % faster on bulk
+# data than OpenSSH's default chacha20-poly1305 here); "^" puts them in front of the
+# default list instead of replacing it, so a server without them still connects.
+_PREFER_GCM = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+# Unix socket paths are at most 107 bytes; ssh first binds "<path>.<16 random chars>".
+_MAX_CONTROL_PATH = 107 - 17
+# How much of an ssh process's error output is kept to explain a failure.
+_STDERR_TAIL = 4000
+
+_live: weakref.WeakSet[OpenSSHLink] = weakref.WeakSet()
+
+
+def ssh_binary() -> str | None:
+    """The ``ssh`` client on PATH, or None."""
+    return shutil.which("ssh")
+
+
+# --------------------------------------------------------------------------- spawning
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel TERM the child when the forking thread ends;
+    None where there is no prctl (then only close() and atexit end the processes)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the prctl took hold
+            os._exit(1)
+
+    return preexec
+
+
+class _Spawner:
+    """Starts processes from one long-lived thread (or the main thread), so that the
+    parent-death signal of each is tied to this process's life, not a pool thread's."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, dict]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        kwargs.update(args=argv, start_new_session=True, preexec_fn=_die_with_parent_preexec())
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(**kwargs)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((future, kwargs))
+        self._ensure_thread()
+        return future.result()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._serve, name="remoterun-ssh-spawner", daemon=True
+                )
+                self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            future, kwargs = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(subprocess.Popen(**kwargs))
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+
+_spawner = _Spawner()
+
+
+def _tail(stream: IO[bytes] | None) -> str:
+    """The end of what a process wrote to its (temporary file) stderr."""
+    if stream is None:
+        return ""
+    try:
+        stream.flush()
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(max(0, size - _STDERR_TAIL))
+        return stream.read().decode(errors="replace")
+    except (OSError, ValueError):
+        return ""
+
+
+def _stop(proc: subprocess.Popen, grace: float = 1.0) -> None:
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def control_folder() -> str:
+    """``~/.remoterun/cm``, the control sockets' folder: created 0700, refused when it is
+    another user's or open to others (a socket there is a logged-in connection). A home
+    too deep for a socket path gets a private temporary folder instead."""
+    folder = os.path.expanduser("~/.remoterun/cm")
+    if len(folder) + 1 + 12 > _MAX_CONTROL_PATH:
+        return _short_folder()
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    info = os.stat(folder)
+    if info.st_uid != os.getuid():
+        raise SystemUnavailableError(
+            f"{folder} belongs to another user (uid {info.st_uid}); remove it, or set HOME"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+_short: list[str] = []
+
+
+def _short_folder() -> str:
+    if not _short:
+        _short.append(tempfile.mkdtemp(prefix="rr-cm-"))  # 0700
+        atexit.register(shutil.rmtree, _short[0], True)
+    return _short[0]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_CHANGED = re.compile(r"Host key for (\S+) has changed")
+_UNKNOWN = re.compile(r"No (\S+) host key is known for (\S+) and you have requested strict")
+_OFFERED = re.compile(r"The fingerprint for the (\S+) key sent by the remote host is\s+(\S+?)\.?\s")
+_REMOVE = re.compile(r'remove with:\s+ssh-keygen -f "(.+)" -R "(.+)"')
+_DENIED = re.compile(r"Permission denied \(([^)]*)\)")
+_DROPPED = re.compile(
+    r"kex_exchange_identification|Connection reset by|Connection closed by (?!UNKNOWN)"
+    r"|banner exchange|ssh_exchange_identification"
+)
+
+
+_REFUSED = re.compile(r"Permission denied|Connection refused|Could not resolve|No route")
+_SERVER_KEY = re.compile(r"Server host key: (\S+) (SHA256:\S+)")
+
+
+def _connect_error(
+    err: str, label: str, user: str, port: int, host: str, offered: str = "", proxy: str = ""
+) -> Exception:
+    """``proxy``: the ProxyJump or ProxyCommand the connection goes through."""
+    """What a master's failure to connect means, from its error output (OpenSSH says why
+    only in text; every failure of its own exits 255)."""
+    err = err.replace("\r", "")
+    lines = [line for line in err.strip().splitlines() if line.strip() and "@@@" not in line]
+    said = "\n".join(lines[-6:])
+    changed = _CHANGED.search(err)
+    if changed or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
+        offered = _OFFERED.search(err)
+        remove = _REMOVE.search(err)
+        return HostKeyError(
+            f"the host key of {label} has CHANGED"
+            + (f": it offers the {offered.group(1)} key {offered.group(2)}" if offered else "")
+            + ". This may be an attack; if the host was really reinstalled, remove the old "
+            "key with: "
+            + (
+                f"ssh-keygen -R '{remove.group(2)}' -f '{remove.group(1)}'"
+                if remove
+                else f"ssh-keygen -R '[{host}]:{port}'"
+            )
+        )
+    unknown = _UNKNOWN.search(err)
+    if unknown:
+        port_arg = f"-p {port} " if port != 22 else ""
+        return HostKeyError(
+            f"{unknown.group(2)} is not in known_hosts"
+            + (f"; it offers the {offered} key" if offered else "")
+            + f". If that is the host's key, trust it with:\n  ssh-keyscan {port_arg}{host} >> "
+            "~/.ssh/known_hosts\nor create the cluster with trust_new_hosts=True"
+        )
+    if "Certificate invalid" in err or "Host key verification failed" in err:
+        return HostKeyError(f"the host key of {label} was refused by ssh:\n{said}")
+    denied = _DENIED.search(err)
+    if denied:
+        return SystemUnavailableError(
+            f"authentication as {user!r} on {host}:{port} failed (Permission denied, tried "
+            f"{denied.group(1)}); check user= and key= (or the IdentityFile in ~/.ssh/config)"
+        )
+    if proxy and "Connection closed by UNKNOWN" in err:  # what carried the connection ended
+        return SystemUnavailableError(f"cannot reach {proxy}:\n{said}")
+    return SystemUnavailableError(f"cannot reach {label}: {said or 'ssh exited'}")
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def _write_all(fd: int) -> Callable[[Any], None]:
+    def write(data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            # Slices of at most 4 MB: a pipe write of more is no faster, and a partial
+            # write then costs no copy.
+            view = view[os.write(fd, view[: 4 << 20]) :]
+
+    return write
+
+
+def _widen_pipe(fd: int) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+class _PipeChannel:
+    """An ``ssh -s HOST sftp`` process as the channel paramiko's SFTP client expects:
+    send, recv, recv_ready, close."""
+
+    def __init__(self, proc: subprocess.Popen, label: str):
+        assert proc.stdin is not None and proc.stdout is not None
+        self._proc = proc
+        self._in, self._out = proc.stdin.fileno(), proc.stdout.fileno()
+        self._label = label
+
+    def send(self, data: Any) -> int:
+        try:
+            return os.write(self._in, data)
+        except OSError as exc:
+            raise EOFError(f"the SFTP session to {self._label} ended: {exc}") from exc
+
+    def recv(self, n: int) -> bytes:
+        return os.read(self._out, n)
+
+    def recv_ready(self) -> bool:
+        return bool(select.select([self._out], [], [], 0)[0])
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def get_name(self) -> str:
+        return f"sftp {self._label}"
+
+    def close(self) -> None:
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                stream.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        _stop(self._proc)
+
+
+# --------------------------------------------------------------------------- the link
+
+
+class OpenSSHLink(Link):
+    """The host through the ``ssh`` binary and one master connection of this process."""
+
+    transport = "openssh"
+
+    def __init__(
+        self,
+        *,
+        alias: str,
+        user: str | None,
+        port: int | None,
+        key: str | None,
+        ssh_config: str | None,
+        known_hosts: str | None,
+        trust_new_hosts: bool,
+        connect_timeout: float,
+        proxy_jump: str | None,
+    ):
+        ssh = ssh_binary()
+        if ssh is None:
+            raise SystemUnavailableError(
+                "transport='openssh' needs the OpenSSH client (ssh) on PATH: install it "
+                "(apt install openssh-client), or use transport='paramiko'"
+            )
+        self.ssh = ssh
+        self.alias = alias
+        self.connect_timeout = connect_timeout
+        self.trust_new_hosts = trust_new_hosts
+        self._given = dict(
+            user=user,
+            port=port,
+            key=os.path.expanduser(key) if key else None,
+            ssh_config=os.path.expanduser(ssh_config) if ssh_config else None,
+            known_hosts=known_hosts,
+            proxy_jump=proxy_jump,
+        )
+        self._resolved: dict[str, str] | None = None
+        self._args: list[str] | None = None
+        self._lock = threading.Lock()
+        self.control_path = ""
+        self.master: subprocess.Popen | None = None
+        self._master_err: IO[bytes] | None = None
+        _live.add(self)
+
+    # ------------------------------------------------------------------ options
+
+    def _options(self, known_hosts: str | None = None) -> list[str]:
+        given = self._given
+        args = [self.ssh]
+        if given["ssh_config"]:
+            args += ["-F", given["ssh_config"]]
+        if given["user"]:
+            args += ["-l", str(given["user"])]
+        if given["port"]:
+            args += ["-p", str(given["port"])]
+        if given["key"]:
+            args += ["-i", given["key"], "-o", "IdentitiesOnly=yes"]
+        if given["proxy_jump"] is not None:
+            args += ["-o", f"ProxyJump={given['proxy_jump']}"]
+        if known_hosts:
+            args += ["-o", f"UserKnownHostsFile={known_hosts}"]
+        return args
+
+    def resolved(self) -> dict[str, str]:
+        """What ssh makes of the host with the user's config (``ssh -G``): hostname,
+        user, port, known_hosts files, ciphers."""
+        if self._resolved is None:
+            proc = subprocess.run(
+                [*self._options(), "-G", "--", self.alias],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+            )
+            if proc.returncode != 0:
+                raise SystemUnavailableError(
+                    f"ssh cannot read the configuration of {self.alias!r}: "
+                    f"{proc.stderr.strip()[-800:]}"
+                )
+            found: dict[str, str] = {}
+            for line in proc.stdout.splitlines():
+                key, _, value = line.partition(" ")
+                found.setdefault(key.lower(), value)
+            self._resolved = found
+        return self._resolved
+
+    hostname = property(lambda self: self.resolved()["hostname"])
+    user = property(lambda self: self.resolved()["user"])
+    port = property(lambda self: int(self.resolved()["port"]))
+
+    @property
+    def label(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    def _common(self) -> list[str]:
+        """The options of every ssh this link runs: the user's config kept, except that
+        it never prompts, checks host keys strictly, and uses our control socket."""
+        if self._args is not None:
+            return self._args
+        resolved = self.resolved()
+        known_hosts = None
+        if self._given["known_hosts"]:
+            # The cluster's file first (new keys go there with trust_new_hosts), then the
+            # files the config names, which still count.
+            files = [self._given["known_hosts"], *resolved.get("userknownhostsfile", "").split()]
+            known_hosts = " ".join(_quoted(f) for f in dict.fromkeys(files) if f != "/dev/null")
+        args = self._options(known_hosts) + [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=" + ("accept-new" if self.trust_new_hosts else "yes"),
+            "-o",
+            f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ControlPersist=no",
+        ]
+        if resolved.get("ciphers") == _default_ciphers():  # the user chose none
+            args += ["-o", f"Ciphers={_PREFER_GCM}"]
+        self._args = args
+        return args
+
+    def _session(self, *extra: str) -> list[str]:
+        """An ssh over the master: ``extra`` options, then the host."""
+        return [
+            *self._common(),
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            f"ControlPath={self.control_path}",
+            "-T",
+            *extra,
+            "--",
+            self.alias,
+        ]
+
+    # ------------------------------------------------------------------ the master
+
+    def is_open(self) -> bool:
+        master = self.master
+        return master is not None and master.poll() is None
+
+    def open(self) -> None:
+        """Start the master connection and wait until it is logged in (its control
+        socket appears); a server that drops new connections is tried again while
+        ``connect_timeout`` lasts."""
+        with self._lock:
+            self._close_master()
+            deadline = time.monotonic() + self.connect_timeout
+            for attempt in itertools.count():
+                error = self._start_master(deadline)
+                if error is None:
+                    self.generation += 1
+                    return
+                err, dropped = error
+                ceiling = min(_RETRY_CAP, _RETRY_FIRST * 2**attempt)
+                pause = ceiling / 2 + random.uniform(0, ceiling / 2)
+                if not dropped or time.monotonic() + pause >= deadline:
+                    offered = self._offered_key() if _UNKNOWN.search(err) else ""
+                    raise _connect_error(
+                        err, self.label, self.user, self.port, self.hostname, offered, self._proxy()
+                    ) from None
+                logger.debug("%s dropped the connection; again in %.2f s", self.label, pause)
+                time.sleep(pause)
+
+    def _start_master(self, deadline: float) -> tuple[str, bool] | None:
+        """None once the master is up, else its error output and whether the server
+        dropped it (worth another try)."""
+        self.control_path = os.path.join(control_folder(), uuid.uuid4().hex[:12])
+        err_file = tempfile.TemporaryFile()
+        argv = [
+            *self._common(),
+            "-M",
+            "-N",
+            "-T",
+            "-o",
+            f"ControlPath={self.control_path}",
+            "--",
+            self.alias,
+        ]
+        try:
+            master = _spawner.popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file
+            )
+        except OSError as exc:
+            err_file.close()
+            raise SystemUnavailableError(f"cannot start {self.ssh}: {exc}") from exc
+        pause = 0.002
+        # ConnectTimeout bounds the TCP connect; the login gets as long again.
+        give_up = max(deadline, time.monotonic() + 1.0) + self.connect_timeout
+        while not os.path.exists(self.control_path):
+            if master.poll() is not None:
+                err = _tail(err_file)
+                err_file.close()
+                dropped = _DROPPED.search(err) and not _REFUSED.search(err)
+                return err, bool(dropped)
+            if time.monotonic() > give_up:
+                _stop(master)
+                err = _tail(err_file)
+                err_file.close()
+                return f"no login after {self.connect_timeout:g} s (timed out)\n{err}", False
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.02)
+        self.master, self._master_err = master, err_file
+        return None
+
+    def _proxy(self) -> str:
+        """What the connection goes through, as the error should name it."""
+        resolved = self.resolved()
+        jump = self._given["proxy_jump"] or resolved.get("proxyjump", "")
+        if jump and jump.lower() != "none":
+            return f"{jump} (the jump host to {self.label})"
+        if resolved.get("proxycommand"):
+            return f"{self.label} through its ProxyCommand {resolved['proxycommand']}"
+        return ""
+
+    def override(self, name: str, value: Any) -> None:
+        """Change the user, port or key given for the host."""
+        self._given[name] = os.path.expanduser(value) if name == "key" and value else value
+        self._resolved = self._args = None
+
+    def _offered_key(self) -> str:
+        """The key an unknown host offers (strict checking prints none): asked again,
+        verbosely, and refused as before, before any login."""
+        try:
+            proc = subprocess.run(
+                [*self._common(), "-v", "-o", "ControlMaster=no", "-o", "ControlPath=none"]
+                + ["-T", "--", self.alias, "true"],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=self.connect_timeout + 5,
+            )
+        except subprocess.TimeoutExpired:
+            return ""
+        found = _SERVER_KEY.search(proc.stderr)
+        return f"{found.group(1)} {found.group(2)}" if found else ""
+
+    def _close_master(self) -> None:
+        master, self.master = self.master, None
+        if master is not None:
+            _stop(master)  # its sessions end with it
+        err, self._master_err = self._master_err, None
+        if err is not None:
+            err.close()
+        if self.control_path:
+            try:
+                os.unlink(self.control_path)  # gone already, unless it was killed
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_master()
+
+    # ------------------------------------------------------------------ sessions
+
+    def exec(self, command: str, timeout: float | None, stdin: bytes = b"") -> tuple[int, str, str]:
+        argv = [*self._session(), command]
+        proc = _spawner.popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            raise SystemUnavailableError(
+                f"a command on {self.label} took over {timeout:g} s: {command[:200]}"
+            ) from None
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def start(self, command: str) -> AgentStream:
+        err_file = tempfile.TemporaryFile()
+        try:
+            proc = _spawner.popen(
+                [*self._session(), command],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err_file,
+                bufsize=0,
+            )
+        except OSError as exc:
+            err_file.close()
+            raise SystemUnavailableError(f"cannot start {self.ssh}: {exc}") from exc
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin_fd, stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
+        for fd in (stdin_fd, stdout_fd):
+            _widen_pipe(fd)
+
+        def read(n: int) -> bytes:
+            return os.read(stdout_fd, n)
+
+        def close() -> None:
+            # EOF on the agent's stdin ends it on the host; its ssh then exits.
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+            # err_file stays open for failure(), which may ask after a close.
+
+        def failure() -> tuple[int, str]:
+            try:
+                status = proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                status = -1
+            return status, _tail(err_file)
+
+        return AgentStream(
+            read, _write_all(stdin_fd), close, lambda: proc.poll() is None, failure
+        )
+
+    def open_sftp(self) -> paramiko.SFTPClient:
+        proc = _spawner.popen(
+            self._session("-s") + ["sftp"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        channel = _PipeChannel(proc, self.label)
+        try:
+            return paramiko.SFTPClient(channel)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            channel.close()
+            raise SystemUnavailableError(f"cannot open SFTP on {self.label}: {exc}") from exc
+
+
+def _quoted(path: str) -> str:
+    return f'"{path}"' if " " in path else path
+
+
+_defaults: list[str] = []
+
+
+def _default_ciphers() -> str:
+    """The ssh binary's own cipher list (what a config that sets none resolves to)."""
+    if not _defaults:
+        ssh = ssh_binary() or "ssh"
+        proc = subprocess.run(
+            [ssh, "-F", "/dev/null", "-G", "x"], capture_output=True, text=True, check=False
+        )
+        found = [line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("ciphers ")]
+        _defaults.append(found[0] if found else "")
+    return _defaults[0]
+
+
+@atexit.register
+def _close_all() -> None:
+    for link in list(_live):
+        link.close()
