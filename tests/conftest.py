@@ -34,6 +34,8 @@ def transport_of(param: str) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests that use the suite's sshd run once per transport (``ssh_transport``)."""
     module = metafunc.module.__name__.rpartition(".")[2]
+    if module == "test_openssh":  # its tests choose the transport themselves
+        return
     if "ssh_server" in metafunc.fixturenames or module in _SSH_MODULES:
         metafunc.parametrize("ssh_transport", SSH_TRANSPORTS, indirect=True)
 
