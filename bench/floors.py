@@ -128,11 +128,13 @@ class FrameWorker:
         self._close()
 
 
-def pipe_worker(python: str = sys.executable) -> FrameWorker:
-    """A persistent local child ``python -u -c WORKER`` over pipes."""
-    proc = subprocess.Popen(
-        [python, "-u", "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
-    )
+def pipe_worker(python: str = sys.executable, via: list[str] | None = None) -> FrameWorker:
+    """A persistent child ``python -u -c WORKER`` over pipes: local, or on a host when
+    ``via`` is an ``ssh ... HOST`` command line (the raw ssh binary pipe)."""
+    argv = [python, "-u", "-c", WORKER]
+    if via is not None:
+        argv = [*via, f"{shlex.quote(python)} -u -c {shlex.quote(WORKER)}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdin is not None and proc.stdout is not None
     in_fd, out_fd = proc.stdin.fileno(), proc.stdout.fileno()
 

@@ -87,6 +87,12 @@ def ratio_at_least(fraction: float, text: str) -> Target:
     )
 
 
+def ratio_at_most(fraction: float, text: str) -> Target:
+    return Target(
+        text, lambda rr, base: None if base is None else rr.median / base.median <= fraction
+    )
+
+
 @dataclass
 class Row:
     """One line of the table: a remoterun measure against one baseline."""

@@ -34,6 +34,7 @@ from harness import (
     baseline_row,
     measure,
     ratio_at_least,
+    ratio_at_most,
     rr_side,
     side_by_side,
     stats_of,
@@ -190,9 +191,11 @@ def cluster_api() -> Callable[..., Any]:
         raise RuntimeError("rr.cluster not available") from exc
 
 
-def make_cluster(ctx: Context, name: str, index: int = 0) -> Any:
-    """``rr.cluster`` on host ``index``, with its own key and known_hosts (SPEC §2, §5)."""
+def make_cluster(ctx: Context, name: str, index: int = 0, transport: str | None = None) -> Any:
+    """``rr.cluster`` on host ``index``, with its own key and known_hosts (SPEC §2, §5);
+    over ``transport`` (None: the default)."""
     host = server(ctx, index)
+    options = {"transport": transport} if transport else {}
     return cluster_api()(
         name,
         host=host.host,
@@ -201,6 +204,7 @@ def make_cluster(ctx: Context, name: str, index: int = 0) -> Any:
         key=host.client_key_path,
         known_hosts=host.known_hosts_path,
         python=host.remote_python(),
+        **options,
     )
 
 
@@ -236,15 +240,15 @@ def close_cluster(cluster: Any) -> None:
             return
 
 
-def warm_cluster(ctx: Context) -> Any:
-    """The cluster every warm measure uses, after one call."""
+def warm_cluster(ctx: Context, transport: str | None = None) -> Any:
+    """The cluster every warm measure uses (over ``transport``), after one call."""
 
     def start() -> tuple[Any, Callable[[], None]]:
-        cluster = make_cluster(ctx, f"{ctx.prefix}-warm")
+        cluster = make_cluster(ctx, f"{ctx.prefix}-warm-{transport}", transport=transport)
         rr.function(tasks.inc, system=cluster)(1)
         return cluster, lambda: close_cluster(cluster)
 
-    return ctx.resource("rr-cluster", start)
+    return ctx.resource(f"rr-cluster-{transport}", start)
 
 
 # ---------------------------------------------------------------------------- measures
@@ -495,6 +499,142 @@ def runhouse(ctx: Context) -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------------------- transports
+
+
+# What every raw ssh pipe here adds to the test host's own options: no terminal, and
+# AES-GCM first, as the openssh transport does.
+_RAW_SSH = ["-T", "-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+
+
+def ssh_pipe_floor(ctx: Context, over_master: bool) -> floors.FrameWorker:
+    """The raw ssh binary pipe: ``ssh HOST python3 -u -c WORKER`` answering frames, on
+    a connection of its own, or as a session over the openssh cluster's master."""
+
+    def start() -> tuple[floors.FrameWorker, Callable[[], None]]:
+        host = server(ctx, 0)
+        if over_master:
+            link = warm_cluster(ctx, "openssh").hosts[0].link
+            via = link._session()  # the agent's own command line, without the agent
+        else:
+            args = host.ssh_args()
+            via = [*args[:-1], *_RAW_SSH, "--", args[-1]]
+        worker = floors.pipe_worker(host.remote_python(), via=via)
+        assert worker.request(b"E", b"ping") == b"ping"
+        return worker, worker.close
+
+    return ctx.resource(f"ssh-pipe-floor-{over_master}", start)
+
+
+def ssh_transport(ctx: Context) -> list[Row]:
+    """The openssh transport against the paramiko transport and raw ssh pipes, each pair
+    timed call by call in alternation (issue 13's goals)."""
+    data = bytes(BIG)
+    frame = floors.dumps_call(tasks.inc, (1,))
+
+    def calls(fn: Callable[..., Any], *args: Any) -> Callable[[str], Callable[[], Any]]:
+        def make(transport: str) -> Callable[[], Any]:
+            f = rr.function(fn, system=warm_cluster(ctx, transport))
+            return lambda: f(*args)
+
+        return make
+
+    rows: list[Row] = []
+    big = calls(tasks.echo, data)
+    n = ctx.n(7, 2)
+    name = "ssh/openssh: 100 MB arg+result"
+    times, note, paramiko = side_by_side(lambda: big("openssh"), big("paramiko"), n, 1)
+    rate = as_rate(times, 2 * BIG / MB) if times else None
+    rows.append(
+        baseline_row(
+            name,
+            "MB/s",
+            rate,
+            "paramiko transport",
+            lambda: as_rate(paramiko(), 2 * BIG / MB),
+            ratio_at_least(1.4, "≥ 1.4× paramiko"),
+            note,
+        )
+    )
+    for over_master, label in ((False, "own connection"), (True, "over the master")):
+        times, note, floor = side_by_side(
+            lambda: big("openssh"),
+            lambda o=over_master: ssh_pipe_floor(ctx, o).request(b"E", data),
+            n,
+            1,
+        )
+        rows.append(
+            baseline_row(
+                name,
+                "MB/s",
+                as_rate(times, 2 * BIG / MB) if times else None,
+                f"raw ssh pipe echo ({label})",
+                lambda f=floor: as_rate(f(), 2 * BIG / MB),
+                ratio_at_least(0.85, "≥ 85% of raw"),
+                note,
+            )
+        )
+
+    reply = calls(tasks.zeros, RESULT)
+    times, note, paramiko = side_by_side(
+        lambda: reply("openssh"), reply("paramiko"), ctx.n(30, 6), 2
+    )
+    rows.append(
+        baseline_row(
+            "ssh/openssh: call returning 10 MB",
+            "s",
+            times,
+            "paramiko transport",
+            paramiko,
+            ratio_at_most(0.75, "≤ 0.75× paramiko"),
+            note,
+        )
+    )
+
+    sync = calls(tasks.inc, 1)
+    n = ctx.n(2000, 300)
+    name = "ssh/openssh: sync call"
+    times, note, floor = side_by_side(
+        lambda: sync("openssh"), lambda: ssh_pipe_floor(ctx, False).request(b"E", frame), n, 50
+    )
+    rows.append(
+        baseline_row(
+            name, "s", times, "raw ssh pipe echo", floor, ratio_at_most(1.3, "≤ 1.3× raw"), note
+        )
+    )
+    times, note, paramiko = side_by_side(lambda: sync("openssh"), sync("paramiko"), n, 50)
+    rows.append(baseline_row(name, "s", times, "paramiko transport", paramiko, None, note))
+
+    names = (f"{ctx.prefix}-fresh-{i}" for i in range(1000))
+
+    def fresh(transport: str) -> Stats:
+        samples = []
+        for _ in range(ctx.n(5, 2)):
+            server(ctx, 0).run("rm -rf ~/.remoterun/pkg")
+            start = time.perf_counter()
+            cluster = make_cluster(ctx, next(names), transport=transport)
+            try:
+                rr.function(tasks.inc, system=cluster)(1)
+                samples.append(time.perf_counter() - start)
+            finally:
+                close_cluster(cluster)
+        return stats_of(samples)
+
+    stats, note = rr_side(lambda: fresh("openssh"))
+    rows.append(
+        baseline_row(
+            "ssh/openssh: first call, fresh host",
+            "s",
+            stats,
+            "paramiko transport",
+            lambda: fresh("paramiko"),
+            at_most(0.5, "≤ 0.5 s"),
+            note,
+        )
+    )
+    return rows
+
+
 MEASURES: dict[str, Callable[[Context], list[Row]]] = {
     "ssh.cold": ssh_cold,
     "ssh.sync": ssh_sync,
@@ -503,5 +643,6 @@ MEASURES: dict[str, Callable[[Context], list[Row]]] = {
     "ssh.hit": ssh_hit,
     "ssh.throughput": ssh_throughput,
     "ssh.map": ssh_map,
+    "ssh.transport": ssh_transport,
     "runhouse": runhouse,
 }

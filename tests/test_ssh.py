@@ -293,7 +293,9 @@ def test_missing_interpreter_names_host_and_interpreter(ssh_server):
 
 
 def test_setup_runs_once_per_host_and_again_when_changed(ssh_server):
-    counter = Path(ssh_server.home, f"setup-count-{os.getpid()}")
+    # A counter of its own: a setup list the host ran already (for the other transport's
+    # run of this test) is not run again.
+    counter = Path(ssh_server.home, f"setup-count-{os.getpid()}-{time.monotonic_ns()}")
     command = f"echo ran >> {counter}"
     for _ in range(2):
         cluster = make_cluster(ssh_server, setup=[command])

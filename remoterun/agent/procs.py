@@ -23,6 +23,26 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id()
 
 
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep what this process frees, rather than hand it back to the
+    kernel at once: a large argument or result is then copied into memory already
+    mapped. In a VM each fresh page costs a fault, and a 10 MB result pickled into fresh
+    pages took 15-22 ms here against under 1 ms into reused ones. The agent is the
+    only process this is asked of; it keeps at most ~128 MB it freed."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_mmap_threshold, 64 << 20) == 0:
+        mallopt(m_mmap_threshold, 32 << 20)  # older glibc's ceiling
+    mallopt(m_trim_threshold, 128 << 20)
+
+
 def process_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), None if it is gone.
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import cloudpickle
 
 from ..errors import CorruptRunError, InvalidRunNameError, SigningKeyError
-from . import forkserver, integrity, pickling, protocol
+from . import forkserver, integrity, pickling, procs, protocol
 from .failures import error_record
 from .protocol import SYNCHRONOUS_OPS, Action, Failure
 from .record import RUNNING
@@ -448,6 +448,7 @@ def _failure_record(exc: BaseException) -> dict:
 
 
 def main() -> None:
+    procs.keep_freed_memory()
     # Move the protocol off fds 0 and 1 before anything can print.
     read_fd, write_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)

@@ -86,7 +86,7 @@ class SSHCluster(System):
                 per host, so the whole ssh_config applies (Match, Include,
                 certificates, ProxyCommand, GSSAPI, FIDO keys) and bulk data moves
                 faster; "paramiko" speaks SSH in this process. Default:
-                ``$REMOTERUN_SSH_TRANSPORT``, else "openssh" where ``ssh`` is on PATH.
+                ``$REMOTERUN_SSH_TRANSPORT``, else "paramiko".
         """
         if host and hosts:
             raise ValueError("give host= or hosts=, not both")

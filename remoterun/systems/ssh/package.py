@@ -207,7 +207,9 @@ def package_damage(err: str) -> str | None:
     return err.split(_DAMAGED_MESSAGE, 1)[1].strip()
 
 
-def upload_package(exec_: Callable[..., tuple[int, str, str]], python: str, timeout: float | None) -> tuple[int, str]:
+def upload_package(
+    exec_: Callable[..., tuple[int, str, str]], python: str, timeout: float | None
+) -> tuple[int, str]:
     """Install the package on the host with ``python``; ``(exit status, error output)``.
     The archive goes in on the extraction's stdin, so it never lies on the host's disk.
     ``exec_`` runs a command on the host (``Link.exec``)."""
