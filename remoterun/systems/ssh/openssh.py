@@ -31,6 +31,7 @@ import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -169,15 +170,51 @@ def control_folder() -> str:
     folder = os.path.expanduser("~/.remoterun/cm")
     if len(folder) + 1 + 12 > _MAX_CONTROL_PATH:
         return _short_folder()
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    info = os.stat(folder)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.stat(folder)
+    except OSError as exc:  # a read-only home
+        logger.debug("no control folder in the home folder (%s): using a temporary one", exc)
+        return _short_folder()
     if info.st_uid != os.getuid():
         raise SystemUnavailableError(
             f"{folder} belongs to another user (uid {info.st_uid}); remove it, or set HOME"
         )
     if info.st_mode & 0o077:
         os.chmod(folder, 0o700)
+    if not _swept:
+        _swept.append(folder)
+        _sweep(folder)
     return folder
+
+
+_swept: list[str] = []
+
+
+def _sweep(folder: str) -> None:
+    """Remove the sockets of masters that are gone (a client killed by SIGKILL leaves
+    its socket behind): nothing answers on them."""
+    import socket
+
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        try:
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                continue  # connecting to a plain file is refused too: not a master's
+        except OSError:
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        except OSError:
+            pass  # not ours to judge
+        finally:
+            probe.close()
 
 
 _short: list[str] = []
