@@ -161,7 +161,38 @@ def _stop_process_group() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _IdleTrim:
+    """Gives the memory that large calls freed back to the kernel once the agent has
+    been idle for a second (the agent keeps it meanwhile: see procs.keep_freed_memory)."""
+
+    IDLE = 1.0
+    LARGE = 8 << 20  # a payload this large marks the memory to be given back
+
+    def __init__(self, trim: Any):
+        self._trim = trim
+        self._last = time.monotonic()
+        self._dirty = threading.Event()
+        threading.Thread(target=self._serve, name="remoterun-trim", daemon=True).start()
+
+    def touch(self, size: int) -> None:
+        self._last = time.monotonic()
+        if size >= self.LARGE:
+            self._dirty.set()
+
+    def _serve(self) -> None:
+        while True:
+            self._dirty.wait()
+            idle = time.monotonic() - self._last
+            if idle < self.IDLE:
+                time.sleep(self.IDLE - idle)
+                continue
+            self._dirty.clear()
+            self._trim()
+
+
 class Agent:
+    idle_trim: _IdleTrim | None = None
+
     def __init__(self, read_fd: int, write_fd: int):
         reader = os.fdopen(read_fd, "rb", buffering=1 << 16)
         self.read_exact = protocol.exact_reader(reader.read)
@@ -200,7 +231,10 @@ class Agent:
                 self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))
                 continue
             self.output.flush()
-            self.send.send(protocol.REPLY, req_id, protocol.dumps(reply))
+            message = protocol.dumps(reply)
+            self.send.send(protocol.REPLY, req_id, message)
+            if self.idle_trim is not None:
+                self.idle_trim.touch(max(len(payload), sum(map(len, message))))
             while self._after_reply:
                 self._after_reply.pop()()
 
@@ -233,10 +267,12 @@ class Agent:
         return fn
 
     def _load(self, request: dict, field: str) -> tuple[Any, Any]:
-        """The request's function and its unpickled ``field``; a failure to load either
-        (a module missing on this host) is reported as such, not as the function's error."""
+        """The request's function and its unpickled ``field`` (with the request's
+        out-of-band ``buffers``); a failure to load either (a module missing on this
+        host) is reported as such, not as the function's error."""
         try:
-            return self._function(request), cloudpickle.loads(request[field])
+            buffers = request.get("buffers") or ()
+            return self._function(request), cloudpickle.loads(request[field], buffers=buffers)
         except _Failure:
             raise
         except BaseException as exc:
@@ -448,7 +484,7 @@ def _failure_record(exc: BaseException) -> dict:
 
 
 def main() -> None:
-    procs.keep_freed_memory()
+    trim = procs.keep_freed_memory()
     # Move the protocol off fds 0 and 1 before anything can print.
     read_fd, write_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -457,6 +493,8 @@ def main() -> None:
     # Before any user code runs: recorded runs are forked from this clean process.
     forkserver.server()
     agent = Agent(read_fd, write_fd)
+    if trim is not None:
+        agent.idle_trim = _IdleTrim(trim)
     try:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]

@@ -56,6 +56,7 @@ class LocalSystem(System):
     """
 
     executes = True
+    out_of_band_inputs = True
 
     def __init__(
         self,

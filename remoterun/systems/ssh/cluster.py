@@ -37,6 +37,7 @@ class SSHCluster(System):
     """
 
     executes = True
+    out_of_band_inputs = True
 
     def __init__(
         self,
