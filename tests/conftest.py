@@ -46,8 +46,14 @@ def ssh_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     is run once per transport; as ``$REMOTERUN_SSH_TRANSPORT``."""
     transport = getattr(request, "param", None)
     if transport is not None:
+        _needs_transport(transport)
         monkeypatch.setenv("REMOTERUN_SSH_TRANSPORT", transport)
     return transport
+
+
+def _needs_transport(transport: str | None) -> None:
+    if transport == "openssh" and shutil.which("ssh") is None:
+        pytest.skip("no OpenSSH client (ssh): apt-get install openssh-client")
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +79,7 @@ def ssh_server():
 
 def make_cluster(server, name: str = "test", **options):
     """A cluster on a test sshd, its keys and known_hosts from the server."""
+    _needs_transport(options.get("transport"))
     options.setdefault("root", f"~/.remoterun/test-runs/{uuid.uuid4().hex[:12]}")
     options.setdefault("python", server.remote_python())
     return rr.cluster(
