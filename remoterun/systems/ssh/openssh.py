@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import logging
 import math
@@ -72,16 +73,23 @@ def ssh_binary() -> str | None:
 # --------------------------------------------------------------------------- spawning
 
 
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel TERM the child when the forking thread ends;
-    None where there is no prctl (then only close() and atexit end the processes)."""
+@functools.lru_cache(maxsize=1)
+def _prctl() -> Any:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel TERM the child when the forking thread ends;
+    None where there is no prctl (then only close() and atexit end the processes)."""
+    prctl = _prctl()
+    if prctl is None:
         return None
     parent = os.getpid()
 
