@@ -311,6 +311,8 @@ class HostRuns:
 
         def exited(pid: int, status: int) -> None:
             try:
+                if not os.path.isdir(self.path(name)):
+                    return  # the run's folder (or the root) was removed: nothing to mark
                 with self.lock(name):
                     config = self.read_config(name)
                     if config and config.status == RUNNING and config.pid == pid:
