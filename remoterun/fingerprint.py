@@ -664,12 +664,10 @@ def explain(
 _by_value_lock = threading.Lock()
 
 
-def dumps_by_value(
-    obj: Any, fn: Callable, what: str, *related: Any, buffers: list | None = None
-) -> bytes:
+def dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
     """``obj`` pickled with the user's own packages that ``fn`` and ``related`` come from
     pickled by value, so that the host need not have them installed; SerializationError
-    naming ``what`` when it cannot be pickled. ``buffers``: see ``pickling.dumps``."""
+    naming ``what`` when it cannot be pickled."""
     packages = user_packages(fn, *related)
     with _by_value_lock:
         # Only what is not registered already, so that a module the user registered
@@ -678,7 +676,7 @@ def dumps_by_value(
         for package in registered:
             cloudpickle.register_pickle_by_value(sys.modules[package])
         try:
-            return pickling.dumps(obj, buffers=buffers)
+            return pickling.dumps(obj)
         except Exception as exc:
             raise SerializationError(
                 f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"

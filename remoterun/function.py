@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import cloudpickle
 
 from . import arguments, context, fingerprint, lineage
-from .agent import layout, pickling
+from .agent import layout
 from .agent.protocol import STDOUT, Action, Mode, Op
 from .errors import (
     CacheMismatchError,
@@ -329,19 +329,14 @@ class RemoteFunction:
         args, kwargs, passed = arguments.pass_runs(args, kwargs, target)
         for run in passed:  # no run of its own records them: the current run used them
             _link(lineage.USED, run)
-        # Where the agent takes them, large arguments travel beside the pickle, from
-        # their own memory.
-        buffers: list | None = [] if system.out_of_band_inputs else None
-        inputs = _pickle_inputs(self.fn, args, kwargs, buffers)
+        inputs = _pickle_inputs(self.fn, args, kwargs)
         op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
-        if buffers:
-            op["buffers"] = [buffer.raw() for buffer in buffers]
         if self.resources:
             op["resources"] = self.resources
         if passed and arguments.has_references(args, kwargs):
             op["run_args"] = True
         reply, _, error = system.call(op, fn_bytes, on_output)  # the least-loaded host
-        del inputs, op, buffers  # the arguments are let go before the result is unpickled
+        del inputs, op  # the arguments' pickle is let go before the result is unpickled
         if error is not None:  # raised outside any except block: its cause is the RemoteError
             raise error
         return cloudpickle.loads(reply["result"])
@@ -624,19 +619,11 @@ def _link(kind: str | None, run: Run) -> None:
 # --------------------------------------------------------------------------- pickling
 
 
-def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict, buffers: list | None = None) -> bytes:
-    """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument.
-    With a ``buffers`` list, large arguments go there instead (``pickling.dumps``)."""
+def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict) -> bytes:
+    """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument."""
     inputs = {"args": list(args), "kwargs": dict(kwargs)}
-    if buffers is not None:
-        inputs = {
-            "args": [pickling.out_of_band(a) for a in args],
-            "kwargs": {k: pickling.out_of_band(v) for k, v in kwargs.items()},
-        }
     try:
-        return fingerprint.dumps_by_value(
-            inputs, fn, "the arguments of", *args, *kwargs.values(), buffers=buffers
-        )
+        return fingerprint.dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
     except SerializationError as exc:
         for name, value in fingerprint.bind_arguments(fn, args, kwargs).items():
             try:

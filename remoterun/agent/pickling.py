@@ -17,7 +17,6 @@ import dis
 import io
 import linecache
 import os
-import pickle
 import types
 from typing import Any
 
@@ -106,40 +105,11 @@ def _load_code(source: Source, constructor: Any, args: tuple) -> types.CodeType:
     return constructor(*args)
 
 
-def dumps(obj: Any, protocol: int | None = None, buffers: list | None = None) -> bytes:
-    """``cloudpickle.dumps``, with code objects pickled by ``Pickler``. With a
-    ``buffers`` list, large buffers (numpy arrays, bytearrays, ``OutOfBand`` bytes) are
-    appended to it instead of copied into the pickle: ``loads(data, buffers=...)``."""
+def dumps(obj: Any, protocol: int | None = None) -> bytes:
+    """``cloudpickle.dumps``, with code objects pickled by ``Pickler``."""
     with io.BytesIO() as file:
-        if buffers is None:
-            Pickler(file, protocol=protocol).dump(obj)
-        else:
-            Pickler(file, protocol=5, buffer_callback=buffers.append).dump(obj)
+        Pickler(file, protocol=protocol).dump(obj)
         return file.getvalue()
-
-
-# Arguments at least this large travel beside the pickle of a call, not inside it.
-OUT_OF_BAND_MIN = 1 << 20
-
-
-class OutOfBand:
-    """A large bytes value, pickled as an out-of-band buffer (pickle cannot be told to
-    pickle ``bytes`` otherwise): saves a copy of it on the client, as big as it is."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        return bytes, (pickle.PickleBuffer(self.data),)
-
-
-def out_of_band(value: Any) -> Any:
-    """``value``, marked to travel out of band when it is a large ``bytes``."""
-    if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN:
-        return OutOfBand(value)
-    return value
 
 
 loads = cloudpickle.loads

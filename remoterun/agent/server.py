@@ -267,12 +267,10 @@ class Agent:
         return fn
 
     def _load(self, request: dict, field: str) -> tuple[Any, Any]:
-        """The request's function and its unpickled ``field`` (with the request's
-        out-of-band ``buffers``); a failure to load either (a module missing on this
-        host) is reported as such, not as the function's error."""
+        """The request's function and its unpickled ``field``; a failure to load either
+        (a module missing on this host) is reported as such, not as the function's error."""
         try:
-            buffers = request.get("buffers") or ()
-            return self._function(request), cloudpickle.loads(request[field], buffers=buffers)
+            return self._function(request), cloudpickle.loads(request[field])
         except _Failure:
             raise
         except BaseException as exc:

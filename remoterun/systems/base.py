@@ -67,10 +67,6 @@ class System:
             "rr.local() or a cluster, then copy the run here with run.to()."
         )
 
-    # Whether a ``call`` op may carry large arguments beside its pickle ("buffers"):
-    # systems whose calls reach remoterun's agent.
-    out_of_band_inputs = False
-
     def call(
         self, op: dict, fn_bytes: bytes, on_output: OutputHandler | None = None
     ) -> tuple[dict | None, str, BaseException | None]:

@@ -56,7 +56,6 @@ class LocalSystem(System):
     """
 
     executes = True
-    out_of_band_inputs = True
 
     def __init__(
         self,

@@ -37,7 +37,6 @@ class SSHCluster(System):
     """
 
     executes = True
-    out_of_band_inputs = True
 
     def __init__(
         self,

@@ -77,7 +77,6 @@ class SSHHost(System):
     """One host of a cluster: its connection, its agents and its run folders."""
 
     executes = True
-    out_of_band_inputs = True
 
     def __init__(
         self,
