@@ -20,6 +20,7 @@ from typing import Any
 
 from ... import context
 from ...agent import layout, pickling
+from ...agent.coroutines import run_to_end
 from ...agent.protocol import Failure
 from ...agent.record import SERIALIZATION_ERROR
 from ...agent.runfolder import RunFolder, resolve_run_arguments
@@ -284,7 +285,7 @@ def execute(
             inputs = pickling.loads(inputs_bytes) if inputs_bytes else {}
             if run_args:
                 inputs = resolve_run_arguments(inputs)
-            value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+            value = run_to_end(fn(*inputs.get("args", ()), **inputs.get("kwargs", {})))
             try:
                 result = pickling.dumps(value)
             except Exception as exc:
