@@ -275,3 +275,14 @@ def test_the_event_loop_ticks_while_a_100_mb_array_goes_and_comes_back(tmp_path)
     assert np.array_equal(value, array)
     assert ticks >= 5
     assert gap < 0.05, f"the loop was blocked for {gap * 1000:.0f} ms"
+
+
+def test_many_awaited_calls_share_one_hosts_sessions(cluster):
+    """More calls than the host has sessions (and than the pool has threads) queue for
+    them, and all answer."""
+    sleeper = rr.function(tasks.sleep_for, system=cluster)
+
+    async def main():
+        return await asyncio.gather(*(sleeper.acall(0.05) for _ in range(100)))
+
+    assert run_async(main()) == [0.05] * 100
