@@ -345,8 +345,12 @@ class RemoteFunction:
         finally:
             if mapping.bar is not None:
                 mapping.bar.close()
-        for task in tasks:  # the first failure in input order, as map raises it
-            task.result()
+        # The first failure in input order, as map raises it (each one looked at, so
+        # that asyncio reports none as never retrieved).
+        failures = [task.exception() for task in tasks]
+        for failure in failures:
+            if failure is not None:
+                raise failure
         return mapping.results
 
     # ------------------------------------------------------------------ internals

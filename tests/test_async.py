@@ -141,6 +141,27 @@ def test_cancelling_an_awaited_call_stops_it_on_the_host(system, scratch):
     assert run_async(rr.function(tasks.add, system=system).acall(1)) == 3
 
 
+def test_cancelling_an_awaited_map_stops_its_chunks_in_flight(system, scratch):
+    pidfiles = [scratch / f"pid-{i}" for i in range(2)]
+    sleeper = rr.function(tasks.note_pid_then_sleep, system=system)
+
+    async def main():
+        task = asyncio.ensure_future(sleeper.amap([str(p) for p in pidfiles], chunk_size=1))
+        while not all(p.exists() and p.read_text() for p in pidfiles):
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [int(p.read_text()) for p in pidfiles]
+
+    pids = run_async(main(), timeout=60)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "a cancelled map's chunk still runs on the host"
+        time.sleep(0.02)
+
+
 def test_cancelling_an_awaited_run_leaves_it_running(system, scratch):
     gate = scratch / "gate"
     waiter = rr.function(tasks.wait_for_file, system=system)
