@@ -55,15 +55,18 @@ class CallScope:
         self.cancelled = False
 
     def cancel(self) -> None:
-        """Mark the call cancelled and stop what it is blocked on (from another thread)."""
+        """Mark the call cancelled and stop what it is blocked on (from another thread).
+
+        The stoppers are called under the lock: a block that ends meanwhile leaves
+        ``interruptible`` only once its stop is done, so it knows whether it was stopped
+        (a connection whose agent was killed as its reply came is not reused)."""
         with self._lock:
             self.cancelled = True
-            stoppers = list(self._stoppers)
-        for stop in stoppers:
-            try:
-                stop()
-            except Exception as exc:  # best effort, as Ctrl-C's stop
-                logger.warning("could not stop a cancelled call: %s", exc)
+            for stop in self._stoppers:
+                try:
+                    stop()
+                except Exception as exc:  # best effort, as Ctrl-C's stop
+                    logger.warning("could not stop a cancelled call: %s", exc)
 
 
 _scope: contextvars.ContextVar[CallScope | None] = contextvars.ContextVar(

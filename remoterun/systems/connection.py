@@ -49,6 +49,7 @@ class AgentConnection:
         self.label = label
         self._ids = itertools.count(1)
         self.broken = False
+        self._interrupted = False  # set by interrupt(): the agent was (being) stopped
         self.known_functions: set[str] = set()
         self.facts: dict = {}
 
@@ -77,7 +78,10 @@ class AgentConnection:
         # A task awaiting this request (``remoterun.aio``) that is cancelled stops it as
         # Ctrl-C does, from another thread: the reads and writes below then end.
         with aio.interruptible(self.interrupt):
-            return self._exchange_frames(kind, req_id, op, on_output)
+            reply = self._exchange_frames(kind, req_id, op, on_output)
+        if self._interrupted:  # stopped just as the reply came: its agent is gone
+            self.close()
+        return reply
 
     def _exchange_frames(
         self, kind: int, req_id: int, op: dict, on_output: OutputHandler | None
@@ -112,6 +116,7 @@ class AgentConnection:
         waiting for its reply (a cancelled task): as Ctrl-C, the agent's process group is
         killed, so that thread's read ends and it drops the connection itself. Without a
         way to stop the agent, or when stopping it failed, the stream is closed here."""
+        self._interrupted = True
         if not self._stop_agent():
             self.close()
 

@@ -160,7 +160,12 @@ class LocalSystem(System):
             alive=lambda: proc.poll() is None,
             stop=stop,
         )
-        facts = conn.handshake()
+        try:
+            facts = conn.handshake()
+        except BaseException:  # interrupted, or cancelled: no agent left behind
+            conn.interrupt()
+            conn.close()
+            raise
         with self._facts_lock:
             self._facts = facts
         return conn
