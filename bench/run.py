@@ -27,6 +27,7 @@ MeasureFn = Callable[[harness.Context], "list[harness.Row]"]
 
 
 def all_measures() -> dict[str, MeasureFn]:
+    import async_bench
     import cache_bench
     import local_bench
     import s3_bench
@@ -37,6 +38,7 @@ def all_measures() -> dict[str, MeasureFn]:
         **cache_bench.MEASURES,
         **ssh_bench.MEASURES,
         **s3_bench.MEASURES,
+        **async_bench.MEASURES,
     }
 
 

@@ -19,3 +19,11 @@ def zeros(size: int) -> bytes:
 def echo(data: bytes) -> bytes:
     """The argument back: the 100 MB argument-and-result round trip."""
     return data
+
+
+def sleep_for(seconds: float) -> float:
+    """A call that waits: what overlapping awaited calls gain on."""
+    import time
+
+    time.sleep(seconds)
+    return seconds

@@ -664,10 +664,13 @@ def explain(
 _by_value_lock = threading.Lock()
 
 
-def dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
+def dumps_by_value(
+    obj: Any, fn: Callable, what: str, *related: Any, buffers: list | None = None
+) -> bytes:
     """``obj`` pickled with the user's own packages that ``fn`` and ``related`` come from
     pickled by value, so that the host need not have them installed; SerializationError
-    naming ``what`` when it cannot be pickled."""
+    naming ``what`` when it cannot be pickled. With ``buffers``, its large buffers are
+    left out of the pickle and appended there (see ``agent.pickling.dumps``)."""
     packages = user_packages(fn, *related)
     with _by_value_lock:
         # Only what is not registered already, so that a module the user registered
@@ -676,7 +679,7 @@ def dumps_by_value(obj: Any, fn: Callable, what: str, *related: Any) -> bytes:
         for package in registered:
             cloudpickle.register_pickle_by_value(sys.modules[package])
         try:
-            return pickling.dumps(obj)
+            return pickling.dumps(obj, buffers=buffers)
         except Exception as exc:
             raise SerializationError(
                 f"{what} {getattr(fn, '__qualname__', fn)!r} cannot be pickled: {exc}"

@@ -3,7 +3,8 @@
 Every way of calling one is written once here over the System primitives: a synchronous
 call (``fn(...)``, the fast path without a folder unless ``run_name`` is given), an
 asynchronous run (``fn.run``), the cached forms (``get_or_call``, ``get_or_run``) and
-``map``.
+``map``; and each of them awaitable (``acall``, ``arun``, ``aget_or_call``,
+``aget_or_run``, ``amap``: see ``aio.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import cloudpickle
 
-from . import arguments, context, fingerprint, lineage
+from . import aio, arguments, context, fingerprint, lineage
 from .agent import layout
 from .agent.protocol import STDOUT, Action, Mode, Op
 from .errors import (
@@ -94,7 +95,19 @@ class RemoteFunction:
         self.resources = dict(resources) if resources else None
 
     def __repr__(self) -> str:
-        return f"<RemoteFunction {self.name} on {self._system_spec or 'here'}>"
+        return f"<RemoteFunction {self.name} on {self._system_name()}>"
+
+    def _repr_html_(self) -> str:
+        """How Jupyter shows it: its name, whether it is ``async def``, its system."""
+        from . import display  # start-up time: html and datetime, for notebooks only
+
+        return display.function_line(
+            self.name, _qualified_name(self.fn), self._system_name(), _is_async(self.fn)
+        )
+
+    def _system_name(self) -> str:
+        spec = self._system_spec if self._system_spec is not None else "here"
+        return spec if isinstance(spec, str) else getattr(spec, "name", repr(spec))
 
     def _options(self) -> dict[str, Any]:
         """The options it was made with, but its system."""
@@ -249,53 +262,14 @@ class RemoteFunction:
         list; otherwise the first failure is raised. A progress bar is shown on a terminal
         (``progress=True`` forces it, ``False`` hides it).
         """
-        items = list(zip(*iterables))
-        if not items:
+        mapping = _Mapping(self, iterables, return_exceptions, chunk_size)
+        if not mapping.chunks:
             return []
-        runs = [a for item in items for a in item if isinstance(a, Run)]
-        if runs:
-            # Runs among the items travel as their results, read here once each.
-            values: dict[str, Any] = {}
-            items = [
-                tuple(arguments.value_of_run(a, values) if isinstance(a, Run) else a for a in item)
-                for item in items
-            ]
-            for run in runs:
-                _link(lineage.USED, run)
-        system = self.system
-        slots = max(1, system.parallelism())
-        size = chunk_size or max(1, min(64, -(-len(items) // (slots * 4))))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        fn_bytes, fn_key = self._pickle_function()
-        results: list[Any] = [None] * len(items)
-        bar = _progress_bar(len(items), self.name, progress)
-
-        def run_chunk(start: int, chunk: list[tuple]) -> None:
-            data = fingerprint.dumps_by_value(chunk, self.fn, "the arguments of", *chunk)
-            op = {"op": Op.MAP, "fn_key": fn_key, "items": data}
-            if self.resources:
-                op["resources"] = self.resources
-            reply, host, failed = system.call(op, fn_bytes, print_output)
-            if failed is not None:  # the chunk as a whole could not run
-                if not return_exceptions:
-                    raise failed
-                results[start : start + len(chunk)] = [failed] * len(chunk)
-            else:
-                for offset, (ok, payload) in enumerate(reply["outcomes"]):
-                    if ok:
-                        results[start + offset] = cloudpickle.loads(payload)
-                        continue
-                    item_exc = exception_from_record(payload, host=host)
-                    if not return_exceptions:
-                        raise item_exc
-                    results[start + offset] = item_exc
-            if bar is not None:
-                bar.update(len(chunk))
-
-        workers = min(slots, len(chunks))
+        mapping.bar = _progress_bar(len(mapping.results), self.name, progress)
+        workers = min(mapping.slots, len(mapping.chunks))
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix=f"map-{self.name}") as pool:
-                futures = [pool.submit(run_chunk, i * size, c) for i, c in enumerate(chunks)]
+                futures = [pool.submit(mapping.run_chunk, i) for i in range(len(mapping.chunks))]
                 try:
                     for future in futures:
                         future.result()
@@ -304,9 +278,80 @@ class RemoteFunction:
                         future.cancel()
                     raise
         finally:
-            if bar is not None:
-                bar.close()
-        return results
+            if mapping.bar is not None:
+                mapping.bar.close()
+        return mapping.results
+
+    # ------------------------------------------------------------------ awaiting
+
+    async def acall(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Any:
+        """``fn(*args, run_name=..., **kwargs)``, awaited. The call blocks a thread of a
+        bounded pool (``REMOTERUN_ASYNC_THREADS``), never the event loop. Cancelling the
+        awaiting task stops the call on the host, as Ctrl-C does; a recorded run
+        (``run_name``) goes on, since it is detached."""
+        return await aio.blocking(functools.partial(self, *args, run_name=run_name, **kwargs))
+
+    async def arun(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
+        """``run(...)``, awaited: the Run, once it is RUNNING (``await`` it for its result)."""
+        return await aio.blocking(functools.partial(self.run, *args, run_name=run_name, **kwargs))
+
+    async def aget_or_call(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Any:
+        """``get_or_call(...)``, awaited (see ``acall`` for cancelling)."""
+        call = functools.partial(self.get_or_call, *args, run_name=run_name, **kwargs)
+        return await aio.blocking(call)
+
+    async def aget_or_run(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> Run:
+        """``get_or_run(...)``, awaited."""
+        call = functools.partial(self.get_or_run, *args, run_name=run_name, **kwargs)
+        return await aio.blocking(call)
+
+    async def amap(
+        self,
+        *iterables: Iterable[Any],
+        return_exceptions: bool = False,
+        chunk_size: int | None = None,
+        progress: bool | None = None,
+    ) -> list[Any]:
+        """``map(...)``, awaited: its chunks are calls of the bounded pool, as many at once
+        as ``map`` runs. Cancelling the awaiting task stops the chunks in flight."""
+        import asyncio
+
+        mapping = await aio.blocking(
+            functools.partial(_Mapping, self, iterables, return_exceptions, chunk_size)
+        )
+        if not mapping.chunks:
+            return []
+        mapping.bar = _progress_bar(len(mapping.results), self.name, progress)
+        slots = asyncio.Semaphore(min(mapping.slots, len(mapping.chunks)))
+        failed = asyncio.Event()
+
+        async def run_chunk(index: int) -> None:
+            async with slots:
+                if failed.is_set():  # as map: chunks not started yet start nothing
+                    return
+                try:
+                    await aio.blocking(functools.partial(mapping.run_chunk, index))
+                except Exception:
+                    failed.set()
+                    raise
+
+        tasks = [asyncio.ensure_future(run_chunk(i)) for i in range(len(mapping.chunks))]
+        try:
+            await asyncio.wait(tasks)  # after a failure, the chunks running finish
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            if mapping.bar is not None:
+                mapping.bar.close()
+        # The first failure in input order, as map raises it (each one looked at, so
+        # that asyncio reports none as never retrieved).
+        failures = [task.exception() for task in tasks]
+        for failure in failures:
+            if failure is not None:
+                raise failure
+        return mapping.results
 
     # ------------------------------------------------------------------ internals
 
@@ -329,17 +374,23 @@ class RemoteFunction:
         args, kwargs, passed = arguments.pass_runs(args, kwargs, target)
         for run in passed:  # no run of its own records them: the current run used them
             _link(lineage.USED, run)
-        inputs = _pickle_inputs(self.fn, args, kwargs)
+        # Large arguments travel beside the pickle, from their own memory: nothing large
+        # is copied here, so an event loop in another thread is not held up by it.
+        buffers: list = []
+        inputs = _pickle_inputs(self.fn, args, kwargs, buffers)
         op: dict[str, Any] = {"op": Op.CALL, "fn_key": fn_key, "inputs": inputs}
+        if buffers:
+            op["buffers"] = buffers
         if self.resources:
             op["resources"] = self.resources
         if passed and arguments.has_references(args, kwargs):
             op["run_args"] = True
         reply, _, error = system.call(op, fn_bytes, on_output)  # the least-loaded host
-        del inputs, op  # the arguments' pickle is let go before the result is unpickled
+        del inputs, op, buffers  # the arguments' pickle is let go before the result's
         if error is not None:  # raised outside any except block: its cause is the RemoteError
             raise error
-        return cloudpickle.loads(reply["result"])
+        # Large buffers of the result (numpy arrays) are views of the reply: not copied.
+        return cloudpickle.loads(reply["result"], buffers=reply.get("buffers") or ())
 
     def _submit(
         self,
@@ -511,6 +562,67 @@ class RemoteFunction:
         return data, hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+class _Mapping:
+    """One ``map``: its items in chunks (each chunk one request to an agent), and the
+    results in input order as the chunks come back."""
+
+    def __init__(
+        self,
+        remote: RemoteFunction,
+        iterables: Sequence[Iterable[Any]],
+        return_exceptions: bool,
+        chunk_size: int | None,
+    ):
+        self.remote = remote
+        self.return_exceptions = return_exceptions
+        self.bar: Any = None
+        items = list(zip(*iterables))
+        self.results: list[Any] = [None] * len(items)
+        self.chunks: list[list[tuple]] = []
+        if not items:
+            return
+        runs = [a for item in items for a in item if isinstance(a, Run)]
+        if runs:
+            # Runs among the items travel as their results, read here once each.
+            values: dict[str, Any] = {}
+            items = [
+                tuple(arguments.value_of_run(a, values) if isinstance(a, Run) else a for a in item)
+                for item in items
+            ]
+            for run in runs:
+                _link(lineage.USED, run)
+        self.system = remote.system
+        self.slots = max(1, self.system.parallelism())
+        self.size = chunk_size or max(1, min(64, -(-len(items) // (self.slots * 4))))
+        self.chunks = [items[i : i + self.size] for i in range(0, len(items), self.size)]
+        self.fn_bytes, self.fn_key = remote._pickle_function()
+
+    def run_chunk(self, index: int) -> None:
+        """Call the function on the chunk ``index`` and put its results in place; raise
+        its first failure unless ``return_exceptions``."""
+        chunk, start, fn = self.chunks[index], index * self.size, self.remote.fn
+        data = fingerprint.dumps_by_value(chunk, fn, "the arguments of", *chunk)
+        op = {"op": Op.MAP, "fn_key": self.fn_key, "items": data}
+        if self.remote.resources:
+            op["resources"] = self.remote.resources
+        reply, host, failed = self.system.call(op, self.fn_bytes, print_output)
+        if failed is not None:  # the chunk as a whole could not run
+            if not self.return_exceptions:
+                raise failed
+            self.results[start : start + len(chunk)] = [failed] * len(chunk)
+        else:
+            for offset, (ok, payload) in enumerate(reply["outcomes"]):
+                if ok:
+                    self.results[start + offset] = cloudpickle.loads(payload)
+                    continue
+                item_exc = exception_from_record(payload, host=host)
+                if not self.return_exceptions:
+                    raise item_exc
+                self.results[start + offset] = item_exc
+        if self.bar is not None:
+            self.bar.update(len(chunk))
+
+
 def print_output(kind: int, data: bytes) -> None:
     """Write a function's streamed output to this process's stdout or stderr."""
     stream = sys.stdout if kind == STDOUT else sys.stderr
@@ -530,14 +642,30 @@ def _qualified_name(fn: Callable) -> str:
 
 
 def _progress_bar(total: int, name: str, wanted: bool | None) -> Any:
-    """A tqdm bar on stderr when it is a terminal (or when asked for), else None."""
-    if wanted is False or (wanted is None and not sys.stderr.isatty()):
+    """A tqdm bar: a widget in a Jupyter notebook (``tqdm.auto``), else on stderr when it
+    is a terminal; ``wanted`` True forces it, False hides it. None when not shown."""
+    if wanted is False or (wanted is None and not (_in_notebook() or sys.stderr.isatty())):
         return None
     try:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
     except ImportError:
         return None
     return tqdm(total=total, desc=f"map {name}", unit="call")
+
+
+def _in_notebook() -> bool:
+    """Whether this is a Jupyter kernel (IPython already imported, under a kernel app)."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _is_async(fn: Callable) -> bool:
+    """Whether calling ``fn`` gives a coroutine (an ``async def`` function, or a callable
+    object whose ``__call__`` is one), which the host runs to its end."""
+    target = inspect.unwrap(fn)
+    call = target if inspect.isroutine(target) else type(target).__call__
+    return inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call)
 
 
 def _rebuild(fn: Callable, system: Any, options: dict) -> RemoteFunction:
@@ -619,11 +747,14 @@ def _link(kind: str | None, run: Run) -> None:
 # --------------------------------------------------------------------------- pickling
 
 
-def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict) -> bytes:
-    """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument."""
+def _pickle_inputs(fn: Callable, args: tuple, kwargs: dict, buffers: list | None = None) -> bytes:
+    """cloudpickle of ``{"args": [...], "kwargs": {...}}``; a failure names the argument.
+    With ``buffers``, large buffers are left out of it and appended there."""
     inputs = {"args": list(args), "kwargs": dict(kwargs)}
     try:
-        return fingerprint.dumps_by_value(inputs, fn, "the arguments of", *args, *kwargs.values())
+        return fingerprint.dumps_by_value(
+            inputs, fn, "the arguments of", *args, *kwargs.values(), buffers=buffers
+        )
     except SerializationError as exc:
         for name, value in fingerprint.bind_arguments(fn, args, kwargs).items():
             try:

@@ -9,12 +9,13 @@ errors are unpickled only when asked for with ``result()``, ``exception()`` or
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import posixpath
 import time
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Callable, Generator, Iterator
 
-from . import context, export, lineage, registry, transfer
+from . import aio, context, export, lineage, registry, transfer
 from .agent.protocol import Failure
 from .agent.record import (
     CANCELLED,
@@ -123,6 +124,18 @@ class Run:
         status = (self._config or {}).get("status", "?")
         return f"<Run {self.name!r} {status} at {self.url}>"
 
+    def _repr_html_(self) -> str:
+        """How Jupyter shows a run: a card of its record, read again unless terminal."""
+        problem = ""
+        if not self._terminal:
+            try:
+                self.refresh()
+            except Exception as exc:  # a card says what it could not read; it never fails
+                problem = f"could not read it now: {type(exc).__name__}: {exc}"
+        from . import display  # start-up time: html and datetime, for notebooks only
+
+        return display.run_card(self.name, self.url, self._config, problem)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Run) and other.url == self.url
 
@@ -203,6 +216,30 @@ class Run:
         Raises TimeoutError when ``timeout`` seconds pass first, RunNotFoundError when
         there is no such run.
         """
+        steps = self._waiting(timeout)
+        while True:
+            done, value = _step(steps)
+            if done:
+                return value
+            time.sleep(value)
+
+    async def await_end(self, timeout: float | None = None) -> RunStatus:
+        """``wait()``, awaited: each look at the run is a short job of a small pool of
+        threads (``remoterun.aio``) and the pauses between them the event loop's, so a
+        waiting task holds no thread. Cancelling it only stops the waiting: the run goes
+        on."""
+        import asyncio
+
+        steps = self._waiting(timeout)
+        while True:
+            done, value = await aio.look(functools.partial(_step, steps))
+            if done:
+                return value
+            await asyncio.sleep(value)
+
+    def _waiting(self, timeout: float | None) -> Generator[float, None, RunStatus]:
+        """The steps of waiting for the run: each reads it (blocking), then yields how
+        long to pause before the next; returns the terminal status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_FIRST
         if not self._terminal:
@@ -219,7 +256,7 @@ class Run:
                 if reply["config"] is None and seen:
                     missing_since = missing_since or time.monotonic()
                     if time.monotonic() - missing_since < _GONE_AFTER:
-                        time.sleep(_POLL_FIRST)
+                        yield _POLL_FIRST
                         continue
                 self._config = _as_record(reply["config"])
                 self._outcome = reply
@@ -240,11 +277,11 @@ class Run:
             # for it; the others are polled, less often as the run goes on.
             wait_for_end = getattr(self.system, "wait_for_end", None)
             if wait_for_end is None or self.folder.archived:
-                time.sleep(delay)
+                yield delay
             else:
                 left = _POLL_LONG if deadline is None else deadline - time.monotonic()
                 if not wait_for_end(self.name, self.root, max(0.0, min(_POLL_LONG, left))):
-                    time.sleep(delay)  # nothing to wait on: read it again, less often
+                    yield delay  # nothing to wait on: read it again, less often
             delay = min(delay * 1.5, _POLL_MAX)
 
     # ------------------------------------------------------------------ outcome
@@ -260,6 +297,15 @@ class Run:
         if current_run() is not None:
             lineage.note(lineage.USED, self, outer=current_run())
         return value
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """``result()``, awaited (``await run`` is the same without a timeout): waiting
+        holds no thread (see ``await_end``); cancelling it leaves the run going on."""
+        await self.await_end(timeout)
+        return await aio.look(self.result)  # terminal: reads the outcome only
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.aresult().__await__()
 
     def read_result(self, timeout: float | None = None) -> Any:
         """``result()`` without noting the run as used by the current run (lineage): for
@@ -402,23 +448,53 @@ class Run:
         ``stream`` is ``"stdout"`` or ``"stderr"``. A last line without a newline is
         yielded once the run is over.
         """
+        read = self._log_reader(stream, follow)
+        while True:
+            lines, finished, grew = read()
+            yield from lines
+            if finished:
+                return
+            if not grew:
+                time.sleep(poll)
+
+    async def alogs(
+        self, follow: bool = False, *, stream: str = "stdout", poll: float = 0.1
+    ) -> AsyncIterator[str]:
+        """``logs()`` as an async iterator (``async for line in run.alogs(follow=True)``):
+        each read is a short job of a small pool of threads, each pause the loop's."""
+        import asyncio
+
+        read = self._log_reader(stream, follow)
+        while True:
+            lines, finished, grew = await aio.look(read)
+            for line in lines:
+                yield line
+            if finished:
+                return
+            if not grew:
+                await asyncio.sleep(poll)
+
+    def _log_reader(self, stream: str, follow: bool) -> Callable[[], tuple[list[str], bool, bool]]:
+        """A reader of the log ``stream`` from its start: each call returns the complete
+        lines written since the last (and the last, unterminated one once the run is
+        over), whether reading is over, and whether the log grew."""
         if stream not in ("stdout", "stderr"):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         offset, pending = 0, b""
-        while True:
+
+        def read() -> tuple[list[str], bool, bool]:
+            nonlocal offset, pending
             finished = not follow or self.status.terminal
             data = self.folder.read_log(stream, offset)
             offset += len(data)
             pending += data
             *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line.decode("utf-8", "replace") + "\n"
-            if finished:
-                if pending:
-                    yield pending.decode("utf-8", "replace")
-                return
-            if not data:
-                time.sleep(poll)
+            text = [line.decode("utf-8", "replace") + "\n" for line in lines]
+            if finished and pending:
+                text.append(pending.decode("utf-8", "replace"))
+            return text, finished, bool(data)
+
+        return read
 
     # ------------------------------------------------------------------ control
 
@@ -613,6 +689,15 @@ class Run:
         recorder, self._context = self._context, None
         if recorder is not None:
             self._config = _as_record(recorder.finish(exc))
+
+
+def _step(steps: Generator[float, None, RunStatus]) -> tuple[bool, Any]:
+    """The next step of ``Run._waiting``: ``(True, status)`` once it is over, else
+    ``(False, pause)`` (StopIteration cannot cross a future)."""
+    try:
+        return False, next(steps)
+    except StopIteration as end:
+        return True, end.value
 
 
 def _as_record(config: dict | None) -> RunRecord | None:

@@ -267,3 +267,48 @@ def start_child_on(system):
     child = rr.function(add, system=system).run(1)
     child.wait(timeout=60)
     return child.name
+
+
+async def async_add(a, b=2):
+    """An async def function: the host runs it in an event loop of its own."""
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    print(f"async adding {a} and {b}")
+    return a + b
+
+
+async def async_fail(message):
+    import asyncio
+
+    await asyncio.sleep(0)
+    raise CustomError(message)
+
+
+def meet(folder, count, timeout=60.0):
+    """Arrive in ``folder`` and wait until ``count`` calls have: calls that do not run at
+    the same time never all meet, and time out."""
+    with open(os.path.join(folder, f"{os.getpid()}-{threading.get_ident()}"), "w"):
+        pass
+    deadline = time.monotonic() + timeout
+    while len(os.listdir(folder)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {count} calls met")
+        time.sleep(0.01)
+    return len(os.listdir(folder))
+
+
+def print_lines(count, gate):
+    """Print ``count`` lines, the last only once ``gate`` exists (a follower sees the
+    first ones while the run is still going)."""
+    for i in range(count - 1):
+        print(f"line {i}", flush=True)
+    wait_for_file(gate)
+    print(f"line {count - 1}", flush=True)
+    return count
+
+
+def sha256(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

@@ -4,6 +4,7 @@ execution across driver processes, detached runs, lost workers, and an S3 run ro
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
@@ -389,3 +390,32 @@ def test_a_lost_node_fails_its_run_as_worker_lost(cluster, system, scratch):
     with pytest.raises(rr.WorkerLostError, match="worker lost"):
         run.result(timeout=90)
     assert system.get_run(run.name).status is rr.RunStatus.FAILED
+
+
+def test_large_arguments_and_awaited_calls(system):
+    data = os.urandom(1 << 20) * 3  # past the size that travels beside the pickle
+    length = rr.function(tasks.length, system=system)
+    assert length(data) == len(data)
+    assert asyncio.run(length.acall(data)) == len(data)
+    assert asyncio.run(rr.function(tasks.async_add, system=system).acall(1)) == 3
+
+
+def test_cancelling_an_awaited_call_cancels_its_task(system, scratch):
+    pidfile = scratch / "pid"
+    sleeper = rr.function(tasks.note_pid_then_sleep, system=system)
+
+    async def main():
+        task = asyncio.ensure_future(sleeper.acall(str(pidfile)))
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return int(pidfile.read_text())
+
+    pid = asyncio.run(asyncio.wait_for(main(), 120))
+    deadline = time.monotonic() + 30
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the cancelled call's task still runs"
+        time.sleep(0.05)

@@ -17,6 +17,7 @@ import dis
 import io
 import linecache
 import os
+import pickle
 import types
 from typing import Any
 
@@ -105,11 +106,66 @@ def _load_code(source: Source, constructor: Any, args: tuple) -> types.CodeType:
     return constructor(*args)
 
 
-def dumps(obj: Any, protocol: int | None = None) -> bytes:
-    """``cloudpickle.dumps``, with code objects pickled by ``Pickler``."""
+def dumps(obj: Any, protocol: int | None = None, buffers: list | None = None) -> bytes:
+    """``cloudpickle.dumps``, with code objects pickled by ``Pickler``.
+
+    With a ``buffers`` list, large buffers are left out of the pickle and appended there
+    (pickle protocol 5's out-of-band buffers, to load with ``loads(data, buffers=...)``):
+    numpy arrays and bytearrays anywhere, and bytes values of ``obj`` itself or right in
+    its lists, tuples and dicts (a call's arguments, a return value), as views of their
+    own memory. A copy of 100 MB holds the interpreter lock for ~60 ms here (most of it
+    faulting in fresh pages), which an event loop in another thread would wait out: a
+    call's pickle copies nothing large.
+    """
     with io.BytesIO() as file:
-        Pickler(file, protocol=protocol).dump(obj)
+        if buffers is None:
+            Pickler(file, protocol=protocol).dump(obj)
+        else:
+
+            def beside(buffer: pickle.PickleBuffer) -> bool:
+                """False (out of band) for a large buffer, which is kept; True for others."""
+                try:
+                    large = buffer.raw().nbytes >= OUT_OF_BAND_MIN
+                except BufferError:  # not contiguous: in the pickle
+                    return True
+                if large:
+                    buffers.append(buffer.raw())
+                return not large
+
+            Pickler(file, protocol=5, buffer_callback=beside).dump(_large_bytes_beside(obj))
         return file.getvalue()
+
+
+# Buffers at least this large travel beside a call's pickle (``dumps(..., buffers=)``).
+OUT_OF_BAND_MIN = 1 << 20
+
+
+class _BytesBeside:
+    """A large bytes value, pickled out of band: pickle writes bytes into the pickle
+    whatever the protocol, and lets no reducer change that; a wrapper it does."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes):
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        return (bytes, (pickle.PickleBuffer(self.value),))
+
+
+def _large_bytes_beside(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with its large bytes values (and those of the containers in it, three
+    levels deep) wrapped in ``_BytesBeside``; containers are rebuilt only when one is."""
+    if type(obj) is bytes:
+        return _BytesBeside(obj) if len(obj) >= OUT_OF_BAND_MIN else obj
+    if depth >= 3 or type(obj) not in (list, tuple, dict):
+        return obj
+    if type(obj) is dict:
+        values = {k: _large_bytes_beside(v, depth + 1) for k, v in obj.items()}
+        changed = any(values[k] is not v for k, v in obj.items())
+        return values if changed else obj
+    items = [_large_bytes_beside(v, depth + 1) for v in obj]
+    return type(obj)(items) if any(a is not b for a, b in zip(items, obj)) else obj
 
 
 loads = cloudpickle.loads

@@ -25,6 +25,7 @@ import cloudpickle
 
 from ..errors import CorruptRunError, InvalidRunNameError, SigningKeyError
 from . import forkserver, integrity, pickling, procs, protocol
+from .coroutines import run_to_end
 from .failures import error_record
 from .protocol import SYNCHRONOUS_OPS, Action, Failure
 from .record import RUNNING
@@ -267,10 +268,12 @@ class Agent:
         return fn
 
     def _load(self, request: dict, field: str) -> tuple[Any, Any]:
-        """The request's function and its unpickled ``field``; a failure to load either
-        (a module missing on this host) is reported as such, not as the function's error."""
+        """The request's function and its unpickled ``field`` (with the request's
+        out-of-band ``buffers``); a failure to load either (a module missing on this
+        host) is reported as such, not as the function's error."""
         try:
-            return self._function(request), cloudpickle.loads(request[field])
+            value = cloudpickle.loads(request[field], buffers=request.get("buffers") or ())
+            return self._function(request), value
         except _Failure:
             raise
         except BaseException as exc:
@@ -282,7 +285,9 @@ class Agent:
     def op_call(self, request: dict, req_id: int) -> dict:
         """Call a function here, in the agent: the synchronous fast path (no folder)."""
         fn, inputs = self._load(request, "inputs")
-        return {"result": call_pickled(fn, inputs, bool(request.get("run_args")))}
+        buffers: list = []  # a large result travels beside its pickle, as the arguments do
+        result = call_pickled(fn, inputs, bool(request.get("run_args")), buffers)
+        return {"result": result, "buffers": buffers}
 
     def op_map(self, request: dict, req_id: int) -> dict:
         """Call a function on a chunk of argument tuples, one after the other.
@@ -411,18 +416,19 @@ class _Failure(Exception):
         self.skip_frames = skip_frames
 
 
-def call_pickled(fn: Any, inputs: dict, run_args: bool) -> bytes:
-    """``fn(*args, **kwargs)`` of the unpickled ``inputs``, its value pickled; a failure
-    raised as an op failure (the function's own exception, or a value that cannot be
-    pickled). Also what Ray's workers run (``systems/ray/tasks.py``)."""
+def call_pickled(fn: Any, inputs: dict, run_args: bool, buffers: list | None = None) -> bytes:
+    """``fn(*args, **kwargs)`` of the unpickled ``inputs``, its value pickled (its large
+    buffers appended to ``buffers`` when given: ``pickling.dumps``); a failure raised as
+    an op failure (the function's own exception, or a value that cannot be pickled).
+    Also what Ray's workers run (``systems/ray/tasks.py``)."""
     try:
         if run_args:
             inputs = resolve_run_arguments(inputs)
-        value = fn(*inputs["args"], **inputs["kwargs"])
+        value = run_to_end(fn(*inputs["args"], **inputs["kwargs"]))
     except BaseException as exc:
         raise _Failure(Failure.REMOTE, "", exc, skip_frames=1) from exc
     try:
-        return pickling.dumps(value)
+        return pickling.dumps(value, buffers=buffers)
     except Exception as exc:
         raise _Failure(
             Failure.SERIALIZATION,
@@ -436,7 +442,7 @@ def map_outcomes(fn: Any, items: list) -> list[tuple[bool, Any]]:
     outcomes: list[tuple[bool, Any]] = []
     for args in items:
         try:
-            value = fn(*args)
+            value = run_to_end(fn(*args))
         except BaseException as exc:
             outcomes.append((False, _failure_record(_Failure(Failure.REMOTE, "", exc, 1))))
             continue

@@ -14,6 +14,7 @@ from . import layout, pickling, protocol
 # Runs recorded before commands.py was split out of this module pickled run_commands as
 # remoterun.agent.worker.run_commands: it is still found here.
 from .commands import run_commands as run_commands
+from .coroutines import run_to_end
 from .failures import SERIALIZATION_ERROR, STORAGE_ERROR, error_record
 from .procs import open_fds
 from .record import RUNNING, RunRecord
@@ -75,7 +76,7 @@ def _run(runs: HostRuns, request: dict) -> int:
         inputs = pickling.loads(request["inputs"]) if request.get("inputs") else {}
         if request.get("run_args"):
             inputs = resolve_run_arguments(inputs)
-        value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+        value = run_to_end(fn(*inputs.get("args", ()), **inputs.get("kwargs", {})))
         try:
             result_bytes = pickling.dumps(value)
         except Exception as exc:

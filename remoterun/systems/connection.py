@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any, Callable, Iterator
 
+from .. import aio
 from ..agent import protocol
 from ..errors import AgentError
 
@@ -48,6 +49,7 @@ class AgentConnection:
         self.label = label
         self._ids = itertools.count(1)
         self.broken = False
+        self._interrupted = False  # set by interrupt(): the agent was (being) stopped
         self.known_functions: set[str] = set()
         self.facts: dict = {}
 
@@ -73,6 +75,17 @@ class AgentConnection:
         if self.broken:
             raise AgentError(f"the connection to the agent on {self.label} is closed")
         req_id = next(self._ids)
+        # A task awaiting this request (``remoterun.aio``) that is cancelled stops it as
+        # Ctrl-C does, from another thread: the reads and writes below then end.
+        with aio.interruptible(self.interrupt):
+            reply = self._exchange_frames(kind, req_id, op, on_output)
+        if self._interrupted:  # stopped just as the reply came: its agent is gone
+            self.close()
+        return reply
+
+    def _exchange_frames(
+        self, kind: int, req_id: int, op: dict, on_output: OutputHandler | None
+    ) -> dict:
         try:
             self._writer.send(kind, req_id, protocol.dumps(op))
             while True:
@@ -94,13 +107,29 @@ class AgentConnection:
         except BaseException:
             # Interrupted mid-request (Ctrl-C): the stream is out of step, and a synchronous
             # call may still run in the agent. Stop the agent, then drop the stream.
-            if self._stop is not None:
-                try:
-                    self._stop()
-                except Exception as exc:  # best effort: the interruption is what matters
-                    logger.warning("could not stop the agent on %s: %s", self.label, exc)
+            self._stop_agent()
             self.close()
             raise
+
+    def interrupt(self) -> None:
+        """Stop the agent in the middle of a request, from another thread than the one
+        waiting for its reply (a cancelled task): as Ctrl-C, the agent's process group is
+        killed, so that thread's read ends and it drops the connection itself. Without a
+        way to stop the agent, or when stopping it failed, the stream is closed here."""
+        self._interrupted = True
+        if not self._stop_agent():
+            self.close()
+
+    def _stop_agent(self) -> bool:
+        """Kill the agent and what its call started; whether that was done."""
+        if self._stop is None:
+            return False
+        try:
+            self._stop()
+        except Exception as exc:  # best effort: the interruption is what matters
+            logger.warning("could not stop the agent on %s: %s", self.label, exc)
+            return False
+        return True
 
     def usable(self) -> bool:
         """False once the agent is known to be gone (closed stream, exited process)."""

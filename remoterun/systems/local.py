@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -142,14 +143,29 @@ class LocalSystem(System):
                 proc.kill()
                 proc.wait()
 
+        def stop() -> None:
+            # The agent leads its own process group (start_new_session): kill the group,
+            # with what the call started in it, as the agent does itself when its input
+            # closes. Recorded runs are in sessions of their own.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
         conn = AgentConnection(
             proc.stdout.read,
             write,
             close,
             label=f"localhost (pid {proc.pid})",
             alive=lambda: proc.poll() is None,
+            stop=stop,
         )
-        facts = conn.handshake()
+        try:
+            facts = conn.handshake()
+        except BaseException:  # interrupted, or cancelled: no agent left behind
+            conn.interrupt()
+            conn.close()
+            raise
         with self._facts_lock:
             self._facts = facts
         return conn

@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any, ContextManager
 
+from ... import aio
 from ...agent.protocol import STDERR, STDOUT, Action, Failure, Op
 from ...agent.runfolder import Files, RunFolder
 from ...agent.store import hit_reply
@@ -236,7 +237,25 @@ class RaySystem(System):
         else:
             task = _remote(ray, "call", tasks.call, options)
             live = self._live_folder() if on_output is not None else None
-            ref = task.remote(op["fn_key"], holder, op["inputs"], bool(op.get("run_args")), live)
+            # Large arguments left out of the inputs' pickle: Ray pickles task arguments
+            # itself, and memoryviews cannot be pickled.
+            buffers = [bytes(b) for b in op.get("buffers", ())] or None
+            ref = task.remote(
+                op["fn_key"], holder, op["inputs"], bool(op.get("run_args")), live, buffers
+            )
+        # A cancelled task awaiting this call (remoterun.aio) stops it, as Ctrl-C below.
+        try:
+            with aio.interruptible(lambda: ray.cancel(ref, force=True)):
+                return self._reply(ray, ref, live, on_output)
+        except aio.CallCancelled:  # cancelled as the task was submitted
+            ray.cancel(ref, force=True)
+            raise
+
+    def _reply(
+        self, ray: Any, ref: Any, live: str | None, on_output: OutputHandler | None
+    ) -> tuple[dict | None, str, BaseException | None]:
+        """The outcome of the call or map task ``ref``, its output printed as it comes
+        when ``live`` names a folder it is copied to."""
         printed = {"stdout": 0, "stderr": 0}
         try:
             if live is None:

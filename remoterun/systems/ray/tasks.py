@@ -20,6 +20,7 @@ from typing import Any
 
 from ... import context
 from ...agent import layout, pickling
+from ...agent.coroutines import run_to_end
 from ...agent.protocol import Failure
 from ...agent.record import SERIALIZATION_ERROR
 from ...agent.runfolder import RunFolder, resolve_run_arguments
@@ -198,14 +199,21 @@ _mirror = _Mirror()
 
 
 def call(
-    fn_key: str, fn_holder: list, inputs: bytes, run_args: bool, live: str | None = None
+    fn_key: str,
+    fn_holder: list,
+    inputs: bytes,
+    run_args: bool,
+    live: str | None = None,
+    buffers: list | None = None,
 ) -> dict:
     """A synchronous call: ``{"ok": True, "result": ...}`` or ``{"ok": False, "failure":
     record}``, with ``"output"``: what the function wrote, ``[(stream, bytes), ...]``
-    (also copied to ``live`` as it comes, when the call is not quick)."""
+    (also copied to ``live`` as it comes, when the call is not quick). ``buffers``: the
+    large arguments left out of the inputs' pickle."""
     with _Captured(live) as captured:
         try:
-            reply: dict = {"ok": True, "result": _call(fn_key, fn_holder, inputs, run_args)}
+            result = _call(fn_key, fn_holder, inputs, run_args, buffers)
+            reply: dict = {"ok": True, "result": result}
         except BaseException as exc:  # noqa: BLE001 - every failure goes back as a record
             reply = {"ok": False, "failure": _failure_record(exc)}
     reply["output"] = captured.output()
@@ -213,8 +221,10 @@ def call(
     return reply
 
 
-def _call(fn_key: str, fn_holder: list, inputs: bytes, run_args: bool) -> bytes:
-    return call_pickled(*_load(fn_key, fn_holder, inputs), run_args)
+def _call(
+    fn_key: str, fn_holder: list, inputs: bytes, run_args: bool, buffers: list | None
+) -> bytes:
+    return call_pickled(*_load(fn_key, fn_holder, inputs, buffers), run_args)
 
 
 def map_chunk(fn_key: str, fn_holder: list, items: bytes) -> dict:
@@ -229,11 +239,14 @@ def map_chunk(fn_key: str, fn_holder: list, items: bytes) -> dict:
     return reply
 
 
-def _load(fn_key: str, fn_holder: list, data: bytes) -> tuple[Any, Any]:
-    """The function and the unpickled ``data``; a failure to load either (a module
-    missing on this node) is reported as such, not as the function's error."""
+def _load(
+    fn_key: str, fn_holder: list, data: bytes, buffers: list | None = None
+) -> tuple[Any, Any]:
+    """The function and the unpickled ``data`` (with its out-of-band ``buffers``); a
+    failure to load either (a module missing on this node) is reported as such, not as
+    the function's error."""
     try:
-        return _function(fn_key, fn_holder), pickling.loads(data)
+        return _function(fn_key, fn_holder), pickling.loads(data, buffers=buffers or ())
     except BaseException as exc:
         raise _Failure(Failure.LOAD, _load_failure_message(exc)) from exc
 
@@ -284,7 +297,7 @@ def execute(
             inputs = pickling.loads(inputs_bytes) if inputs_bytes else {}
             if run_args:
                 inputs = resolve_run_arguments(inputs)
-            value = fn(*inputs.get("args", ()), **inputs.get("kwargs", {}))
+            value = run_to_end(fn(*inputs.get("args", ()), **inputs.get("kwargs", {})))
             try:
                 result = pickling.dumps(value)
             except Exception as exc:
