@@ -279,12 +279,14 @@ def test_closing_a_cluster_ends_its_ssh_processes(ssh_server):
     cluster = make_cluster(ssh_server, transport="openssh")
     assert rr.function(tasks.add, system=cluster).map([1, 2, 3, 4]) == [3, 4, 5, 6]
     cluster.hosts[0].filesystem().exists(cluster.root)  # the SFTP session too
-    ssh = _ssh_processes(os.getpid())
-    assert len(ssh) >= 3
+    control_path = cluster.hosts[0].link.control_path
+    ssh = _using(control_path)  # this cluster's, not other tests' clusters left open
+    assert len(ssh) >= 3  # the master, agents' sessions, the SFTP session
     master = cluster.hosts[0].link.master
     cluster.close()
     assert master.poll() is not None
     assert _gone(ssh) == []
+    assert not os.path.exists(control_path)
 
 
 def test_sockets_of_dead_masters_are_swept(tmp_path):
