@@ -1,4 +1,5 @@
-"""The ``remoterun`` command: list, show, graph, follow, cancel, copy and remove runs.
+"""The ``remoterun`` command: list, show, graph, follow, cancel, copy and remove runs, and
+browse them in a web page (``remoterun ui``).
 
 A SYSTEM is ``here`` (the default), a cluster saved with ``cluster.save()``, or a folder
 path / fsspec URL holding run folders. A RUN is a name on ``--system`` (``-s``), or the URL
@@ -480,6 +481,40 @@ def keygen(force: bool, path: str | None) -> None:
             f"note: ${integrity.KEY_ENV} is set here, and is used instead of any key file",
             err=True,
         )
+
+
+@main.command()
+@click.argument("systems", metavar="[SYSTEM]...", nargs=-1)
+@click.option("--port", default=0, show_default="a free one", help="port on 127.0.0.1")
+@click.option("--no-browser", is_flag=True, help="print the link only; open no browser")
+@click.option(
+    "--allow-actions", is_flag=True, help="allow cancel, re-run and copy (each asks first)"
+)
+@_handled
+def ui(systems: tuple[str, ...], port: int, no_browser: bool, allow_actions: bool) -> None:
+    """Browse the runs of SYSTEMs (default: here) in a web page: runs with live
+    statuses, one run's record and live logs, metric plots, lineage graphs.
+
+    It is served on 127.0.0.1 only, behind a random token in the link it prints (and
+    opens), and is read-only unless --allow-actions. Ctrl-C stops it."""
+    try:
+        from remoterun.ui.server import serve
+    except ImportError as exc:
+        _fail(f"remoterun ui needs the ui extra: pip install 'remoterun[ui]' ({exc})")
+    from remoterun.systems import saved_cluster
+
+    def destination(spec: str) -> Any:
+        return rr.cluster(spec) if saved_cluster(spec) is not None else spec
+
+    opened = [(spec, _system(spec)) for spec in systems or ("here",)]
+    serve(
+        opened,
+        port=port,
+        open_browser=not no_browser,
+        allow_actions=allow_actions,
+        resolve=destination,
+        echo=click.echo,
+    )
 
 
 def _on_this_machine(run: rr.Run) -> bool:
