@@ -261,6 +261,15 @@ def test_runs_of_a_saved_cluster(ui, ssh_server):
     assert log["text"] == "started\n"
 
 
+def test_the_web_server_loads_only_for_the_ui_command():
+    code = "import remoterun, remoterun.cli, sys; print(sorted(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = {name.strip("' ") for name in done.stdout.strip("[]\n").split(",")}
+    web = {"starlette", "uvicorn", "remoterun.ui", "selenium"}
+    assert "remoterun.cli" in loaded and "click" in loaded
+    assert not web & loaded
+
+
 def test_an_unknown_system_is_a_usage_error():
     done = subprocess.run(
         [COMMAND, "ui", "--no-browser", "no-such-cluster"],
