@@ -174,6 +174,7 @@ class System:
         fs = self.filesystem()
         root = self.root
         where = fs.unstrip_protocol(root)
+        fs.invalidate_cache(root)  # a listing kept by fsspec (s3fs) would hide new runs
         try:
             entries = fs.ls(root, detail=True)
         except FileNotFoundError:

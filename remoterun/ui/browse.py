@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 #: How long a store's listing is reused before it is listed again (new runs appear).
 LIST_EVERY = 2.0
 #: Records read in one batch, in the background, after the first page.
-BATCH = 500
+BATCH = 200
 #: The most of a log one answer carries.
 LOG_CHUNK = 1 << 20
 #: The most runs one lineage graph walks.
@@ -93,9 +93,13 @@ class Browser:
         self._linked: dict[str, Run] = {}
         self._linked_lock = threading.Lock()
         self._closed = threading.Event()
+        self._fillers: list[threading.Thread] = []
 
     def close(self) -> None:
+        """Stop reading records in the background (after the batch being read)."""
         self._closed.set()
+        for filler in self._fillers:
+            filler.join(timeout=60)
 
     # ------------------------------------------------------------------ the runs
 
@@ -123,6 +127,8 @@ class Browser:
             try:
                 self._list(source)
                 self._read_some(source, offset + limit)
+                if not source.complete:  # after the page's own records: no contention
+                    self._fill_in_background(source)
             except Exception as exc:  # one store's failure is that store's only
                 source.problem = f"{source.label}: {_one_line(exc)}"
             if source.problem:
@@ -160,8 +166,6 @@ class Browser:
             present = set(names)
             for gone in [n for n in source.summaries if n not in present]:
                 del source.summaries[gone]
-        if not source.complete:
-            self._fill_in_background(source)
 
     def _read_some(self, source: Source, count: int) -> None:
         """Make sure at least ``count`` records of the store are read (in listing order)."""
@@ -195,7 +199,9 @@ class Browser:
             finally:
                 source.filling = False
 
-        threading.Thread(target=fill, name=f"remoterun-ui-fill-{source.key}", daemon=True).start()
+        filler = threading.Thread(target=fill, name=f"remoterun-ui-fill-{source.key}", daemon=True)
+        self._fillers.append(filler)
+        filler.start()
 
     def _refresh_going(self, rows: list[dict]) -> None:
         """Read again the records of the rows not finished yet (finding out a dead
