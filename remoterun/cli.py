@@ -507,14 +507,17 @@ def ui(systems: tuple[str, ...], port: int, no_browser: bool, allow_actions: boo
         return rr.cluster(spec) if saved_cluster(spec) is not None else spec
 
     opened = [(spec, _system(spec)) for spec in systems or ("here",)]
-    serve(
-        opened,
-        port=port,
-        open_browser=not no_browser,
-        allow_actions=allow_actions,
-        resolve=destination,
-        echo=click.echo,
-    )
+    try:
+        serve(
+            opened,
+            port=port,
+            open_browser=not no_browser,
+            allow_actions=allow_actions,
+            resolve=destination,
+            echo=click.echo,
+        )
+    except KeyboardInterrupt:  # Ctrl-C is how it is stopped
+        click.echo("remoterun ui stopped")
 
 
 def _on_this_machine(run: rr.Run) -> bool:

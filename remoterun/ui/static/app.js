@@ -83,9 +83,13 @@ function tags(map) {
   return Object.entries(map || {}).map(([k, v]) => h("span", { class: "tag" }, `${k}=${v}`));
 }
 
+// replaceChildren with the absent parts (null, undefined) left out, not written as text
+function fill(node, ...kids) {
+  node.replaceChildren(...kids.flat().filter((k) => k !== null && k !== undefined));
+}
+
 function show(...nodes) {
-  const main = document.getElementById("main");
-  main.replaceChildren(...nodes);
+  fill(document.getElementById("main"), ...nodes);
 }
 
 function problem(error) {
@@ -197,14 +201,14 @@ function runPage(ref) {
   async function record() {
     let run;
     try { run = await api("run", refParams(ref)); } catch (error) {
-      head.replaceChildren(problem(error)); return;
+      fill(head, problem(error)); return;
     }
     terminal = run.terminal;
     const here = { source: run.source, name: run.name, url: ref.url };
     const actions = run.actions.map((action) => h("button", {
       "data-action": action, onclick: () => act(action, here, run.name),
     }, action === "rerun" ? "re-run" : action === "copy" ? "copy to…" : action));
-    head.replaceChildren(
+    fill(head,
       h("h1", {}, run.name, " ", statusBadge(run.status)),
       h("div", { class: "toolbar" },
         h("a", { href: runHref("lineage", here), id: "to-lineage" }, "lineage"),
@@ -212,7 +216,7 @@ function runPage(ref) {
         h("span", { class: "muted" }, run.url)),
       actions.length ? h("div", { class: "actions" }, actions) : null,
     );
-    errorBox.replaceChildren(...(run.error ? [
+    fill(errorBox, ...(run.error ? [
       h("h2", {}, "error"),
       h("p", { class: "problem", id: "run-error" }, `${run.error_type || ""}: ${run.error}`),
       run.traceback ? h("pre", { class: "traceback", id: "traceback" }, run.traceback) : null,
@@ -229,7 +233,7 @@ function runPage(ref) {
       ["arguments' fingerprint", inputs.fingerprint || "-"],
       ["parent", run.parent || "-"], ["upstream", run.upstream.length], ["downstream", run.downstream.length],
     ];
-    details.replaceChildren(
+    fill(details,
       h("dl", { class: "record", id: "record" }, fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
       run.attempts.length ? h("div", {}, h("h2", {}, "earlier attempts"), h("table", { id: "attempts" },
         h("tr", {}, ["attempt", "status", "start", "end", "error"].map((t) => h("th", {}, t))),
