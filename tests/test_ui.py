@@ -148,10 +148,12 @@ def wait_for(driver, condition, what: str):
 
 
 def text_of(driver, css: str) -> str:
-    from selenium.webdriver.common.by import By
-
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    """The rendered text of the first element ``css`` ("" if none), read in one script:
+    the page redraws parts of itself, which would make a found element stale."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : '';",
+        css,
+    )
 
 
 def mark_page(driver) -> None:
@@ -331,7 +333,19 @@ def test_inputs_are_summarised_without_unpickling(tmp_path):
 # ------------------------------------------------------------------ in a browser
 
 
+def row_names(driver) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    rows = driver.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")
+    try:
+        return [r.get_attribute("data-name") for r in rows]
+    except Exception:  # a row replaced as it was read: ask again
+        return []
+
+
 def test_runs_page_shows_runs_and_a_status_change_without_reload(ui, scratch, chromium):
+    from selenium.webdriver.common.by import By
+
     rr.function(tasks.add)(1, run_name="done-one")
     flag = scratch / "go"
     rr.function(tasks.wait_for_file).run(str(flag), 60, run_name="waiting-one")
@@ -344,9 +358,19 @@ def test_runs_page_shows_runs_and_a_status_change_without_reload(ui, scratch, ch
     flag.write_text("go")
     wait_for(chromium, lambda d: text_of(d, row) == "COMPLETED", "the status to change")
     assert_not_reloaded(chromium)
+    chromium.find_element(By.ID, "filter").send_keys("done")
+    wait_for(chromium, lambda d: row_names(d) == ["done-one"], "the filter")
+    chromium.find_element(By.ID, "filter").clear()
+    chromium.find_element(By.ID, "filter").send_keys("-one")
+    chromium.find_element(By.CSS_SELECTOR, 'th[data-sort="name"]').click()
+    wait_for(chromium, lambda d: row_names(d) == ["done-one", "waiting-one"], "name order")
+    chromium.find_element(By.CSS_SELECTOR, 'th[data-sort="name"]').click()
+    wait_for(chromium, lambda d: row_names(d) == ["waiting-one", "done-one"], "reversed")
 
 
 def test_run_page_follows_the_log_and_shows_the_end(ui, scratch, chromium):
+    from selenium.webdriver.common.by import By
+
     flag = scratch / "go"
     rr.function(tasks.wait_for_file).run(str(flag), 60, run_name="followed")
     server = ui()
@@ -362,6 +386,7 @@ def test_run_page_follows_the_log_and_shows_the_end(ui, scratch, chromium):
     assert_not_reloaded(chromium)
     assert "wait_for_file" in text_of(chromium, "#record")
     assert "null" not in text_of(chromium, "#main")  # absent parts are left out
+    assert not chromium.find_elements(By.CSS_SELECTOR, "button[data-action]")  # read-only
 
 
 def test_run_page_shows_the_remote_traceback(ui, chromium):
@@ -423,3 +448,42 @@ def test_lineage_page_draws_the_graph_and_a_click_opens_a_run(ui, chromium):
     by_name["step-ok"].click()
     wait_for(chromium, lambda d: d.current_url.endswith("#/run/0/step-ok"), "the run page")
     wait_for(chromium, lambda d: "step-ok" in text_of(d, "h1"), "the run's name")
+
+
+def click_when_there(driver, css: str) -> None:
+    """Click the element ``css`` (the page redraws parts of itself every second)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked(d) -> bool:
+        try:
+            found = d.find_elements(By.CSS_SELECTOR, css)
+            if found:
+                found[0].click()
+                return True
+        except StaleElementReferenceException:
+            pass
+        return False
+
+    wait_for(driver, clicked, css)
+
+
+def test_an_action_asks_first_and_is_done_only_once_confirmed(ui, scratch, chromium):
+    from selenium.webdriver.support import expected_conditions
+
+    going = rr.function(tasks.wait_for_file).run(str(scratch / "go"), 60, run_name="to-cancel")
+    server = ui("--allow-actions")
+    chromium.get(server.url + "#/run/0/to-cancel")
+    button = 'button[data-action="cancel"]'
+    click_when_there(chromium, button)
+    dialog = wait_for(chromium, expected_conditions.alert_is_present(), "the question")
+    assert dialog.text == "cancel run to-cancel?"
+    dialog.dismiss()
+    assert going.refresh().status is rr.RunStatus.RUNNING
+    click_when_there(chromium, button)
+    wait_for(chromium, expected_conditions.alert_is_present(), "the question").accept()
+    done = wait_for(chromium, expected_conditions.alert_is_present(), "the answer")
+    assert "CANCELLED" in done.text
+    done.accept()
+    wait_for(chromium, lambda d: "CANCELLED" in text_of(d, "h1"), "the new status")
+    assert going.refresh().status is rr.RunStatus.CANCELLED

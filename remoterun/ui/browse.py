@@ -30,8 +30,11 @@ from ..run import Run
 
 logger = logging.getLogger(__name__)
 
-#: How long a store's listing is reused before it is listed again (new runs appear).
+#: How long a store's listing is reused before it is listed again (new runs appear), at
+#: least; a store whose listing is slow (10,000 runs on S3) is listed LIST_SLOWDOWN times
+#: less often than it takes.
 LIST_EVERY = 2.0
+LIST_SLOWDOWN = 10
 #: Records read in one batch, in the background, after the first page.
 BATCH = 200
 #: The most of a log one answer carries.
@@ -56,6 +59,7 @@ class Source:
     system: Any
     names: list[str] | None = None
     listed_at: float = 0.0
+    listing_took: float = 0.0
     summaries: dict[str, dict] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     filling: bool = False
@@ -156,12 +160,15 @@ class Browser:
 
     def _list(self, source: Source) -> None:
         """List the store again when its listing is older than LIST_EVERY."""
-        if source.names is not None and time.monotonic() - source.listed_at < LIST_EVERY:
+        every = max(LIST_EVERY, LIST_SLOWDOWN * source.listing_took)
+        if source.names is not None and time.monotonic() - source.listed_at < every:
             return
+        start = time.monotonic()
         names = source.system.run_names()
         with source.lock:
             source.names = names
             source.listed_at = time.monotonic()
+            source.listing_took = source.listed_at - start
             source.problem = None
             present = set(names)
             for gone in [n for n in source.summaries if n not in present]:
