@@ -271,13 +271,30 @@ system_option = click.option(
 @main.command("ls")
 @click.argument("system", default="here")
 @click.option("--no-size", is_flag=True, help="skip folder sizes (faster on S3)")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="the first N runs by name only: N records read, not all (a large store)",
+)
 @_handled
-def ls(system: str, no_size: bool) -> None:
+def ls(system: str, no_size: bool, limit: int | None) -> None:
     """List the runs of SYSTEM: name, status, function, start, duration, size.
 
     What is not a run (a stray file, a folder without a readable record) is left out,
     with a line on stderr for each."""
-    runs = sorted(_system(system).runs(), key=lambda r: (r.config.start_time or "", r.name))
+    named = _system(system)
+    if limit is None:
+        found = named.runs()
+    else:  # one listing per store, then the records of the first names only
+        stores = getattr(named, "hosts", None) or [named]  # each host of a cluster
+        first = sorted((n, i) for i, store in enumerate(stores) for n in store.run_names())
+        found = [
+            run
+            for i, store in enumerate(stores)
+            for run in store.read_runs([n for n, j in first[:limit] if j == i])
+        ]
+    runs = sorted(found, key=lambda r: (r.config.start_time or "", r.name))
     sizes = {} if no_size else _folder_sizes(runs)
     rows = []
     for run in runs:
