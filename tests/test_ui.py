@@ -186,6 +186,24 @@ def test_requests_without_the_token_get_403(ui):
     assert server.get("/api/runs", headers={"Host": "evil.example:80"})[0] == 403
 
 
+def listening_addresses(port: int) -> list[str]:
+    """The addresses listening on ``port`` (IPv4 and IPv6), from /proc/net."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:
+                found.append(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net")
+def test_it_listens_on_127_0_0_1_only(ui):
+    server = ui()
+    assert listening_addresses(server.port) == ["0100007F"]  # 127.0.0.1, and nothing else
+
+
 def test_the_first_visit_sets_a_private_cookie(ui):
     server = ui()
     with urllib.request.urlopen(server.url, timeout=30) as reply:
