@@ -257,6 +257,15 @@ def test_runs_of_an_s3_store(ui, s3):
     assert "TimeoutError" in run["error"] and "wait_for_file" in run["traceback"]
 
 
+def test_a_store_that_fails_is_told_and_the_others_are_listed(ui, s3):
+    rr.function(tasks.add)(1, run_name="still-here")
+    server = ui("here", "s3://rr-no-such-bucket/runs")
+    status, body = server.get("/api/runs")
+    assert status == 200
+    assert [r["name"] for r in body["runs"]] == ["still-here"]
+    assert len(body["problems"]) == 1 and "no bucket 'rr-no-such-bucket'" in body["problems"][0]
+
+
 def test_runs_of_a_saved_cluster(ui, ssh_server):
     cluster = make_cluster(ssh_server, name="ui-box")
     rr.function(tasks.wait_for_file, system=cluster).run(

@@ -102,6 +102,7 @@ const runsState = { sort: "start", desc: true, status: "", q: "", offset: 0, lim
   selected: new Set() };
 
 function runsPage() {
+  newPage();
   const st = runsState;
   const info = h("span", { class: "muted", id: "runs-info" });
   const problems = h("div", { id: "runs-problems", class: "problem" });
@@ -410,9 +411,14 @@ async function lineagePage(ref) {
 
 // ---------------------------------------------------------------- routing
 
-function route() {
+// A new page (or the runs page drawn again): the old one's timers stop.
+function newPage() {
   generation += 1;
   while (timers.length) clearInterval(timers.pop());
+}
+
+function route() {
+  newPage();
   const hash = location.hash.replace(/^#\/?/, "");
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
