@@ -251,7 +251,7 @@ def _folder_sizes(runs: list[rr.Run]) -> dict[str, int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(rr.__version__, prog_name="remoterun")
 def main() -> None:
-    """Runs recorded by remoterun: list, show, follow, cancel, copy, remove.
+    """Runs recorded by remoterun: list, show, follow, cancel, copy, remove, browse (ui).
 
     SYSTEM is 'here' (default), a cluster saved with cluster.save(), or a folder
     path / URL such as s3://bucket/runs. Exit codes: 0 ok, 1 failed, not found or refused,
