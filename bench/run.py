@@ -32,6 +32,7 @@ def all_measures() -> dict[str, MeasureFn]:
     import local_bench
     import s3_bench
     import ssh_bench
+    import ui_bench
 
     return {
         **local_bench.MEASURES,
@@ -39,6 +40,7 @@ def all_measures() -> dict[str, MeasureFn]:
         **ssh_bench.MEASURES,
         **s3_bench.MEASURES,
         **async_bench.MEASURES,
+        **ui_bench.MEASURES,
     }
 
 

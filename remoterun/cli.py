@@ -1,4 +1,5 @@
-"""The ``remoterun`` command: list, show, graph, follow, cancel, copy and remove runs.
+"""The ``remoterun`` command: list, show, graph, follow, cancel, copy and remove runs, and
+browse them in a web page (``remoterun ui``).
 
 A SYSTEM is ``here`` (the default), a cluster saved with ``cluster.save()``, or a folder
 path / fsspec URL holding run folders. A RUN is a name on ``--system`` (``-s``), or the URL
@@ -250,7 +251,7 @@ def _folder_sizes(runs: list[rr.Run]) -> dict[str, int]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(rr.__version__, prog_name="remoterun")
 def main() -> None:
-    """Runs recorded by remoterun: list, show, follow, cancel, copy, remove.
+    """Runs recorded by remoterun: list, show, follow, cancel, copy, remove, browse (ui).
 
     SYSTEM is 'here' (default), a cluster saved with cluster.save(), or a folder
     path / URL such as s3://bucket/runs. Exit codes: 0 ok, 1 failed, not found or refused,
@@ -270,13 +271,30 @@ system_option = click.option(
 @main.command("ls")
 @click.argument("system", default="here")
 @click.option("--no-size", is_flag=True, help="skip folder sizes (faster on S3)")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="the first N runs by name only: N records read, not all (a large store)",
+)
 @_handled
-def ls(system: str, no_size: bool) -> None:
+def ls(system: str, no_size: bool, limit: int | None) -> None:
     """List the runs of SYSTEM: name, status, function, start, duration, size.
 
     What is not a run (a stray file, a folder without a readable record) is left out,
     with a line on stderr for each."""
-    runs = sorted(_system(system).runs(), key=lambda r: (r.config.start_time or "", r.name))
+    named = _system(system)
+    if limit is None:
+        found = named.runs()
+    else:  # one listing per store, then the records of the first names only
+        stores = getattr(named, "hosts", None) or [named]  # each host of a cluster
+        first = sorted((n, i) for i, store in enumerate(stores) for n in store.run_names())
+        found = [
+            run
+            for i, store in enumerate(stores)
+            for run in store.read_runs([n for n, j in first[:limit] if j == i])
+        ]
+    runs = sorted(found, key=lambda r: (r.config.start_time or "", r.name))
     sizes = {} if no_size else _folder_sizes(runs)
     rows = []
     for run in runs:
@@ -480,6 +498,43 @@ def keygen(force: bool, path: str | None) -> None:
             f"note: ${integrity.KEY_ENV} is set here, and is used instead of any key file",
             err=True,
         )
+
+
+@main.command()
+@click.argument("systems", metavar="[SYSTEM]...", nargs=-1)
+@click.option("--port", default=0, show_default="a free one", help="port on 127.0.0.1")
+@click.option("--no-browser", is_flag=True, help="print the link only; open no browser")
+@click.option(
+    "--allow-actions", is_flag=True, help="allow cancel, re-run and copy (each asks first)"
+)
+@_handled
+def ui(systems: tuple[str, ...], port: int, no_browser: bool, allow_actions: bool) -> None:
+    """Browse the runs of SYSTEMs (default: here) in a web page: runs with live
+    statuses, one run's record and live logs, metric plots, lineage graphs.
+
+    It is served on 127.0.0.1 only, behind a random token in the link it prints (and
+    opens), and is read-only unless --allow-actions. Ctrl-C stops it."""
+    try:
+        from remoterun.ui.server import serve
+    except ImportError as exc:
+        _fail(f"remoterun ui needs the ui extra: pip install 'remoterun[ui]' ({exc})")
+    from remoterun.systems import saved_cluster
+
+    def destination(spec: str) -> Any:
+        return rr.cluster(spec) if saved_cluster(spec) is not None else spec
+
+    opened = [(spec, _system(spec)) for spec in systems or ("here",)]
+    try:
+        serve(
+            opened,
+            port=port,
+            open_browser=not no_browser,
+            allow_actions=allow_actions,
+            resolve=destination,
+            echo=click.echo,
+        )
+    except KeyboardInterrupt:  # Ctrl-C is how it is stopped
+        click.echo("remoterun ui stopped")
 
 
 def _on_this_machine(run: rr.Run) -> bool:

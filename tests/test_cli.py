@@ -45,6 +45,22 @@ def test_ls_show_and_logs_here():
     assert failed.returncode == 1 and "no luck" in failed.stdout
 
 
+def test_ls_limit_reads_the_first_names_only(remoterun_home):
+    for i in range(4):
+        rr.function(tasks.add)(i, run_name=f"lim-{i}")
+    runs = remoterun_home / "runs"
+    # a damaged record past the limit is never read, so it is not reported either
+    (runs / "lim-9").mkdir()
+    (runs / "lim-9" / "config.json").write_text("{not json")
+    listed = cli("ls", "--limit", "2", "--no-size")
+    assert listed.returncode == 0
+    names = [line.split("\t")[0] for line in listed.stdout.splitlines()[1:]]
+    assert names == ["lim-0", "lim-1"] and listed.stderr == ""
+    everything = cli("ls", "--no-size")
+    assert "lim-3" in everything.stdout and "lim-9" in everything.stderr
+    assert cli("ls", "--limit", "0").returncode == 2
+
+
 def test_not_found_and_usage_errors_have_their_exit_codes():
     missing = cli("show", "nothing-here")
     assert missing.returncode == 1

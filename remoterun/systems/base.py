@@ -165,9 +165,16 @@ class System:
         Raises RunStorageError when the root itself cannot be listed (no such bucket, no
         credentials, no permission); a root that does not exist yet holds no runs.
         """
+        return self.read_runs(self.run_names())
+
+    def run_names(self) -> list[str]:
+        """The names of the run folders in this system's root, sorted: one listing, no
+        record read (a page of a large store reads the records of its page only, with
+        ``read_runs``). Entries that cannot be runs are skipped as ``runs`` skips them."""
         fs = self.filesystem()
         root = self.root
         where = fs.unstrip_protocol(root)
+        fs.invalidate_cache(root)  # a listing kept by fsspec (s3fs) would hide new runs
         try:
             entries = fs.ls(root, detail=True)
         except FileNotFoundError:
@@ -177,7 +184,7 @@ class System:
             raise RunStorageError(
                 f"cannot list the runs in {where}: {storage_reason(exc)}"
             ) from exc
-        folders: dict[str, RunFolder] = {}
+        names = []
         for entry in entries:
             name = posixpath.basename(str(entry["name"]).rstrip("/"))
             if name.startswith("."):  # remoterun's own lock and temporary files
@@ -187,7 +194,17 @@ class System:
             elif not layout.RUN_NAME_RE.fullmatch(name):
                 _skipped(f"{where}/{name}", "not a run name")
             else:
-                folders[name] = self.folder(name)
+                names.append(name)
+        return sorted(names)
+
+    def read_runs(self, names: Sequence[str]) -> list[Run]:
+        """The runs of these names in this system's root, by name, each holding its
+        record: one batched read (a RUNNING run is asked about again, so that a dead
+        worker is found out). A name that is not a run's is skipped with a warning, as
+        ``runs`` skips it; RunStorageError when the store cannot be read at all."""
+        fs = self.filesystem()
+        where = fs.unstrip_protocol(self.root)
+        folders = {name: self.folder(name) for name in names}
         try:
             records = _read_many(fs, [f.record_path for f in folders.values()])
         except storage_errors() as exc:
