@@ -33,8 +33,8 @@ def _alive(pid: int) -> bool:
     # A zombie is dead for our purposes (its parent has not reaped it yet).
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
+            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going as we read
         return False
 
 
