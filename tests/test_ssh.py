@@ -313,6 +313,21 @@ def test_setup_runs_once_per_host_and_again_when_changed(ssh_server):
     assert "broken" in str(info.value)
 
 
+def test_a_failed_setup_is_tried_again_before_the_next_call(ssh_server):
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    first, done = Path(ssh_server.home, f"setup-tried-{tag}"), Path(ssh_server.home, f"set-{tag}")
+    # Fails the first time it runs, succeeds the second.
+    command = f"if [ -e {first} ]; then touch {done}; else touch {first}; exit 1; fi"
+    cluster = make_cluster(ssh_server, setup=[command])
+    with pytest.raises(rr.SystemUnavailableError, match="setup commands failed"):
+        rr.function(tasks.add, system=cluster)(1)
+    assert rr.function(tasks.add, system=cluster)(1) == 3
+    assert done.exists()  # the setup ran again, and this time it worked
+    cluster.close()
+    first.unlink()
+    done.unlink()
+
+
 def test_runs_live_on_the_host(cluster, ssh_server, remoterun_home):
     rr.function(tasks.add, system=cluster)(1, run_name="on-host")
     assert cluster.root.startswith(ssh_server.home + "/")

@@ -34,9 +34,12 @@ def keep_freed_memory() -> Callable[[], None] | None:
     against under 1 ms into reused ones, 100 MB 48 ms against 8. So nothing is mmapped
     on its own (mmapped blocks go back to the kernel when freed) and the heap is not
     trimmed as it shrinks; the agent calls the returned function once it has been idle
-    for a second after a large call."""
-    if not sys.platform.startswith("linux"):
-        return None
+    for a second after a request (server._IdleTrim)."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+    except (AttributeError, ValueError, OSError):
+        return None  # not glibc: its mallopt numbers mean something else, or nothing
     try:
         import ctypes
 

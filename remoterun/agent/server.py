@@ -163,32 +163,41 @@ def _stop_process_group() -> None:
 
 
 class _IdleTrim:
-    """Gives the memory that large calls freed back to the kernel once the agent has
-    been idle for a second (the agent keeps it meanwhile: see procs.keep_freed_memory)."""
+    """Gives the memory that requests freed back to the kernel once the agent has been
+    idle for a second after one (the agent keeps it meanwhile, so that the next large
+    argument or result lands in memory already mapped: see procs.keep_freed_memory).
+    Never during a request: a call's own temporaries are what it may reuse."""
 
     IDLE = 1.0
-    LARGE = 8 << 20  # a payload this large marks the memory to be given back
 
     def __init__(self, trim: Any):
         self._trim = trim
+        self._lock = threading.Lock()
+        self._busy = False
         self._last = time.monotonic()
         self._dirty = threading.Event()
         threading.Thread(target=self._serve, name="remoterun-trim", daemon=True).start()
 
-    def touch(self, size: int) -> None:
-        self._last = time.monotonic()
-        if size >= self.LARGE:
-            self._dirty.set()
+    def begin(self) -> None:
+        with self._lock:
+            self._busy = True
+
+    def end(self) -> None:
+        with self._lock:
+            self._busy = False
+            self._last = time.monotonic()
+        self._dirty.set()
 
     def _serve(self) -> None:
         while True:
             self._dirty.wait()
-            idle = time.monotonic() - self._last
-            if idle < self.IDLE:
-                time.sleep(self.IDLE - idle)
-                continue
-            self._dirty.clear()
-            self._trim()
+            with self._lock:
+                idle = None if self._busy else time.monotonic() - self._last
+                if idle is not None and idle >= self.IDLE:
+                    self._dirty.clear()
+                    self._trim()  # under the lock: no request begins meanwhile
+                    continue
+            time.sleep(self.IDLE if idle is None else self.IDLE - idle)
 
 
 class Agent:
@@ -219,25 +228,33 @@ class Agent:
             if kind != protocol.REQUEST:
                 raise protocol.ProtocolError(f"unexpected frame kind {kind}")
             self.output.req_id = req_id
-            request = protocol.loads(payload)
-            try:
-                handler = getattr(self, "op_" + request["op"])
-                if request["op"] in SYNCHRONOUS_OPS:
-                    with self.hangup.armed():
-                        reply = handler(request, req_id)
-                else:
-                    reply = handler(request, req_id)
-            except BaseException as exc:  # an op never takes the agent down
-                self.output.flush()
-                self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))
-                continue
-            self.output.flush()
-            message = protocol.dumps(reply)
-            self.send.send(protocol.REPLY, req_id, message)
             if self.idle_trim is not None:
-                self.idle_trim.touch(max(len(payload), sum(map(len, message))))
-            while self._after_reply:
-                self._after_reply.pop()()
+                self.idle_trim.begin()
+            try:
+                self._answer(req_id, payload)
+            finally:
+                del payload  # not held while the agent waits for the next request
+                if self.idle_trim is not None:
+                    self.idle_trim.end()
+
+    def _answer(self, req_id: int, payload: Any) -> None:
+        """Do one request and send its reply (or its failure)."""
+        request = protocol.loads(payload)
+        try:
+            handler = getattr(self, "op_" + request["op"])
+            if request["op"] in SYNCHRONOUS_OPS:
+                with self.hangup.armed():
+                    reply = handler(request, req_id)
+            else:
+                reply = handler(request, req_id)
+        except BaseException as exc:  # an op never takes the agent down
+            self.output.flush()
+            self.send.send(protocol.FAIL, req_id, protocol.dumps(_failure_record(exc)))
+            return
+        self.output.flush()
+        self.send.send(protocol.REPLY, req_id, protocol.dumps(reply))
+        while self._after_reply:
+            self._after_reply.pop()()
 
     def hello(self) -> dict:
         return {

@@ -185,15 +185,27 @@ class SSHHost(System):
         with self._lock:
             if not link.is_open():
                 self._pool.close()
-                self._fs = None
+                self._close_fs()
                 try:
                     link.open()
                 except (HostKeyError, SystemUnavailableError):
                     self.down_until = time.monotonic() + _DOWN_FOR
                     raise
                 self.down_until = 0.0
-                self._run_setup(link)
+                try:
+                    self._run_setup(link)
+                except BaseException:
+                    link.close()  # the next use connects and tries the setup again
+                    raise
         return link
+
+    def _close_fs(self) -> None:
+        fs, self._fs = self._fs, None
+        if fs is not None and getattr(fs, "ftp", None) is not None:
+            try:
+                fs.ftp.close()
+            except Exception:  # noqa: BLE001 - a dead connection's channel: best effort
+                pass
 
     def _run_setup(self, link: Link) -> None:
         """Run the cluster's setup commands once per host; again when the list changes.
@@ -379,11 +391,6 @@ class SSHHost(System):
 
     def close(self) -> None:
         self._pool.close()
-        with self._lock:
-            fs, self._fs = self._fs, None
-        if fs is not None and getattr(fs, "ftp", None) is not None:
-            try:
-                fs.ftp.close()
-            except (OSError, EOFError):
-                pass
-        self.link.close()
+        with self._lock:  # not while another thread connects
+            self._close_fs()
+            self.link.close()

@@ -250,15 +250,20 @@ _DROPPED = re.compile(
 
 
 _REFUSED = re.compile(r"Permission denied|Connection refused|Could not resolve|No route")
+# ssh's own words when a session over the master cannot be had.
+_NO_SESSION = re.compile(
+    r"mux_client|Control socket|ControlSocket|Session open refused|master session|"
+    r"kex_exchange_identification|Connection closed by UNKNOWN|ssh_exchange_identification"
+)
 _SERVER_KEY = re.compile(r"Server host key: (\S+) (SHA256:\S+)")
 
 
 def _connect_error(
     err: str, label: str, user: str, port: int, host: str, offered: str = "", proxy: str = ""
 ) -> Exception:
-    """``proxy``: the ProxyJump or ProxyCommand the connection goes through."""
     """What a master's failure to connect means, from its error output (OpenSSH says why
-    only in text; every failure of its own exits 255)."""
+    only in text; every failure of its own exits 255). ``proxy``: the ProxyJump or
+    ProxyCommand the connection goes through."""
     err = err.replace("\r", "")
     lines = [line for line in err.strip().splitlines() if line.strip() and "@@@" not in line]
     said = "\n".join(lines[-6:])
@@ -404,6 +409,7 @@ class OpenSSHLink(Link):
         self.control_path = ""
         self.master: subprocess.Popen | None = None
         self._master_err: IO[bytes] | None = None
+        self._owner = os.getpid()
         _live.add(self)
 
     # ------------------------------------------------------------------ options
@@ -420,7 +426,7 @@ class OpenSSHLink(Link):
         if given["key"]:
             args += ["-i", given["key"], "-o", "IdentitiesOnly=yes"]
         if given["proxy_jump"] is not None:
-            args += ["-o", f"ProxyJump={given['proxy_jump']}"]
+            args += ["-o", f"ProxyJump={given['proxy_jump'] or 'none'}"]
         if known_hosts:
             args += ["-o", f"UserKnownHostsFile={known_hosts}"]
         return args
@@ -429,12 +435,19 @@ class OpenSSHLink(Link):
         """What ssh makes of the host with the user's config (``ssh -G``): hostname,
         user, port, known_hosts files, ciphers."""
         if self._resolved is None:
-            proc = subprocess.run(
-                [*self._options(), "-G", "--", self.alias],
-                capture_output=True,
-                text=True,
-                stdin=subprocess.DEVNULL,
-            )
+            try:
+                proc = subprocess.run(
+                    [*self._options(), "-G", "--", self.alias],
+                    capture_output=True,
+                    text=True,
+                    stdin=subprocess.DEVNULL,
+                    timeout=30,  # a Match exec that hangs
+                )
+            except subprocess.TimeoutExpired:
+                raise SystemUnavailableError(
+                    f"ssh -G {self.alias} took over 30 s: does a Match exec in your ssh "
+                    "config hang?"
+                ) from None
             if proc.returncode != 0:
                 raise SystemUnavailableError(
                     f"ssh cannot read the configuration of {self.alias!r}: "
@@ -480,16 +493,29 @@ class OpenSSHLink(Link):
             "ServerAliveCountMax=3",
             "-o",
             "ControlPersist=no",
+            # Whatever the config says for the host: remoterun's sessions run their own
+            # commands, forward no ports, and its master stays its own child.
+            "-o",
+            "RemoteCommand=none",
+            "-o",
+            "ClearAllForwardings=yes",
+            *_supported("ForkAfterAuthentication=no"),
         ]
-        if resolved.get("ciphers") == _default_ciphers():  # the user chose none
-            args += ["-o", f"Ciphers={_PREFER_GCM}"]
+        if resolved.get("ciphers") == _default_ciphers() and _supported(f"Ciphers={_PREFER_GCM}"):
+            args += ["-o", f"Ciphers={_PREFER_GCM}"]  # the user chose none
         self._args = args
         return args
 
     def _session(self, *extra: str) -> list[str]:
-        """An ssh over the master: ``extra`` options, then the host."""
+        """An ssh over the master: ``extra`` options, then the host. It never logs in on
+        its own: without the master (gone, or refusing a session past sshd's
+        MaxSessions) ssh would connect afresh, through ``ProxyCommand=false`` here,
+        which fails at once (the first ProxyCommand or ProxyJump given wins)."""
         return [
-            *self._common(),
+            self.ssh,
+            "-o",
+            "ProxyCommand=false",
+            *self._common()[1:],
             "-o",
             "ControlMaster=no",
             "-o",
@@ -504,7 +530,7 @@ class OpenSSHLink(Link):
 
     def is_open(self) -> bool:
         master = self.master
-        return master is not None and master.poll() is None
+        return master is not None and self._owner == os.getpid() and master.poll() is None
 
     def open(self) -> None:
         """Start the master connection and wait until it is logged in (its control
@@ -554,20 +580,25 @@ class OpenSSHLink(Link):
         pause = 0.002
         # ConnectTimeout bounds the TCP connect; the login gets as long again.
         give_up = max(deadline, time.monotonic() + 1.0) + self.connect_timeout
-        while not os.path.exists(self.control_path):
-            if master.poll() is not None:
-                err = _tail(err_file)
-                err_file.close()
-                dropped = _DROPPED.search(err) and not _REFUSED.search(err)
-                return err, bool(dropped)
-            if time.monotonic() > give_up:
-                _stop(master)
-                err = _tail(err_file)
-                err_file.close()
-                return f"no login after {self.connect_timeout:g} s (timed out)\n{err}", False
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.02)
-        self.master, self._master_err = master, err_file
+        try:
+            while not os.path.exists(self.control_path):
+                if master.poll() is not None:
+                    err = _tail(err_file)
+                    err_file.close()
+                    dropped = _DROPPED.search(err) and not _REFUSED.search(err)
+                    return err, bool(dropped)
+                if time.monotonic() > give_up:
+                    _stop(master)
+                    err = _tail(err_file)
+                    err_file.close()
+                    return f"no login after {self.connect_timeout:g} s (timed out)\n{err}", False
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.02)
+        except BaseException:  # Ctrl-C while it logs in: it is in a session of its own
+            _stop(master)
+            err_file.close()
+            raise
+        self.master, self._master_err, self._owner = master, err_file, os.getpid()
         return None
 
     def _proxy(self) -> str:
@@ -603,6 +634,9 @@ class OpenSSHLink(Link):
         return f"{found.group(1)} {found.group(2)}" if found else ""
 
     def _close_master(self) -> None:
+        if self._owner != os.getpid():  # a forked child: the master is its parent's
+            self.master = self._master_err = None
+            return
         master, self.master = self.master, None
         if master is not None:
             _stop(master)  # its sessions end with it
@@ -623,17 +657,34 @@ class OpenSSHLink(Link):
 
     def exec(self, command: str, timeout: float | None, stdin: bytes = b"") -> tuple[int, str, str]:
         argv = [*self._session(), command]
-        proc = _spawner.popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
         try:
-            out, err = proc.communicate(stdin, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
+            proc = _spawner.popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as exc:
+            raise SystemUnavailableError(f"cannot start {self.ssh}: {exc}") from exc
+        with proc:
+            try:
+                out, err = proc.communicate(stdin, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                raise SystemUnavailableError(
+                    f"a command on {self.label} took over {timeout:g} s: {command[:200]}"
+                ) from None
+        text = err.decode(errors="replace")
+        self._check_session(proc.returncode, text)
+        return proc.returncode, out.decode(errors="replace"), text
+
+    def _check_session(self, status: int, err: str) -> None:
+        """Raise SystemUnavailableError when ssh itself failed to open the session (its
+        own errors exit 255, as a remote command's may: its message tells them apart)."""
+        if status == 255 and _NO_SESSION.search(err):
+            said = " ".join(err.strip().splitlines()[-2:])
             raise SystemUnavailableError(
-                f"a command on {self.label} took over {timeout:g} s: {command[:200]}"
-            ) from None
-        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+                f"no session on the connection to {self.label} ({said}); it may have "
+                "dropped, or the server allows fewer sessions (MaxSessions) than "
+                "max_sessions="
+            )
 
     def start(self, command: str) -> AgentStream:
         err_file = tempfile.TemporaryFile()  # noqa: SIM115 - kept while the process lives
@@ -655,19 +706,45 @@ class OpenSSHLink(Link):
 
         # Buffered: a frame's header costs no syscall of its own, and a large frame is
         # read straight into one object of its size.
-        read = open(stdout_fd, "rb", buffering=1 << 16, closefd=False).read  # noqa: SIM115
+        reader = open(stdout_fd, "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
+        write_all = _write_all(stdin_fd)
+        # A close may come from another thread (a cancelled call) while one reads or
+        # writes: the fds are closed only once neither does, so that a number the
+        # kernel hands out again is never written to or read from.
+        reading, writing = threading.Lock(), threading.Lock()
+        closed = threading.Event()
+
+        def read(n: int) -> bytes:
+            with reading:
+                return b"" if closed.is_set() else reader.read(n)
+
+        def write(data: Any) -> None:
+            with writing:
+                if closed.is_set():
+                    raise BrokenPipeError(f"the agent's session on {self.label} is closed")
+                write_all(data)
 
         def close() -> None:
-            # EOF on the agent's stdin ends it on the host; its ssh then exits.
-            for stream in (proc.stdin, proc.stdout):
-                try:
-                    stream.close()  # type: ignore[union-attr]
-                except OSError:
-                    pass
+            if closed.is_set():
+                return
+            closed.set()
+            # The ssh goes first: a blocked read sees EOF and a blocked write EPIPE; the
+            # agent on the host sees its stdin end, and ends.
+            try:
+                proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
             try:
                 proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 _stop(proc)
+            with writing:
+                pass
+            with reading:
+                try:
+                    proc.stdout.close()  # type: ignore[union-attr]
+                except OSError:
+                    pass
             # err_file stays open for failure(), which may ask after a close.
 
         def failure() -> tuple[int, str]:
@@ -675,18 +752,23 @@ class OpenSSHLink(Link):
                 status = proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 status = -1
-            return status, _tail(err_file)
+            err = _tail(err_file)
+            self._check_session(status, err)
+            return status, err
 
-        return AgentStream(read, _write_all(stdin_fd), close, lambda: proc.poll() is None, failure)
+        return AgentStream(read, write, close, lambda: proc.poll() is None, failure)
 
     def open_sftp(self) -> paramiko.SFTPClient:
-        proc = _spawner.popen(
-            self._session("-s") + ["sftp"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )
+        try:
+            proc = _spawner.popen(
+                self._session("-s") + ["sftp"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                bufsize=0,
+            )
+        except OSError as exc:
+            raise SystemUnavailableError(f"cannot start {self.ssh}: {exc}") from exc
         channel = _PipeChannel(proc, self.label)
         try:
             return paramiko.SFTPClient(channel)
@@ -702,12 +784,30 @@ def _quoted(path: str) -> str:
 _defaults: list[str] = []
 
 
+@functools.cache
+def _supported(option: str) -> tuple[str, ...]:
+    """``("-o", option)`` when this ssh client knows the option (and its value), else
+    nothing: ``Ciphers=^...`` needs OpenSSH 7.5, ForkAfterAuthentication 8.7."""
+    proc = subprocess.run(
+        [ssh_binary() or "ssh", "-F", "/dev/null", "-o", option, "-G", "x"],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=10,
+    )
+    return ("-o", option) if proc.returncode == 0 else ()
+
+
 def _default_ciphers() -> str:
     """The ssh binary's own cipher list (what a config that sets none resolves to)."""
     if not _defaults:
         ssh = ssh_binary() or "ssh"
         proc = subprocess.run(
-            [ssh, "-F", "/dev/null", "-G", "x"], capture_output=True, text=True, check=False
+            [ssh, "-F", "/dev/null", "-G", "x"],
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=10,
         )
         found = [
             line.split(" ", 1)[1]
