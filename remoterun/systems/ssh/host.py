@@ -56,8 +56,8 @@ def default_transport() -> str:
 
     The OpenSSH transport is not the default yet: issue 13 made it the default only if
     it met every goal of its bench rows (``bench/run.py --only ssh.transport``), and two
-    are missed: a synchronous call (×2.0 of a raw ssh pipe echo, against ≤ ×1.3) and a
-    10 MB reply (×0.90 of paramiko's, against ≤ ×0.75)."""
+    are missed: a synchronous call (×2.0–2.3 of a raw ssh pipe echo, against ≤ ×1.3)
+    and a 10 MB reply (×0.90–0.95 of paramiko's, against ≤ ×0.75)."""
     return os.environ.get("REMOTERUN_SSH_TRANSPORT", "").strip().lower() or "paramiko"
 
 
