@@ -296,7 +296,7 @@ def test_closing_a_cluster_ends_its_ssh_processes(ssh_server):
 def test_sockets_of_dead_masters_are_swept(tmp_path):
     import socket
 
-    from remoterun.systems.ssh.openssh import _sweep
+    from remoterun.systems.ssh.processes import sweep
 
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(tmp_path / "dead"))
@@ -305,6 +305,6 @@ def test_sockets_of_dead_masters_are_swept(tmp_path):
     live.bind(str(tmp_path / "live"))
     live.listen()
     (tmp_path / "other").write_text("not a socket")
-    _sweep(str(tmp_path))
+    sweep(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live", "other"]
     live.close()

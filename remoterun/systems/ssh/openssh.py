@@ -20,32 +20,35 @@ their stdin's EOF.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import functools
 import itertools
 import logging
 import math
 import os
-import queue
 import random
 import re
-import select
 import shutil
-import signal
-import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 import weakref
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import paramiko
 
 from ...errors import HostKeyError, SystemUnavailableError
 from .link import AgentStream, Link
+from .processes import (
+    PipeChannel,
+    control_folder,
+    spawner,
+    stderr_tail,
+    stop_process,
+    widen_pipe,
+    write_all,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +60,6 @@ _RETRY_CAP = 1.0
 # data than OpenSSH's default chacha20-poly1305 here); "^" puts them in front of the
 # default list instead of replacing it, so a server without them still connects.
 _PREFER_GCM = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-# Unix socket paths are at most 107 bytes; ssh first binds "<path>.<16 random chars>".
-_MAX_CONTROL_PATH = 107 - 17
-# How much of an ssh process's error output is kept to explain a failure.
-_STDERR_TAIL = 4000
 
 _live: weakref.WeakSet[OpenSSHLink] = weakref.WeakSet()
 
@@ -68,171 +67,6 @@ _live: weakref.WeakSet[OpenSSHLink] = weakref.WeakSet()
 def ssh_binary() -> str | None:
     """The ``ssh`` client on PATH, or None."""
     return shutil.which("ssh")
-
-
-# --------------------------------------------------------------------------- spawning
-
-
-@functools.lru_cache(maxsize=1)
-def _prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel TERM the child when the forking thread ends;
-    None where there is no prctl (then only close() and atexit end the processes)."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the prctl took hold
-            os._exit(1)
-
-    return preexec
-
-
-class _Spawner:
-    """Starts processes from one long-lived thread (or the main thread), so that the
-    parent-death signal of each is tied to this process's life, not a pool thread's."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future, dict]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        kwargs.update(args=argv, start_new_session=True, preexec_fn=_die_with_parent_preexec())
-        if threading.current_thread() is threading.main_thread():
-            return subprocess.Popen(**kwargs)
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, kwargs))
-        self._ensure_thread()
-        return future.result()
-
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._serve, name="remoterun-ssh-spawner", daemon=True
-                )
-                self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            future, kwargs = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(subprocess.Popen(**kwargs))
-            except BaseException as exc:  # handed to the caller
-                future.set_exception(exc)
-
-
-_spawner = _Spawner()
-
-
-def _tail(stream: IO[bytes] | None) -> str:
-    """The end of what a process wrote to its (temporary file) stderr."""
-    if stream is None:
-        return ""
-    try:
-        stream.flush()
-        size = stream.seek(0, os.SEEK_END)
-        stream.seek(max(0, size - _STDERR_TAIL))
-        return stream.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return ""
-
-
-def _stop(proc: subprocess.Popen, grace: float = 1.0) -> None:
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        except ProcessLookupError:
-            pass
-
-
-# --------------------------------------------------------------------------- the folder
-
-
-def control_folder() -> str:
-    """``~/.remoterun/cm``, the control sockets' folder: created 0700, refused when it is
-    another user's or open to others (a socket there is a logged-in connection). A home
-    too deep for a socket path gets a private temporary folder instead."""
-    folder = os.path.expanduser("~/.remoterun/cm")
-    if len(folder) + 1 + 12 > _MAX_CONTROL_PATH:
-        return _short_folder()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        info = os.stat(folder)
-    except OSError as exc:  # a read-only home
-        logger.debug("no control folder in the home folder (%s): using a temporary one", exc)
-        return _short_folder()
-    if info.st_uid != os.getuid():
-        raise SystemUnavailableError(
-            f"{folder} belongs to another user (uid {info.st_uid}); remove it, or set HOME"
-        )
-    if info.st_mode & 0o077:
-        os.chmod(folder, 0o700)
-    if not _swept:
-        _swept.append(folder)
-        _sweep(folder)
-    return folder
-
-
-_swept: list[str] = []
-
-
-def _sweep(folder: str) -> None:
-    """Remove the sockets of masters that are gone (a client killed by SIGKILL leaves
-    its socket behind): nothing answers on them."""
-    import socket
-
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        try:
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                continue  # connecting to a plain file is refused too: not a master's
-        except OSError:
-            continue
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        except OSError:
-            pass  # not ours to judge
-        finally:
-            probe.close()
-
-
-_short: list[str] = []
-
-
-def _short_folder() -> str:
-    if not _short:
-        _short.append(tempfile.mkdtemp(prefix="rr-cm-"))  # 0700
-        atexit.register(shutil.rmtree, _short[0], True)
-    return _short[0]
 
 
 # --------------------------------------------------------------------------- errors
@@ -302,66 +136,6 @@ def _connect_error(
     if proxy and "Connection closed by UNKNOWN" in err:  # what carried the connection ended
         return SystemUnavailableError(f"cannot reach {proxy}:\n{said}")
     return SystemUnavailableError(f"cannot reach {label}: {said or 'ssh exited'}")
-
-
-# --------------------------------------------------------------------------- streams
-
-
-def _write_all(fd: int) -> Callable[[Any], None]:
-    def write(data: Any) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            # Slices of at most 4 MB: a pipe write of more is no faster, and a partial
-            # write then costs no copy.
-            view = view[os.write(fd, view[: 4 << 20]) :]
-
-    return write
-
-
-def _widen_pipe(fd: int) -> None:
-    try:
-        import fcntl
-
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    except (ImportError, AttributeError, OSError):
-        pass
-
-
-class _PipeChannel:
-    """An ``ssh -s HOST sftp`` process as the channel paramiko's SFTP client expects:
-    send, recv, recv_ready, close."""
-
-    def __init__(self, proc: subprocess.Popen, label: str):
-        assert proc.stdin is not None and proc.stdout is not None
-        self._proc = proc
-        self._in, self._out = proc.stdin.fileno(), proc.stdout.fileno()
-        self._label = label
-
-    def send(self, data: Any) -> int:
-        try:
-            return os.write(self._in, data)
-        except OSError as exc:
-            raise EOFError(f"the SFTP session to {self._label} ended: {exc}") from exc
-
-    def recv(self, n: int) -> bytes:
-        return os.read(self._out, n)
-
-    def recv_ready(self) -> bool:
-        return bool(select.select([self._out], [], [], 0)[0])
-
-    def settimeout(self, timeout: float | None) -> None:
-        pass
-
-    def get_name(self) -> str:
-        return f"sftp {self._label}"
-
-    def close(self) -> None:
-        for stream in (self._proc.stdin, self._proc.stdout):
-            try:
-                stream.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        _stop(self._proc)
 
 
 # --------------------------------------------------------------------------- the link
@@ -571,7 +345,7 @@ class OpenSSHLink(Link):
             self.alias,
         ]
         try:
-            master = _spawner.popen(
+            master = spawner.popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file
             )
         except OSError as exc:
@@ -583,19 +357,19 @@ class OpenSSHLink(Link):
         try:
             while not os.path.exists(self.control_path):
                 if master.poll() is not None:
-                    err = _tail(err_file)
+                    err = stderr_tail(err_file)
                     err_file.close()
                     dropped = _DROPPED.search(err) and not _REFUSED.search(err)
                     return err, bool(dropped)
                 if time.monotonic() > give_up:
-                    _stop(master)
-                    err = _tail(err_file)
+                    stop_process(master)
+                    err = stderr_tail(err_file)
                     err_file.close()
                     return f"no login after {self.connect_timeout:g} s (timed out)\n{err}", False
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.02)
         except BaseException:  # Ctrl-C while it logs in: it is in a session of its own
-            _stop(master)
+            stop_process(master)
             err_file.close()
             raise
         self.master, self._master_err, self._owner = master, err_file, os.getpid()
@@ -639,7 +413,7 @@ class OpenSSHLink(Link):
             return
         master, self.master = self.master, None
         if master is not None:
-            _stop(master)  # its sessions end with it
+            stop_process(master)  # its sessions end with it
         err, self._master_err = self._master_err, None
         if err is not None:
             err.close()
@@ -658,7 +432,7 @@ class OpenSSHLink(Link):
     def exec(self, command: str, timeout: float | None, stdin: bytes = b"") -> tuple[int, str, str]:
         argv = [*self._session(), command]
         try:
-            proc = _spawner.popen(
+            proc = spawner.popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
             )
         except OSError as exc:
@@ -667,7 +441,7 @@ class OpenSSHLink(Link):
             try:
                 out, err = proc.communicate(stdin, timeout=timeout)
             except subprocess.TimeoutExpired:
-                _stop(proc)
+                stop_process(proc)
                 raise SystemUnavailableError(
                     f"a command on {self.label} took over {timeout:g} s: {command[:200]}"
                 ) from None
@@ -689,7 +463,7 @@ class OpenSSHLink(Link):
     def start(self, command: str) -> AgentStream:
         err_file = tempfile.TemporaryFile()  # noqa: SIM115 - kept while the process lives
         try:
-            proc = _spawner.popen(
+            proc = spawner.popen(
                 [*self._session(), command],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -702,12 +476,12 @@ class OpenSSHLink(Link):
         assert proc.stdin is not None and proc.stdout is not None
         stdin_fd, stdout_fd = proc.stdin.fileno(), proc.stdout.fileno()
         for fd in (stdin_fd, stdout_fd):
-            _widen_pipe(fd)
+            widen_pipe(fd)
 
         # Buffered: a frame's header costs no syscall of its own, and a large frame is
         # read straight into one object of its size.
         reader = open(stdout_fd, "rb", buffering=1 << 16, closefd=False)  # noqa: SIM115
-        write_all = _write_all(stdin_fd)
+        write_to_agent = write_all(stdin_fd)
         # A close may come from another thread (a cancelled call) while one reads or
         # writes: the fds are closed only once neither does, so that a number the
         # kernel hands out again is never written to or read from.
@@ -722,7 +496,7 @@ class OpenSSHLink(Link):
             with writing:
                 if closed.is_set():
                     raise BrokenPipeError(f"the agent's session on {self.label} is closed")
-                write_all(data)
+                write_to_agent(data)
 
         def close() -> None:
             if closed.is_set():
@@ -737,7 +511,7 @@ class OpenSSHLink(Link):
             try:
                 proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                _stop(proc)
+                stop_process(proc)
             with writing:
                 pass
             with reading:
@@ -752,7 +526,7 @@ class OpenSSHLink(Link):
                 status = proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 status = -1
-            err = _tail(err_file)
+            err = stderr_tail(err_file)
             self._check_session(status, err)
             return status, err
 
@@ -760,7 +534,7 @@ class OpenSSHLink(Link):
 
     def open_sftp(self) -> paramiko.SFTPClient:
         try:
-            proc = _spawner.popen(
+            proc = spawner.popen(
                 self._session("-s") + ["sftp"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -769,7 +543,7 @@ class OpenSSHLink(Link):
             )
         except OSError as exc:
             raise SystemUnavailableError(f"cannot start {self.ssh}: {exc}") from exc
-        channel = _PipeChannel(proc, self.label)
+        channel = PipeChannel(proc, self.label)
         try:
             return paramiko.SFTPClient(channel)
         except (paramiko.SSHException, OSError, EOFError) as exc:
