@@ -247,6 +247,49 @@ def test_proxy_jump_argument_with_user_and_port(ssh_server, second_server, tmp_p
     cluster.close()
 
 
+@pytest.mark.parametrize("hops", [1, 2])
+def test_a_jump_host_is_checked_against_the_clusters_known_hosts(
+    ssh_server, second_server, tmp_path, hops
+):
+    # No ssh_config: the jump host's key can only come from the cluster's known_hosts,
+    # and one key logs in on both hosts.
+    authorized = Path(second_server.tmpdir) / "authorized_keys"
+    original = authorized.read_text()
+    authorized.write_text(original + ssh_server.client_key_public + "\n")
+    known = tmp_path / "known_hosts"
+    known.write_text(second_server.known_hosts_line + "\n")  # the host's key only
+    options = dict(
+        host="127.0.0.1",
+        port=second_server.port,
+        user=second_server.user,
+        key=ssh_server.client_key_path,
+        known_hosts=str(known),
+        proxy_jump=",".join([f"{ssh_server.user}@127.0.0.1:{ssh_server.port}"] * hops),
+        python=second_server.remote_python(),
+        connect_timeout=5,
+    )
+    try:
+        strict = rr.cluster("jumped", **options)
+        with pytest.raises(rr.HostKeyError):
+            rr.function(whoami, system=strict)()
+        strict.close()
+        trusting = rr.cluster("jumped", trust_new_hosts=True, **options)
+        assert rr.function(whoami, system=trusting)() == servers.USER_B
+        trusting.close()
+        # The jump host's key went into the cluster's file, and is known from then on.
+        found = subprocess.run(
+            ["ssh-keygen", "-F", f"[127.0.0.1]:{ssh_server.port}", "-f", str(known)],
+            capture_output=True,
+            text=True,
+        )
+        assert found.returncode == 0 and " ssh-ed25519 " in found.stdout
+        again = rr.cluster("jumped", **options)
+        assert rr.function(whoami, system=again)() == servers.USER_B
+        again.close()
+    finally:
+        authorized.write_text(original)
+
+
 def test_unreachable_jump_host_is_named(ssh_server, second_server, tmp_path):
     config = _jump_config(tmp_path, ssh_server, second_server, "none")
     cluster = rr.cluster(

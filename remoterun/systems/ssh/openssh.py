@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +40,7 @@ from typing import IO, Any
 import paramiko
 
 from ...errors import HostKeyError, SystemUnavailableError
+from .endpoint import parse_destination
 from .link import AgentStream, Link
 from .processes import (
     PipeChannel,
@@ -254,7 +256,14 @@ class OpenSSHLink(Link):
             # files the config names, which still count.
             files = [self._given["known_hosts"], *resolved.get("userknownhostsfile", "").split()]
             known_hosts = " ".join(_quoted(f) for f in dict.fromkeys(files) if f != "/dev/null")
-        args = self._options(known_hosts) + [
+        args = self._options(known_hosts)
+        jumps = resolved.get("proxyjump", "")
+        if jumps and jumps.lower() != "none" and (known_hosts or self.trust_new_hosts):
+            # ssh -J would check the hops as the user's config says: the cluster's
+            # known_hosts and trust_new_hosts must apply to them too, as with paramiko.
+            # The first ProxyCommand or ProxyJump given wins: this one goes first.
+            args[1:1] = ["-o", "ProxyCommand=" + self._hop_command(jumps, known_hosts)]
+        args += [
             "-o",
             "BatchMode=yes",
             "-o",
@@ -279,6 +288,46 @@ class OpenSSHLink(Link):
             args += ["-o", f"Ciphers={_PREFER_GCM}"]  # the user chose none
         self._args = args
         return args
+
+    def _hop_command(self, jumps: str, known_hosts: str | None) -> str:
+        """A ProxyCommand that reaches the host through ``jumps`` (ProxyJump's
+        ``[user@]host[:port],...``, first hop first), each hop an ``ssh -W`` with this
+        link's host key options. Each ssh expands %-tokens once in the command it runs:
+        literal text is escaped for its own level, and each inner command once more."""
+
+        def literal(text: str) -> str:
+            return text.replace("%", "%%")
+
+        given = self._given
+        command = ""
+        for hop in jumps.split(","):
+            user, host, port = parse_destination(hop)
+            argv = [self.ssh]
+            if given["ssh_config"]:
+                argv += ["-F", literal(given["ssh_config"])]
+            if user:
+                argv += ["-l", literal(user)]
+            if port:
+                argv += ["-p", str(port)]
+            if given["key"]:  # offered to the hops too, besides their own IdentityFiles
+                argv += ["-i", literal(given["key"])]
+            if known_hosts:
+                argv += ["-o", literal(f"UserKnownHostsFile={known_hosts}")]
+            argv += ["-o", "BatchMode=yes"]
+            argv += [
+                "-o",
+                "StrictHostKeyChecking=" + ("accept-new" if self.trust_new_hosts else "yes"),
+            ]
+            argv += ["-o", f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}"]
+            argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+            argv += ["-o", "RemoteCommand=none", "-o", "ClearAllForwardings=yes"]
+            if command:
+                argv += ["-o", "ProxyCommand=" + literal(command)]
+            else:
+                argv += ["-o", "ProxyJump=none"]
+            argv += ["-W", "[%h]:%p", "--", literal(host)]
+            command = shlex.join(argv)
+        return command
 
     def _session(self, *extra: str) -> list[str]:
         """An ssh over the master: ``extra`` options, then the host. It never logs in on
