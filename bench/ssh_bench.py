@@ -590,6 +590,18 @@ def ssh_transport(ctx: Context) -> list[Row]:
             note,
         )
     )
+    # Where the floor is: the same 10 MB coming back over a bare ssh pipe (no pickling).
+    times, note, floor = side_by_side(
+        lambda: reply("openssh"),
+        lambda: ssh_pipe_floor(ctx, False).zeros(RESULT),
+        ctx.n(30, 6),
+        2,
+    )
+    rows.append(
+        baseline_row(
+            "ssh/openssh: call returning 10 MB", "s", times, "raw ssh pipe reply", floor, None, note
+        )
+    )
 
     sync = calls(tasks.inc, 1)
     n = ctx.n(2000, 300)
