@@ -192,6 +192,31 @@ def test_an_added_module_in_the_package_is_refused(host, scratch):
     assert not ran.exists()
 
 
+def umask_of_the_agent() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_new_host_gets_the_package_in_its_first_agents_own_session(host):
+    # The first agent's boot finds no package, takes it in-band and installs it private
+    # (umask 077), then runs the agent with the session's own umask: the same as an agent
+    # of a host that had the package already.
+    status, _, err = host.run("rm -rf ~/.remoterun/pkg")
+    assert status == 0, err
+    cluster = make_cluster(host)
+    fresh = rr.function(umask_of_the_agent, system=cluster)()
+    cluster.close()
+    assert (_pkg(host) / ".complete").exists()
+    assert oct(_pkg(host).stat().st_mode & 0o777) == oct(0o700)
+    assert not [p for p in _pkg(host).parent.iterdir() if ".tmp" in p.name]
+    cluster = make_cluster(host)
+    assert rr.function(umask_of_the_agent, system=cluster)() == fresh
+    cluster.close()
+
+
 def import_probe() -> str:
     import rrprobe  # from the PYTHONPATH the cluster's env sets
 

@@ -15,7 +15,7 @@ from typing import Any, ContextManager, Sequence
 
 from ... import registry
 from ...agent import pickling
-from ...agent.protocol import Op
+from ...agent.protocol import Op, exact_reader
 from ...agent.runfolder import RunFolder
 from ...errors import (
     AgentError,
@@ -32,6 +32,7 @@ from .link import TRANSPORTS, Link, ParamikoLink
 from .package import (
     MIN_PYTHON,
     boot_command,
+    boot_install,
     package_archive,
     package_damage,
     package_dir,
@@ -129,6 +130,8 @@ class SSHHost(System):
         self._python_abs: str | None = None
         self._install_lock = threading.Lock()
         self._installs = 0  # installs of the package by this client, to install once
+        # Until an agent has started here, agents boot able to take the package in-band.
+        self._package_seen = False
         self.facts: dict = {}
         self.down_until = 0.0
         # One session of the connection is SFTP's, one is kept for control (stopping an
@@ -264,7 +267,7 @@ class SSHHost(System):
         link = self.connected()
         installs = self._installs
         try:
-            return self._start_agent(link)
+            return self._start_agent(link, install=not self._package_seen)
         except _PackageDamaged as exc:
             # Not there yet (a new host or version), or a file of it was changed or
             # deleted: install it again rather than run it, then start the agent anew.
@@ -279,8 +282,10 @@ class SSHHost(System):
                 "installing it again; is something on the host changing that folder?"
             ) from None
 
-    def _start_agent(self, link: Link) -> AgentConnection:
-        stream = link.start(boot_command(self._python_abs or self.python, self.env))
+    def _start_agent(self, link: Link, install: bool = False) -> AgentConnection:
+        """An agent on a new stream. With ``install``, its boot asks for the package when
+        the host's is missing or damaged, and installs it in the same session."""
+        stream = link.start(boot_command(self._python_abs or self.python, self.env, install))
 
         def stop() -> None:
             # sshd sends no signal when a channel closes: a call abandoned mid-way (Ctrl-C)
@@ -302,9 +307,12 @@ class SSHHost(System):
             stop=stop,
         )
         try:
+            if install:
+                self._install_in_band(stream)
             facts = conn.handshake()
         except SystemUnavailableError:
             status, err = stream.failure()
+            conn.close()
             damage = package_damage(err)
             if damage is not None:  # the status is lost when the channel closes first
                 raise _PackageDamaged(damage) from None
@@ -318,7 +326,25 @@ class SSHHost(System):
             )
         self.facts = facts
         self._python_abs = shlex.quote(facts["executable"])
+        self._package_seen = True
         return conn
+
+    def _install_in_band(self, stream: Any) -> None:
+        """The boot's question answered: the package sent when the host asks for it."""
+        try:
+            why = boot_install(exact_reader(stream.read), stream.write)
+        except (EOFError, OSError) as exc:  # the boot ended: its error output says why
+            raise SystemUnavailableError(str(exc)) from None
+        if why:
+            with self._install_lock:
+                self._installs += 1
+            log = logger.debug if why == "it is missing" else logger.warning
+            log(
+                "remoterun in ~/%s on %s: %s; installed it",
+                self.pkg_dir,
+                self.host_label(),
+                why,
+            )
 
     def _connection(self) -> ContextManager[AgentConnection]:
         return self._pool.connection()

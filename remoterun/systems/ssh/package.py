@@ -3,7 +3,10 @@ SHA-256 digests, the host-side programs that check, install and boot it, and the
 
 The package is installed in ``~/.remoterun/pkg/<version>/`` on each host (once per
 version, private to the host's user); the host checks the folder against the manifest
-each time an agent starts from it (else the client installs it again).
+each time an agent starts from it (else the client installs it again). The first agent
+of a host boots able to take the package in its own session (``boot_install``); later
+ones, and a retry after that fails, have it installed in a session of its own
+(``upload_package``).
 """
 
 from __future__ import annotations
@@ -122,39 +125,25 @@ def private(path):
         os.chmod(path, 0o700)
 """
 
-# Starts the agent once the package checks out; else says _DAMAGED_MESSAGE and exits, and
-# the client installs the package again. No request reaches an agent from a damaged folder.
-_BOOT = (
-    _HOST_PRELUDE
-    + r"""
-why = damage(pkg)
-if why:
-    sys.stderr.write("remoterun: the package is not as installed: %s\n" % why)
-    sys.exit(3)
-for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
-    private(path)
-sys.path.insert(0, pkg)
-del sys.argv[1:]
-import runpy
-runpy.run_module("remoterun.agent", run_name="__main__", alter_sys=True)
-"""
-)
-_DAMAGED_MESSAGE = "remoterun: the package is not as installed: "
-
-
-# Installs the archive read from stdin: extracted next to its final place, checked, then
+# Installs ``archive`` (the tar.gz): extracted next to its final place, checked, then
 # renamed there, so that a folder under pkg/<version> is complete. A folder that is
 # there but damaged is replaced; one that checks out (another client was first) is kept.
-_EXTRACT = (
-    _HOST_PRELUDE
-    + r"""
-import io, shutil, tarfile
-os.umask(0o077)
-archive = sys.stdin.buffer.read()
-for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    private(path)
-if damage(pkg):
+# Returns why the extracted archive does not check out, or "".
+_INSTALL = r"""
+def install(archive):
+    mask = os.umask(0o077)
+    try:
+        return install_private(archive)
+    finally:
+        os.umask(mask)  # the agent that may run next keeps the session's own
+
+def install_private(archive):
+    import io, shutil, tarfile
+    for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        private(path)
+    if not damage(pkg):
+        return ""
     tmp = "%s.tmp-%d" % (pkg, os.getpid())
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         if hasattr(tarfile, "data_filter"):
@@ -164,7 +153,7 @@ if damage(pkg):
     why = damage(tmp)
     if why:
         shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit("the uploaded package does not check out: " + why)
+        return why
     open(os.path.join(tmp, ".complete"), "w").close()
     old = "%s.old-%d" % (pkg, os.getpid())
     try:
@@ -175,6 +164,66 @@ if damage(pkg):
         pass  # another client was first
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
+    return ""
+"""
+
+# Starts the agent once the package checks out; else says _DAMAGED_MESSAGE and exits, and
+# the client installs the package again. No request reaches an agent from a damaged folder.
+# With argv[3] "install" (the client's first agent on the host), it first says on stdout
+# whether the package checks out, before the client sends anything: b"K", or b"P" with
+# the reason (2-byte length, UTF-8), after which the client sends the archive (8-byte
+# length, then the bytes) and the boot installs and checks it, in the same session, and
+# says b"K". On a new host that saves a session and a Python start.
+_BOOT = (
+    _HOST_PRELUDE
+    + _INSTALL
+    + r"""
+def read_exact(n):
+    parts = []
+    while n:
+        part = os.read(0, min(n, 1 << 20))  # never past what was asked: the rest is the agent's
+        if not part:
+            sys.exit(3)
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+def write_all(data):
+    while data:
+        data = data[os.write(1, data):]
+
+why = damage(pkg)
+if sys.argv[3:4] == ["install"]:
+    if why:
+        reason = why.encode("utf-8", "replace")[:65535]
+        write_all(b"P" + len(reason).to_bytes(2, "big") + reason)
+        size = int.from_bytes(read_exact(8), "big")
+        why = install(read_exact(size)) or damage(pkg)
+    if not why:
+        write_all(b"K")
+if why:
+    sys.stderr.write("remoterun: the package is not as installed: %s\n" % why)
+    sys.exit(3)
+for path in (os.path.dirname(os.path.dirname(pkg)), os.path.dirname(pkg)):
+    private(path)
+sys.path_importer_cache.pop(pkg, None)  # looked up at start-up, before it was installed
+sys.path.insert(0, pkg)
+del sys.argv[1:]
+import runpy
+runpy.run_module("remoterun.agent", run_name="__main__", alter_sys=True)
+"""
+)
+_DAMAGED_MESSAGE = "remoterun: the package is not as installed: "
+
+
+# Installs the archive read from stdin (the upload's own session).
+_EXTRACT = (
+    _HOST_PRELUDE
+    + _INSTALL
+    + r"""
+why = install(sys.stdin.buffer.read())
+if why:
+    sys.exit("the uploaded package does not check out: " + why)
 """
 )
 
@@ -184,19 +233,37 @@ def package_dir() -> str:
     return f"{PKG_DIR}/{package_archive().version}"
 
 
-def boot_command(python: str, env: dict[str, str]) -> str:
+def boot_command(python: str, env: dict[str, str], install: bool = False) -> str:
     """The shell command that starts an agent with ``python`` (a shell word), ``env``
     exported. The host checks the package against its manifest in this same exec, and the
     agent's modules come from the package, never from the home folder or PYTHONPATH
     (_BOOT); PYTHONPATH still names the package for the processes functions start. When
-    the package is not as installed it says why (``package_damage``) and exits."""
+    the package is not as installed it says why (``package_damage``) and exits; with
+    ``install``, it first asks for the archive instead (``boot_install``)."""
     pkg_dir = package_dir()
     exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in env.items())
     return (
         f'cd && {exports}PYTHONPATH="$HOME/{pkg_dir}${{PYTHONPATH:+:$PYTHONPATH}}" '
         f"exec {python} -u -c {shlex.quote(_BOOT)} {shlex.quote(pkg_dir)} "
-        f"{package_archive().manifest_digest}"
+        f"{package_archive().manifest_digest}" + (" install" if install else "")
     )
+
+
+def boot_install(read_exact: Callable[[int], bytes], write: Callable[[bytes], object]) -> str:
+    """The client's side of a boot started with ``install``: send the archive when the
+    host asks for it. Returns why the host's package needed installing ("" when it checked
+    out); raises EOFError when the boot ended without saying "K" (its error output says
+    why)."""
+    reason = ""
+    answer = read_exact(1)
+    if answer == b"P":
+        reason = read_exact(int.from_bytes(read_exact(2), "big")).decode("utf-8", "replace")
+        archive = package_archive().archive
+        write(len(archive).to_bytes(8, "big") + archive)
+        answer = read_exact(1)
+    if answer != b"K":
+        raise EOFError(f"the host's boot said {answer!r}, not K")
+    return reason
 
 
 def package_damage(err: str) -> str | None:
