@@ -12,6 +12,7 @@ rows say "n/a (rr.cluster not available)" and the baselines still run.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import shlex
 import sys
@@ -251,31 +252,39 @@ def warm_cluster(ctx: Context, transport: str | None = None) -> Any:
     return ctx.resource(f"rr-cluster-{transport}", start)
 
 
+_CLUSTER_NUMBERS = itertools.count()  # new clusters' names, unique in this run
+
+
+def first_calls(
+    ctx: Context, label: str, n: int, *, fresh: bool, transport: str | None = None
+) -> Stats:
+    """``n`` times: a new cluster on host 0 (over ``transport``) and its first call, timed
+    together; with ``fresh``, the host's package is removed first, so the call installs it."""
+    samples = []
+    for _ in range(n):
+        if fresh:
+            server(ctx, 0).run("rm -rf ~/.remoterun/pkg")
+        start = time.perf_counter()
+        name = f"{ctx.prefix}-{label}-{next(_CLUSTER_NUMBERS)}"
+        cluster = make_cluster(ctx, name, transport=transport)
+        try:
+            rr.function(tasks.inc, system=cluster)(1)
+            samples.append(time.perf_counter() - start)
+        finally:
+            close_cluster(cluster)
+    return stats_of(samples)
+
+
 # ---------------------------------------------------------------------------- measures
 
 
 def ssh_cold(ctx: Context) -> list[Row]:
     """Create a cluster and make its first call: on a fresh host (the agent is uploaded)
     and on a host that has it already."""
-    names = (f"{ctx.prefix}-cold-{i}" for i in range(1000))
-
-    def cold(fresh: bool) -> Stats:
-        samples = []
-        for _ in range(ctx.n(7, 2)):
-            if fresh:
-                server(ctx, 0).run("rm -rf ~/.remoterun/pkg")
-            start = time.perf_counter()
-            cluster = make_cluster(ctx, next(names))
-            try:
-                rr.function(tasks.inc, system=cluster)(1)
-                samples.append(time.perf_counter() - start)
-            finally:
-                close_cluster(cluster)
-        return stats_of(samples)
-
+    n = ctx.n(7, 2)
     target = at_most(0.5, "≤ 0.5 s")
-    fresh, fresh_note = rr_side(lambda: cold(True))
-    again, again_note = rr_side(lambda: cold(False))
+    fresh, fresh_note = rr_side(lambda: first_calls(ctx, "cold", n, fresh=True))
+    again, again_note = rr_side(lambda: first_calls(ctx, "cold", n, fresh=False))
     fresh_name = "ssh: cold start (fresh host, agent upload)"
     new_conn = "new connection + exec per call"
     return [
@@ -617,20 +626,8 @@ def ssh_transport(ctx: Context) -> list[Row]:
     times, note, paramiko = side_by_side(lambda: sync("openssh"), sync("paramiko"), n, 50)
     rows.append(baseline_row(name, "s", times, "paramiko transport", paramiko, None, note))
 
-    names = (f"{ctx.prefix}-fresh-{i}" for i in range(1000))
-
     def fresh(transport: str) -> Stats:
-        samples = []
-        for _ in range(ctx.n(5, 2)):
-            server(ctx, 0).run("rm -rf ~/.remoterun/pkg")
-            start = time.perf_counter()
-            cluster = make_cluster(ctx, next(names), transport=transport)
-            try:
-                rr.function(tasks.inc, system=cluster)(1)
-                samples.append(time.perf_counter() - start)
-            finally:
-                close_cluster(cluster)
-        return stats_of(samples)
+        return first_calls(ctx, "fresh", ctx.n(5, 2), fresh=True, transport=transport)
 
     stats, note = rr_side(lambda: fresh("openssh"))
     rows.append(

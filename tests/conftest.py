@@ -3,6 +3,7 @@ test runs against (parametrised, so one test body serves each system)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import pickle
@@ -75,6 +76,22 @@ def ssh_server():
         pytest.skip(f"no SSH test host: {exc}")
     yield server
     server.stop()
+
+
+async def cancel_an_awaited_sleeper(system, pidfile: Path) -> int:
+    """Await a call of ``note_pid_then_sleep`` on ``system``, cancel the awaiting task once
+    the call has written its pid, and return that pid (the process that must stop)."""
+    import remote_tasks as tasks
+
+    sleeper = rr.function(tasks.note_pid_then_sleep, system=system)
+    task = asyncio.ensure_future(sleeper.acall(str(pidfile)))
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert not task.done(), task
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return int(pidfile.read_text())
 
 
 def make_cluster(server, name: str = "test", **options):

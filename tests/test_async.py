@@ -14,7 +14,7 @@ import time
 
 import pytest
 import remote_tasks as tasks
-from conftest import make_cluster
+from conftest import cancel_an_awaited_sleeper, make_cluster
 
 import remoterun as rr
 from remoterun import aio
@@ -119,20 +119,7 @@ def test_alogs_follows_a_run_until_it_ends(system, scratch):
 
 
 def test_cancelling_an_awaited_call_stops_it_on_the_host(system, scratch):
-    pidfile = scratch / "pid"
-    sleeper = rr.function(tasks.note_pid_then_sleep, system=system)
-
-    async def main():
-        task = asyncio.ensure_future(sleeper.acall(str(pidfile)))
-        while not (pidfile.exists() and pidfile.read_text()):
-            assert not task.done(), task
-            await asyncio.sleep(0.02)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return int(pidfile.read_text())
-
-    pid = run_async(main(), timeout=60)
+    pid = run_async(cancel_an_awaited_sleeper(system, scratch / "pid"), timeout=60)
     deadline = time.monotonic() + 10
     while _alive(pid):
         assert time.monotonic() < deadline, "the cancelled call still runs on the host"

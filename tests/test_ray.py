@@ -22,7 +22,7 @@ if importlib.util.find_spec("ray") is None:
 # Ray reads them when it is imported.
 
 import remote_tasks as tasks  # noqa: E402
-from conftest import TESTS  # noqa: E402
+from conftest import TESTS, cancel_an_awaited_sleeper  # noqa: E402
 
 import remoterun as rr  # noqa: E402
 
@@ -401,20 +401,7 @@ def test_large_arguments_and_awaited_calls(system):
 
 
 def test_cancelling_an_awaited_call_cancels_its_task(system, scratch):
-    pidfile = scratch / "pid"
-    sleeper = rr.function(tasks.note_pid_then_sleep, system=system)
-
-    async def main():
-        task = asyncio.ensure_future(sleeper.acall(str(pidfile)))
-        while not (pidfile.exists() and pidfile.read_text()):
-            assert not task.done(), task
-            await asyncio.sleep(0.02)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return int(pidfile.read_text())
-
-    pid = asyncio.run(asyncio.wait_for(main(), 120))
+    pid = asyncio.run(asyncio.wait_for(cancel_an_awaited_sleeper(system, scratch / "pid"), 120))
     deadline = time.monotonic() + 30
     while _alive(pid):
         assert time.monotonic() < deadline, "the cancelled call's task still runs"

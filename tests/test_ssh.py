@@ -71,6 +71,17 @@ def test_unknown_host_key_is_refused_with_the_command_to_trust_it(ssh_server, tm
     assert empty.read_text() == ""
 
 
+def _key_recorded(known: Path, port: int) -> bool:
+    """Whether ``known`` holds an ed25519 key of 127.0.0.1:``port``, found by ssh-keygen
+    hashed (HashKnownHosts, Debian's default for ssh) or not."""
+    found = subprocess.run(
+        ["ssh-keygen", "-F", f"[127.0.0.1]:{port}", "-f", str(known)],
+        capture_output=True,
+        text=True,
+    )
+    return found.returncode == 0 and " ssh-ed25519 " in found.stdout
+
+
 def test_trust_new_hosts_records_the_key(ssh_server, tmp_path):
     known = tmp_path / "known_hosts"
     known.write_text("")
@@ -79,13 +90,7 @@ def test_trust_new_hosts_records_the_key(ssh_server, tmp_path):
     )
     assert rr.function(tasks.add, system=trusting)(1) == 3
     trusting.close()
-    # Found by ssh-keygen, hashed (HashKnownHosts, Debian's default for ssh) or not.
-    found = subprocess.run(
-        ["ssh-keygen", "-F", f"[127.0.0.1]:{ssh_server.port}", "-f", str(known)],
-        capture_output=True,
-        text=True,
-    )
-    assert found.returncode == 0 and " ssh-ed25519 " in found.stdout
+    assert _key_recorded(known, ssh_server.port)
     strict = rr.cluster("strict", known_hosts=str(known), **_options(ssh_server))
     assert rr.function(tasks.add, system=strict)(2) == 4
     strict.close()
@@ -277,12 +282,7 @@ def test_a_jump_host_is_checked_against_the_clusters_known_hosts(
         assert rr.function(whoami, system=trusting)() == servers.USER_B
         trusting.close()
         # The jump host's key went into the cluster's file, and is known from then on.
-        found = subprocess.run(
-            ["ssh-keygen", "-F", f"[127.0.0.1]:{ssh_server.port}", "-f", str(known)],
-            capture_output=True,
-            text=True,
-        )
-        assert found.returncode == 0 and " ssh-ed25519 " in found.stdout
+        assert _key_recorded(known, ssh_server.port)
         again = rr.cluster("jumped", **options)
         assert rr.function(whoami, system=again)() == servers.USER_B
         again.close()

@@ -130,8 +130,6 @@ class SSHHost(System):
         self._python_abs: str | None = None
         self._install_lock = threading.Lock()
         self._installs = 0  # installs of the package by this client, to install once
-        # Until an agent has started here, agents boot able to take the package in-band.
-        self._package_seen = False
         self.facts: dict = {}
         self.down_until = 0.0
         # One session of the connection is SFTP's, one is kept for control (stopping an
@@ -267,7 +265,9 @@ class SSHHost(System):
         link = self.connected()
         installs = self._installs
         try:
-            return self._start_agent(link, install=not self._package_seen)
+            # Until an agent has started here (facts), agents boot able to take the
+            # package in their own session.
+            return self._start_agent(link, install=not self.facts)
         except _PackageDamaged as exc:
             # Not there yet (a new host or version), or a file of it was changed or
             # deleted: install it again rather than run it, then start the agent anew.
@@ -326,7 +326,6 @@ class SSHHost(System):
             )
         self.facts = facts
         self._python_abs = shlex.quote(facts["executable"])
-        self._package_seen = True
         return conn
 
     def _install_in_band(self, stream: Any) -> None:
